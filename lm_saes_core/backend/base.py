@@ -1,0 +1,100 @@
+"""The language-model contract every backend fulfils: token ids in, activations at named hook points out."""
+
+import difflib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from lm_saes_core.config import BaseModelConfig
+
+
+class LanguageModelConfig(BaseModelConfig):
+    """Which language model to load and how.
+
+    `model_name` is `smollm2-135m` (the bundled model), a local directory, or a hub name.
+    `model_from_pretrained_path` loads weights and tokenizer from that directory instead of resolving the name.
+    """
+
+    model_name: str = "smollm2-135m"
+    model_from_pretrained_path: str | None = None
+    cache_dir: str | None = None
+    local_files_only: bool = False
+    max_length: int = 2048
+    backend: Literal["auto", "huggingface", "transformer_lens"] = "auto"
+    prepend_bos: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+
+class UnknownHookPointError(ValueError):
+    """A requested hook point that the model does not have; the message lists the valid names closest to it."""
+
+
+class LanguageModel(ABC):
+    """A causal language model that returns residual-stream (and other) activations at named hook points.
+
+    Hook names follow TransformerLens conventions (`blocks.6.hook_resid_post`). The forward pass stops at the
+    deepest requested hook, so asking for layer 6 of a 30-layer model costs 7 layers.
+    """
+
+    cfg: LanguageModelConfig
+    tokenizer: "object"  # a transformers PreTrainedTokenizerBase
+
+    @property
+    @abstractmethod
+    def hook_points(self) -> list[str]:
+        """Every hook point name this backend can capture."""
+
+    @property
+    @abstractmethod
+    def d_model(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def max_context(self) -> int:
+        """The longest sequence the model accepts (position embeddings / max_position_embeddings)."""
+
+    @abstractmethod
+    def hook_dim(self, hook_point: str) -> int:
+        """Size of the last dimension of the activation at `hook_point` (d_model for the residual stream)."""
+
+    @abstractmethod
+    def activations(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, hook_points: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """Run the model on `tokens` (B, S) long with `attention_mask` (B, S) and return {hook: (B, S, D)}.
+
+        Runs without gradients, stops after the deepest requested hook, returns tensors in the model's dtype on its
+        device. Padding is on the right, so the attention mask only hides trailing pad positions.
+        """
+
+    # ---- token ids: config overrides win over the tokenizer's own ----
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.cfg.bos_token_id if self.cfg.bos_token_id is not None else self.tokenizer.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.cfg.eos_token_id if self.cfg.eos_token_id is not None else self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        for candidate in (self.cfg.pad_token_id, self.tokenizer.pad_token_id, self.eos_token_id):
+            if candidate is not None:
+                return candidate
+        return 0
+
+    def validate_hook_points(self, hook_points: Sequence[str]) -> None:
+        valid = set(self.hook_points)
+        for name in hook_points:
+            if name not in valid:
+                near = difflib.get_close_matches(name, self.hook_points, n=6, cutoff=0.6)
+                hint = f"; closest valid names: {', '.join(near)}" if near else ""
+                raise UnknownHookPointError(f"model {self.cfg.model_name!r} has no hook point {name!r}{hint}")

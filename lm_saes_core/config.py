@@ -1,0 +1,158 @@
+"""Configuration base classes, dtype parsing and loading settings from YAML/TOML/JSON files.
+
+Every config is a plain pydantic v2 model that forbids unknown keys, so a typo is an error naming the key
+instead of a silently ignored setting. Settings never read environment variables; the only variables the
+package reads are the explicitly prefixed `LM_SAES_*` ones in this module.
+"""
+
+import json
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import torch
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError
+
+# One table of accepted spellings; the first name of each dtype is its canonical (saved) spelling.
+_DTYPE_NAMES: dict[torch.dtype, tuple[str, ...]] = {
+    torch.float32: ("float32", "float", "fp32"),
+    torch.float16: ("float16", "half", "fp16"),
+    torch.bfloat16: ("bfloat16", "bf16"),
+    torch.float64: ("float64", "double", "fp64"),
+    torch.int8: ("int8",),
+    torch.int16: ("int16",),
+    torch.int32: ("int32", "int"),
+    torch.int64: ("int64", "long"),
+    torch.bool: ("bool",),
+}
+_DTYPE_BY_NAME = {name: dtype for dtype, names in _DTYPE_NAMES.items() for name in names}
+
+
+def parse_dtype(value: Any) -> torch.dtype:
+    """Accept a torch.dtype or a string such as "bfloat16", "torch.float16", "fp32"."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str):
+        name = value.strip().lower().removeprefix("torch.")
+        if name in _DTYPE_BY_NAME:
+            return _DTYPE_BY_NAME[name]
+    accepted = ", ".join(sorted(_DTYPE_BY_NAME))
+    raise ValueError(f"unknown dtype {value!r}; accepted: {accepted} (optionally prefixed with 'torch.')")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The canonical spelling of a dtype, e.g. torch.float32 -> "torch.float32"."""
+    return f"torch.{_DTYPE_NAMES[dtype][0]}"
+
+
+DType = Annotated[torch.dtype, BeforeValidator(parse_dtype), PlainSerializer(dtype_name, return_type=str)]
+
+
+class BaseConfig(BaseModel):
+    """Base of every config: unknown keys are errors, values are re-validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, arbitrary_types_allowed=True)
+
+
+class BaseModelConfig(BaseConfig):
+    """A config of something that lives on a device with a dtype (language models, dictionaries)."""
+
+    device: str = "cpu"
+    dtype: DType = torch.float32
+
+
+class ConfigError(ValueError):
+    """A settings file or mapping that cannot be turned into a valid config; the message names file and field."""
+
+
+def format_validation_error(error: ValidationError, source: str) -> str:
+    lines = [f"invalid settings in {source}:"]
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  unknown key '{location}' (not a field of this config; check the spelling)")
+        elif item["type"] == "missing":
+            lines.append(f"  missing required field '{location}'")
+        else:
+            lines.append(f"  field '{location}': {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml/.yml), TOML (.toml) or JSON (.json) file into a plain mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(text)
+        elif suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"unsupported config file type '{suffix}' for {path}; use .yaml, .yml, .toml or .json")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot parse {path}: {exc}") from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must contain a mapping of settings at the top level, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `dotted.key=value` overrides (values parsed as YAML scalars) to a nested mapping."""
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like key.sub_key=value")
+        target = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = target.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {override!r}: '{part}' is not a mapping")
+            target = child
+        target[parts[-1]] = yaml.safe_load(raw)
+    return data
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def validate_config(cls: type[ConfigT], data: dict[str, Any], source: str = "settings") -> ConfigT:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_config(cls: type[ConfigT], path: str | Path, overrides: list[str] | None = None) -> ConfigT:
+    """Load and validate a config of type `cls` from a file, with optional `key=value` overrides."""
+    data = apply_overrides(read_config_file(path), overrides or [])
+    return validate_config(cls, data, source=str(path))
+
+
+def save_config(config: BaseModel, path: str | Path) -> None:
+    """Write a config as JSON (or YAML by suffix) atomically."""
+    from lm_saes_core.io import atomic_write_text
+
+    path = Path(path)
+    payload = config.model_dump(mode="json")
+    text = yaml.safe_dump(payload, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(payload, indent=2)
+    atomic_write_text(path, text)
+
+
+def lm_saes_home() -> Path:
+    """Artefact root: `$LM_SAES_HOME`, default `./.lm_saes`."""
+    return Path(os.environ.get("LM_SAES_HOME", ".lm_saes")).expanduser()
+
+
+def lm_saes_cache() -> Path:
+    """Cache of converted models and built corpora, shared by runs: `$LM_SAES_CACHE`, default `~/.cache/lm_saes`."""
+    return Path(os.environ.get("LM_SAES_CACHE", Path.home() / ".cache" / "lm_saes")).expanduser()
