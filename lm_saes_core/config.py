@@ -144,7 +144,9 @@ def save_config(config: BaseModel, path: str | Path) -> None:
 
     path = Path(path)
     payload = config.model_dump(mode="json")
-    text = yaml.safe_dump(payload, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(payload, indent=2)
+    text = (
+        yaml.safe_dump(payload, sort_keys=False) if path.suffix in (".yaml", ".yml") else json.dumps(payload, indent=2)
+    )
     atomic_write_text(path, text)
 
 
@@ -156,3 +158,10 @@ def lm_saes_home() -> Path:
 def lm_saes_cache() -> Path:
     """Cache of converted models and built corpora, shared by runs: `$LM_SAES_CACHE`, default `~/.cache/lm_saes`."""
     return Path(os.environ.get("LM_SAES_CACHE", Path.home() / ".cache" / "lm_saes")).expanduser()
+
+
+class MongoDBConfig(BaseConfig):
+    """Where the MongoDB record store lives (used by the record store; see `lm_saes_core.store`)."""
+
+    mongo_uri: str = "mongodb://localhost:27017/"
+    mongo_db: str = "mechinterp"

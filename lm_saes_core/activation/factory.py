@@ -1,0 +1,162 @@
+"""The activation factory: one stream of batches from datasets run through a language model and/or cached activations.
+
+Per source a chain produces items (dicts of row-aligned tensors); items of several sources are interleaved by
+their `sample_weights`; the result is re-batched (and shuffled) to the target's batch size.
+
+Item keys: one tensor per hook point, (B, S, D) for 2-D and (N, D) for 1-D, plus `tokens`, `doc_index`,
+`doc_position`, `source_idx` ((B, S) / (N,)) and, for 2-D, `mask` (document tokens to use) and `attention_mask`.
+"""
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from lm_saes_core.activation.buffer import ActivationBatcher, Item
+from lm_saes_core.activation.config import (
+    ActivationFactoryActivationsSource,
+    ActivationFactoryConfig,
+    ActivationFactoryDatasetSource,
+    ActivationFactoryTarget,
+)
+from lm_saes_core.activation.reader import CachedActivations
+from lm_saes_core.activation.windows import iter_window_batches
+from lm_saes_core.backend.base import LanguageModel
+
+DatasetInput = Any  # a datasets.Dataset, or (Dataset, {"text_field": ..., "doc_offset": ...})
+
+
+def flatten_tokens(item: Item) -> Item:
+    """2-D -> 1-D: keep the positions whose `mask` is true, as rows; drop the masks."""
+    keep = item["mask"].reshape(-1)
+    flat = {}
+    for key, value in item.items():
+        if key in ("mask", "attention_mask"):
+            continue
+        flat[key] = value.reshape(-1, *value.shape[2:])[keep]
+    return flat
+
+
+class ActivationFactory:
+    def __init__(self, cfg: ActivationFactoryConfig):
+        self.cfg = cfg
+        self.target = cfg.target
+
+    def validate(self, model: LanguageModel | None) -> None:
+        """Check hooks and context length against the model before any forward pass."""
+        if model is None:
+            return
+        model.validate_hook_points(self.cfg.hook_points)
+        if self.cfg.context_size > model.max_context:
+            raise ValueError(
+                f"context_size {self.cfg.context_size} exceeds the maximum context of model "
+                f"{model.cfg.model_name!r} ({model.max_context})"
+            )
+
+    def process(
+        self,
+        *,
+        model: LanguageModel | None = None,
+        model_name: str | None = None,
+        datasets: Mapping[str, DatasetInput] | None = None,
+    ) -> Iterator[Item]:
+        chains = []
+        for source_idx, source in enumerate(self.cfg.sources):
+            if isinstance(source, ActivationFactoryDatasetSource):
+                if datasets is None or source.name not in datasets:
+                    raise KeyError(f"dataset {source.name!r} of the activation factory was not provided")
+                if model is None and self.target != ActivationFactoryTarget.TOKENS:
+                    raise ValueError(f"a language model is needed to compute activations for source {source.name!r}")
+                chains.append(self._dataset_chain(source_idx, source, datasets[source.name], model))
+            else:
+                chains.append(self._activations_chain(source))
+        weights = [source.sample_weights for source in self.cfg.sources]
+        items = self._interleave(chains, weights)
+        batch_size = self.cfg.batch_size
+        buffer_size = self.cfg.buffer_size
+        return ActivationBatcher(batch_size, buffer_size, self.cfg.buffer_shuffle)(items)
+
+    # ---- sources ----
+    def _dataset_chain(
+        self, source_idx: int, source: ActivationFactoryDatasetSource, dataset: DatasetInput, model: LanguageModel
+    ) -> Iterator[Item]:
+        dataset, meta = dataset if isinstance(dataset, tuple) else (dataset, {})
+        text_field = meta.get("text_field", "text")
+        doc_offset = meta.get("doc_offset", 0)
+        tokenizer = model.tokenizer
+        bos = model.bos_token_id if model.cfg.prepend_bos else None
+        texts = _iter_texts(dataset, text_field, doc_offset, desc=f"documents of {source.name}")
+        windows = iter_window_batches(
+            texts,
+            tokenizer,
+            batch_rows=self.cfg.model_batch_size,
+            context_size=self.cfg.context_size,
+            bos_token_id=bos,
+            pad_token_id=model.pad_token_id,
+            ignore_token_ids=self.cfg.ignore_token_ids or (),
+        )
+        for batch in windows:
+            batch["source_idx"] = torch.full_like(batch["tokens"], source_idx)
+            if self.target == ActivationFactoryTarget.TOKENS:
+                yield batch
+                continue
+            device = _model_device(model)
+            batch = {key: value.to(device) for key, value in batch.items()}
+            activations = model.activations(batch["tokens"], batch["attention_mask"], self.cfg.hook_points)
+            if self.cfg.override_dtype is not None:
+                activations = {hook: value.to(self.cfg.override_dtype) for hook, value in activations.items()}
+            item = {**activations, **batch}
+            yield flatten_tokens(item) if self.target == ActivationFactoryTarget.ACTIVATIONS_1D else item
+
+    def _activations_chain(self, source: ActivationFactoryActivationsSource) -> Iterator[Item]:
+        cache = CachedActivations(source.path, hook_points=self.cfg.hook_points)
+        if cache.layout == "1d" and self.target == ActivationFactoryTarget.ACTIVATIONS_2D:
+            raise ValueError(f"source {source.name!r} holds 1-D (token) activations; target activations-2d needs 2-D")
+        seed = self.cfg.buffer_shuffle.perm_seed if self.cfg.buffer_shuffle else 42
+        dtype = source.dtype or self.cfg.override_dtype
+        for item in cache.iterate(
+            device=source.device,
+            dtype=dtype,
+            num_workers=source.num_workers,
+            prefetch=source.prefetch,
+            shuffle_seed=seed if source.shuffle_chunks else None,
+        ):
+            yield (
+                flatten_tokens(item)
+                if self.target == ActivationFactoryTarget.ACTIVATIONS_1D and "mask" in item
+                else item
+            )
+
+    def _interleave(self, chains: list[Iterator[Item]], weights: list[float]) -> Iterator[Item]:
+        """Draw the next item from a source chosen with probability proportional to its weight (seeded)."""
+        if len(chains) == 1:
+            yield from chains[0]
+            return
+        seed = self.cfg.buffer_shuffle.perm_seed if self.cfg.buffer_shuffle else 42
+        rng = np.random.default_rng(seed)
+        live = list(range(len(chains)))
+        while live:
+            probabilities = np.array([weights[i] for i in live]) / sum(weights[i] for i in live)
+            choice = live[int(rng.choice(len(live), p=probabilities))]
+            try:
+                yield next(chains[choice])
+            except StopIteration:
+                live.remove(choice)
+
+
+def _model_device(model: LanguageModel) -> torch.device:
+    return torch.device(model.cfg.device)
+
+
+def _iter_texts(dataset, text_field: str, doc_offset: int, desc: str) -> Iterator[tuple[int, str]]:
+    if text_field not in dataset.column_names:
+        raise KeyError(f"dataset has no text field {text_field!r}; its columns are {dataset.column_names}")
+    index = doc_offset
+    with tqdm(total=len(dataset), desc=desc, unit="doc", leave=False) as bar:
+        for batch in dataset.select_columns([text_field]).iter(batch_size=64):
+            for text in batch[text_field]:
+                yield index, text
+                index += 1
+            bar.update(len(batch[text_field]))
