@@ -2,7 +2,7 @@
 
 import difflib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -31,6 +31,41 @@ class LanguageModelConfig(BaseModelConfig):
 
 class UnknownHookPointError(ValueError):
     """A requested hook point that the model does not have; the message lists the valid names closest to it."""
+
+
+class _ForwardDone(Exception):
+    """Raised from the hook that captures the last requested activation, so the rest of the forward never runs."""
+
+
+class ActivationCollector:
+    """Collects activations by hook name and ends the forward pass as soon as the last requested one arrives.
+
+    Whichever hook completes the set is the deepest one, so this stops after the deepest requested hook without
+    the backend knowing the order in which its hooks fire.
+    """
+
+    def __init__(self, hook_points: Sequence[str], dtype: torch.dtype):
+        self.pending = set(hook_points)
+        self.dtype = dtype
+        self.values: dict[str, torch.Tensor] = {}
+
+    def store(self, name: str, value: torch.Tensor) -> None:
+        self.values[name] = value.detach().to(self.dtype)
+        self.pending.discard(name)
+        if not self.pending:
+            raise _ForwardDone
+
+    def run(self, forward: Callable[[], object]) -> dict[str, torch.Tensor]:
+        """Call `forward` (which has this collector's hooks attached) and return the captured activations."""
+        if not self.pending:
+            return self.values  # nothing requested: no reason to run the model
+        try:
+            forward()
+        except _ForwardDone:
+            pass
+        if self.pending:
+            raise RuntimeError(f"hook points {sorted(self.pending)} never fired during the forward pass")
+        return self.values
 
 
 class LanguageModel(ABC):

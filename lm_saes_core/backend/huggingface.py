@@ -1,0 +1,159 @@
+"""Plain-transformers backend: TransformerLens hook names mapped onto torch hooks of the HF decoder layers.
+
+Needs nothing beyond transformers and keeps HF's own attention kernels (sdpa), so it is the fast path for the
+architectures whose layer layout it knows. Hook names mean what they mean on a TransformerLens bridge of the same
+model (see `_HOOKS`), so activations and dictionaries are interchangeable between the two backends.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from lm_saes_core.backend.base import ActivationCollector, LanguageModel, LanguageModelConfig
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where the decoder layers and their parts live in a causal LM of one family."""
+
+    layers: str  # dotted path from the causal LM to the nn.ModuleList of layers
+    attn: str
+    ln2: str
+    mlp: str
+
+
+_LLAMA = _Layout("model.layers", "self_attn", "post_attention_layernorm", "mlp")
+_GPT2 = _Layout("transformer.h", "attn", "ln_2", "mlp")
+LAYOUTS: dict[str, _Layout] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gpt2": _GPT2}
+
+_Read = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def _same(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The norm's input scaled to unit RMS (centred first for LayerNorm), before its weight, as TransformerLens
+    defines `ln2.hook_normalized`; computed in float32 like HF's own RMSNorm."""
+    x = x.float()
+    if isinstance(norm, nn.LayerNorm):
+        x = x - x.mean(-1, keepdim=True)
+    eps = norm.variance_epsilon if hasattr(norm, "variance_epsilon") else norm.eps
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+# hook suffix -> (part of the layer, "in" or "out" of that part, how to read the activation from it)
+_HOOKS: dict[str, tuple[str, str, _Read]] = {
+    "hook_resid_pre": ("layer", "in", _same),
+    "hook_attn_out": ("attn", "out", _same),
+    "hook_resid_mid": ("ln2", "in", _same),
+    # TransformerLens' hook_mlp_in is the MLP branch entry before ln2, i.e. a copy of resid_mid.
+    "hook_mlp_in": ("ln2", "in", _same),
+    "ln2.hook_normalized": ("ln2", "in", _normalized),
+    "ln2.hook_out": ("ln2", "out", _same),
+    "mlp.hook_in": ("mlp", "in", _same),
+    "hook_mlp_out": ("mlp", "out", _same),
+    "hook_resid_post": ("layer", "out", _same),
+}
+
+
+def first_tensor(value: object) -> torch.Tensor:
+    """Decoder layers and attention modules return a tensor or a tuple whose first element is the hidden states."""
+    return value[0] if isinstance(value, tuple | list) else value  # type: ignore[return-value]
+
+
+def config_max_context(config: object) -> int:
+    """The longest sequence a transformers config admits (`max_position_embeddings`, GPT-2's `n_positions`)."""
+    text_config = config.get_text_config()  # type: ignore[attr-defined]
+    return getattr(text_config, "max_position_embeddings", None) or text_config.n_positions
+
+
+class HuggingFaceLanguageModel(LanguageModel):
+    """A transformers causal LM (Llama/Mistral/Qwen or GPT-2 layout) read through forward hooks."""
+
+    def __init__(self, cfg: LanguageModelConfig):
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from lm_saes_core.backend.registry import resolve_model_dir
+
+        self.cfg = cfg
+        path = resolve_model_dir(cfg)
+        model_type = AutoConfig.from_pretrained(path).model_type
+        if model_type not in LAYOUTS:
+            raise ValueError(
+                f"backend 'huggingface' does not know the layer layout of model_type {model_type!r} "
+                f"(model_name {cfg.model_name!r}); supported: {', '.join(sorted(LAYOUTS))}. "
+                "Use backend 'transformer_lens' (or 'auto')."
+            )
+        self.layout = LAYOUTS[model_type]
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.dtype).to(cfg.device).eval()
+        self.layers: nn.ModuleList = self.model.get_submodule(self.layout.layers)
+        self._hook_points = [f"blocks.{i}.{suffix}" for i in range(len(self.layers)) for suffix in _HOOKS]
+
+    @property
+    def hook_points(self) -> list[str]:
+        return list(self._hook_points)
+
+    @property
+    def d_model(self) -> int:
+        return self.model.config.get_text_config().hidden_size
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def max_context(self) -> int:
+        return config_max_context(self.model.config)
+
+    def hook_dim(self, hook_point: str) -> int:
+        self.validate_hook_points([hook_point])
+        return self.d_model  # every hook this backend offers lives in the residual width
+
+    def _attach(self, name: str, collector: ActivationCollector) -> RemovableHandle:
+        """Register the torch hook that hands the activation named `name` to `collector`."""
+        _, layer, suffix = name.split(".", 2)
+        part, side, read = _HOOKS[suffix]
+        block = self.layers[int(layer)]
+        module = block if part == "layer" else block.get_submodule(getattr(self.layout, part))
+        if side == "in":
+
+            def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+                collector.store(name, read(mod, args[0] if args else kwargs["hidden_states"]))
+
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def post_hook(mod: nn.Module, args: tuple, output: object) -> None:
+            collector.store(name, read(mod, first_tensor(output)))
+
+        return module.register_forward_hook(post_hook)
+
+    def activations(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, hook_points: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        self.validate_hook_points(hook_points)
+        collector = ActivationCollector(hook_points, self.cfg.dtype)
+        handles: list[RemovableHandle] = []
+        device = self.model.device
+        # The base model has no LM head: logits are never needed.
+        forward = partial(
+            self.model.base_model,
+            input_ids=tokens.to(device),
+            attention_mask=attention_mask.to(device),
+            use_cache=False,
+        )
+        try:
+            for name in dict.fromkeys(hook_points):
+                handles.append(self._attach(name, collector))
+            # no_grad, not inference_mode: inference tensors could not be saved for backward by a trained SAE.
+            with torch.no_grad():
+                return collector.run(forward)
+        finally:
+            for handle in handles:
+                handle.remove()
