@@ -103,7 +103,7 @@ def test_1d_shuffled_activations_are_a_permutation_of_the_2d_tokens(tmp_path):
     """Over the same two documents, 1-D shuffled generation yields every document token of the 2-D generation
     exactly once, with the same activation, in an order fixed by the seed."""
     two_docs = DatasetConfig(dataset_name_or_path="python-docs", split="train[:2]")
-    whole = dict(dataset=two_docs, total_tokens=None, hook_points=HOOKS[1:])
+    whole = dict(dataset=two_docs, total_tokens=None)
     cache_2d = CachedActivations(generate_activations(settings(tmp_path / "2d", **whole)).output_dir)
     items = list(cache_2d.iterate())
     mask = torch.cat([item["mask"] for item in items])
@@ -126,6 +126,7 @@ def test_1d_shuffled_activations_are_a_permutation_of_the_2d_tokens(tmp_path):
     values = torch.cat([item[HOOKS[1]] for item in rows])
     for key, value in zip(keys, values, strict=True):
         assert torch.allclose(value, expected[key], atol=ATOL)
+    assert all(item[HOOKS[0]].shape == item[HOOKS[1]].shape for item in rows)  # both hooks from one forward
     first_batch_docs = {key[0] for key in keys[:32]}
     first_batch_positions = [key[1] for key in keys[:32]]
     assert len(first_batch_docs) > 1 or first_batch_positions != sorted(first_batch_positions)  # mixed
@@ -221,3 +222,87 @@ def test_ctrl_c_during_generation_leaves_no_complete_cache_and_rerun_finishes(tm
         "chunk-00000000.safetensors",
         "chunk-00000001.safetensors",
     ]
+
+
+def test_cached_activations_feed_the_same_factory_as_a_dataset(generated_2d, smollm2_hf):
+    """A cache written from the dataset, read back through the factory, gives what the dataset source gives."""
+    from lm_saes_core import ActivationFactory, ActivationFactoryConfig
+
+    result, _ = generated_2d
+    common = dict(target="activations-1d", hook_points=HOOKS, batch_size=100, context_size=CONTEXT, model_batch_size=4)
+    from_cache = ActivationFactory(
+        ActivationFactoryConfig(
+            sources=[{"type": "activations", "name": "c", "path": str(result.output_dir)}], **common
+        )
+    ).process()
+    from_dataset = ActivationFactory(
+        ActivationFactoryConfig(sources=[{"type": "dataset", "name": "d"}], **common)
+    ).process(model=smollm2_hf, datasets={"d": load_dataset(DatasetConfig(split="train[:200]"))})
+    cached = list(from_cache)
+    n_cached = sum(len(b["tokens"]) for b in cached)
+    live = []
+    for batch in from_dataset:
+        live.append(batch)
+        if sum(len(b["tokens"]) for b in live) >= n_cached:
+            break
+    for key in ("tokens", "doc_index", "doc_position", *HOOKS):
+        a = torch.cat([b[key] for b in cached])
+        b = torch.cat([b[key] for b in live])[:n_cached]
+        assert torch.allclose(a.float(), b.float(), atol=ATOL), key
+    assert [len(b["tokens"]) for b in cached[:-1]] == [100] * (len(cached) - 1)
+
+
+def test_tokens_target_needs_no_forward_pass():
+    from lm_saes_core import ActivationFactory, ActivationFactoryConfig
+    from lm_saes_core.backend import load_model
+
+    class TokenizerOnly:  # a model whose forward must never run
+        def __init__(self, model):
+            self.cfg, self.tokenizer = model.cfg, model.tokenizer
+            self.bos_token_id, self.pad_token_id = model.bos_token_id, model.pad_token_id
+
+        def activations(self, *args):
+            raise AssertionError("the tokens target ran the model")
+
+    model = TokenizerOnly(load_model(LanguageModelConfig(backend="huggingface")))
+    factory = ActivationFactory(
+        ActivationFactoryConfig(
+            sources=[{"type": "dataset", "name": "d"}],
+            target="tokens",
+            hook_points=HOOKS,
+            batch_size=8,
+            context_size=CONTEXT,
+        )
+    )
+    batch = next(factory.process(model=model, datasets={"d": load_dataset(DatasetConfig(split="train[:5]"))}))
+    assert batch["tokens"].shape == (8, CONTEXT) and set(batch) >= {"mask", "doc_index", "doc_position"}
+
+
+def test_sharded_generation_writes_disjoint_documents_that_read_as_one_cache(tmp_path):
+    four_docs = DatasetConfig(dataset_name_or_path="python-docs", split="train[:4]")
+    for shard in (0, 1):
+        generate_activations(
+            settings(
+                tmp_path,
+                dataset=four_docs,
+                hook_points=HOOKS[1:],
+                n_shards=2,
+                start_shard=shard,
+                total_tokens=4 * CONTEXT,
+            )
+        )
+    root = tmp_path / "activations"
+    assert sorted(p.name for p in root.glob("manifest*.json")) == [
+        "manifest-shard-00000.json",
+        "manifest-shard-00001.json",
+    ]
+    cache = CachedActivations(root)
+    assert cache.n_tokens == 4 * CONTEXT and [c["name"] for c in cache.chunks][0] == "shard-0-chunk-00000000"
+    docs_by_shard = [set(), set()]
+    for chunk, item in zip(cache.chunks, cache.iterate(), strict=True):
+        shard = int(chunk["name"].split("-")[1])
+        docs_by_shard[shard] |= set(item["doc_index"][item["mask"]].tolist())
+    assert docs_by_shard[0] and docs_by_shard[1] and not docs_by_shard[0] & docs_by_shard[1]
+    assert min(docs_by_shard[1]) >= 2  # shard 1 holds documents 2-3 of the split, indexed as in the full split
+    report = check_activation_consistency(CheckActivationConsistencySettings(path=str(root)))
+    assert report.ok, report.problems

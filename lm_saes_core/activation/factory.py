@@ -154,7 +154,7 @@ def _iter_texts(dataset, text_field: str, doc_offset: int, desc: str) -> Iterato
     if text_field not in dataset.column_names:
         raise KeyError(f"dataset has no text field {text_field!r}; its columns are {dataset.column_names}")
     index = doc_offset
-    with tqdm(total=len(dataset), desc=desc, unit="doc", leave=False) as bar:
+    with tqdm(total=len(dataset), desc=desc, unit="doc", leave=False, position=1) as bar:
         for batch in dataset.select_columns([text_field]).iter(batch_size=64):
             for text in batch[text_field]:
                 yield index, text
