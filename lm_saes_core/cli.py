@@ -34,6 +34,34 @@ def generate(config: ConfigPath, overrides: Overrides = None) -> None:
     typer.echo(f"activations: {result.output_dir} ({result.n_tokens} tokens, {result.n_chunks} chunks)")
 
 
+@app.command()
+def train(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Train a sparse dictionary (SAE or transcoder) on an activation stream."""
+    from lm_saes_core.runners.train import TrainSAESettings, train_sae
+
+    result = train_sae(_load(TrainSAESettings, config, overrides))
+    typer.echo(f"dictionary: {result.output_path} ({result.steps} steps, {result.n_tokens} tokens)")
+
+
+@app.command()
+def sweep(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Train several dictionaries from one activation stream."""
+    from lm_saes_core.runners.train import SweepSAESettings, sweep_sae
+
+    for result in sweep_sae(_load(SweepSAESettings, config, overrides)):
+        typer.echo(f"dictionary: {result.output_path} ({result.steps} steps, {result.n_tokens} tokens)")
+
+
+@app.command()
+def evaluate(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Evaluate a saved dictionary (reconstruction, sparsity and, with a model, spliced language-model loss)."""
+    from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
+
+    result = evaluate_sae(_load(EvaluateSAESettings, config, overrides))
+    for key, value in sorted(result.metrics.items()):
+        typer.echo(f"{key:45s} {value:.6g}")
+
+
 @app.command("check-activations")
 def check_activations(
     target: Annotated[Path, typer.Argument(help="A cache directory, or a settings file")],

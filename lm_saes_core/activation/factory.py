@@ -20,6 +20,7 @@ from lm_saes_core.activation.config import (
     ActivationFactoryConfig,
     ActivationFactoryDatasetSource,
     ActivationFactoryTarget,
+    BufferShuffleConfig,
 )
 from lm_saes_core.activation.reader import CachedActivations
 from lm_saes_core.activation.windows import iter_window_batches
@@ -61,7 +62,10 @@ class ActivationFactory:
         model: LanguageModel | None = None,
         model_name: str | None = None,
         datasets: Mapping[str, DatasetInput] | None = None,
+        epoch: int = 0,
     ) -> Iterator[Item]:
+        """One pass over the sources. `epoch` re-seeds the shuffle buffer, the chunk order of cached sources and the
+        source interleaving, so epoch e of a run is the same wherever it is replayed (exact resume)."""
         chains = []
         for source_idx, source in enumerate(self.cfg.sources):
             if isinstance(source, ActivationFactoryDatasetSource):
@@ -71,12 +75,18 @@ class ActivationFactory:
                     raise ValueError(f"a language model is needed to compute activations for source {source.name!r}")
                 chains.append(self._dataset_chain(source_idx, source, datasets[source.name], model))
             else:
-                chains.append(self._activations_chain(source))
+                chains.append(self._activations_chain(source, epoch))
         weights = [source.sample_weights for source in self.cfg.sources]
-        items = self._interleave(chains, weights)
-        batch_size = self.cfg.batch_size
-        buffer_size = self.cfg.buffer_size
-        return ActivationBatcher(batch_size, buffer_size, self.cfg.buffer_shuffle)(items)
+        items = self._interleave(chains, weights, self._seed + epoch)
+        shuffle = BufferShuffleConfig(
+            perm_seed=self._seed + epoch,
+            generator_device=self.cfg.buffer_shuffle.generator_device if self.cfg.buffer_shuffle else None,
+        )
+        return ActivationBatcher(self.cfg.batch_size, self.cfg.buffer_size, shuffle)(items)
+
+    @property
+    def _seed(self) -> int:
+        return self.cfg.buffer_shuffle.perm_seed if self.cfg.buffer_shuffle else 42
 
     # ---- sources ----
     def _dataset_chain(
@@ -110,18 +120,18 @@ class ActivationFactory:
             item = {**activations, **batch}
             yield flatten_tokens(item) if self.target == ActivationFactoryTarget.ACTIVATIONS_1D else item
 
-    def _activations_chain(self, source: ActivationFactoryActivationsSource) -> Iterator[Item]:
+    def _activations_chain(self, source: ActivationFactoryActivationsSource, epoch: int) -> Iterator[Item]:
         cache = CachedActivations(source.path, hook_points=self.cfg.hook_points)
         if cache.layout == "1d" and self.target == ActivationFactoryTarget.ACTIVATIONS_2D:
             raise ValueError(f"source {source.name!r} holds 1-D (token) activations; target activations-2d needs 2-D")
-        seed = self.cfg.buffer_shuffle.perm_seed if self.cfg.buffer_shuffle else 42
         dtype = source.dtype or self.cfg.override_dtype
         for item in cache.iterate(
             device=source.device,
             dtype=dtype,
             num_workers=source.num_workers,
             prefetch=source.prefetch,
-            shuffle_seed=seed if source.shuffle_chunks else None,
+            shuffle_seed=self._seed if source.shuffle_chunks else None,
+            epoch=epoch,
         ):
             yield (
                 flatten_tokens(item)
@@ -129,12 +139,11 @@ class ActivationFactory:
                 else item
             )
 
-    def _interleave(self, chains: list[Iterator[Item]], weights: list[float]) -> Iterator[Item]:
+    def _interleave(self, chains: list[Iterator[Item]], weights: list[float], seed: int) -> Iterator[Item]:
         """Draw the next item from a source chosen with probability proportional to its weight (seeded)."""
         if len(chains) == 1:
             yield from chains[0]
             return
-        seed = self.cfg.buffer_shuffle.perm_seed if self.cfg.buffer_shuffle else 42
         rng = np.random.default_rng(seed)
         live = list(range(len(chains)))
         while live:

@@ -9,6 +9,9 @@ import torch
 
 from lm_saes_core.config import BaseModelConfig
 
+Replacement = Callable[[torch.Tensor], torch.Tensor]
+"""Receives the activation at a hook point (B, S, D) and returns what the rest of the model sees instead."""
+
 
 class LanguageModelConfig(BaseModelConfig):
     """Which language model to load and how.
@@ -31,6 +34,27 @@ class LanguageModelConfig(BaseModelConfig):
 
 class UnknownHookPointError(ValueError):
     """A requested hook point that the model does not have; the message lists the valid names closest to it."""
+
+
+class UnreplaceableHookPointError(ValueError):
+    """A hook point whose activation a backend can read but cannot faithfully replace."""
+
+
+def check_replaceable(hook_points: Sequence[str], unsupported_suffixes: Sequence[str], backend: str) -> None:
+    """Refuse replacements whose effect would not be what the hook name says."""
+    for name in hook_points:
+        suffix = name.split(".", 2)[-1]
+        if suffix == "hook_resid_mid":
+            # Both backends fire hook_resid_mid at the input of ln2, so a new value would reach only the MLP branch
+            # while the residual connection keeps the old one.
+            raise UnreplaceableHookPointError(
+                f"{name!r} cannot be replaced: the new value would reach only the MLP branch, not the residual "
+                "stream; replace the hook_mlp_in of that block if the MLP input is what is meant"
+            )
+        if suffix in unsupported_suffixes:
+            raise UnreplaceableHookPointError(
+                f"backend {backend!r} cannot replace the activation at {name!r}; use backend 'transformer_lens'"
+            )
 
 
 class _ForwardDone(Exception):
@@ -108,6 +132,20 @@ class LanguageModel(ABC):
 
         Runs without gradients, stops after the deepest requested hook, returns tensors in the model's dtype on its
         device. Padding is on the right, so the attention mask only hides trailing pad positions.
+        """
+
+    @abstractmethod
+    def logits_with_replacements(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        replacements: dict[str, Replacement] | None = None,
+    ) -> torch.Tensor:
+        """A full forward pass to the unembedding, (B, S) tokens -> (B, S, V) logits, without gradients.
+
+        Each replacement function receives the activation at its hook point (all positions, padding included)
+        and returns the tensor the rest of the model sees; its output is cast back to the activation's dtype.
+        This is how a dictionary is spliced into the model (evaluation's downstream metrics).
         """
 
     # ---- token ids: config overrides win over the tokenizer's own ----

@@ -13,7 +13,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from lm_saes_core.backend.base import ActivationCollector, LanguageModel, LanguageModelConfig
+from lm_saes_core.backend.base import (
+    ActivationCollector,
+    LanguageModel,
+    LanguageModelConfig,
+    Replacement,
+    check_replaceable,
+)
 
 
 @dataclass(frozen=True)
@@ -116,12 +122,17 @@ class HuggingFaceLanguageModel(LanguageModel):
         self.validate_hook_points([hook_point])
         return self.d_model  # every hook this backend offers lives in the residual width
 
-    def _attach(self, name: str, collector: ActivationCollector) -> RemovableHandle:
-        """Register the torch hook that hands the activation named `name` to `collector`."""
+    def _module(self, name: str) -> tuple[nn.Module, str, _Read]:
+        """The module whose input ("in") or output ("out") is the activation named `name`, and how to read it."""
         _, layer, suffix = name.split(".", 2)
         part, side, read = _HOOKS[suffix]
         block = self.layers[int(layer)]
         module = block if part == "layer" else block.get_submodule(getattr(self.layout, part))
+        return module, side, read
+
+    def _attach(self, name: str, collector: ActivationCollector) -> RemovableHandle:
+        """Register the torch hook that hands the activation named `name` to `collector`."""
+        module, side, read = self._module(name)
         if side == "in":
 
             def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -157,3 +168,50 @@ class HuggingFaceLanguageModel(LanguageModel):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def _attach_replacement(self, name: str, replace: Replacement) -> RemovableHandle:
+        """Register the torch hook that swaps the activation named `name` for `replace(activation)`."""
+        module, side, _ = self._module(name)
+        if side == "in":
+
+            def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+                if args:
+                    return (_replaced(replace, args[0]), *args[1:]), kwargs
+                return args, {**kwargs, "hidden_states": _replaced(replace, kwargs["hidden_states"])}
+
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def post_hook(mod: nn.Module, args: tuple, output: object) -> object:
+            if isinstance(output, tuple | list):
+                return type(output)((_replaced(replace, output[0]), *output[1:]))
+            return _replaced(replace, output)  # type: ignore[arg-type]
+
+        return module.register_forward_hook(post_hook)
+
+    def logits_with_replacements(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        replacements: dict[str, Replacement] | None = None,
+    ) -> torch.Tensor:
+        replacements = replacements or {}
+        self.validate_hook_points(list(replacements))
+        # ln2.hook_normalized is computed from the norm's input (it is no tensor of the HF forward).
+        check_replaceable(list(replacements), ["ln2.hook_normalized"], "huggingface")
+        device = self.model.device
+        handles = []
+        try:
+            for name, replace in replacements.items():
+                handles.append(self._attach_replacement(name, replace))
+            with torch.no_grad():
+                output = self.model(
+                    input_ids=tokens.to(device), attention_mask=attention_mask.to(device), use_cache=False
+                )
+            return output.logits
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+def _replaced(replace: Replacement, activation: torch.Tensor) -> torch.Tensor:
+    return replace(activation).to(activation.dtype)

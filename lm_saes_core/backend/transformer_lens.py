@@ -10,7 +10,13 @@ from functools import partial
 
 import torch
 
-from lm_saes_core.backend.base import ActivationCollector, LanguageModel, LanguageModelConfig
+from lm_saes_core.backend.base import (
+    ActivationCollector,
+    LanguageModel,
+    LanguageModelConfig,
+    Replacement,
+    check_replaceable,
+)
 from lm_saes_core.backend.huggingface import config_max_context, first_tensor
 
 
@@ -83,3 +89,24 @@ class TransformerLensLanguageModel(LanguageModel):
         # no_grad, not inference_mode: inference tensors could not be saved for backward by a trained SAE.
         with torch.no_grad(), self.bridge.hooks(fwd_hooks=[(n, hook_for(n)) for n in dict.fromkeys(hook_points)]):
             return collector.run(forward)
+
+    def logits_with_replacements(
+        self,
+        tokens: torch.Tensor,
+        attention_mask: torch.Tensor,
+        replacements: dict[str, Replacement] | None = None,
+    ) -> torch.Tensor:
+        replacements = replacements or {}
+        self.validate_hook_points(list(replacements))
+        check_replaceable(list(replacements), [], "transformer_lens")
+        device = self.bridge.cfg.device
+
+        def hook_for(replace: Replacement) -> Callable[..., torch.Tensor]:
+            def swap(value: torch.Tensor, hook: object) -> torch.Tensor:
+                return replace(value).to(value.dtype)  # a hook's return value replaces the activation
+
+            return swap
+
+        fwd_hooks = [(name, hook_for(replace)) for name, replace in replacements.items()]
+        with torch.no_grad(), self.bridge.hooks(fwd_hooks=fwd_hooks):
+            return self.bridge(tokens.to(device), attention_mask=attention_mask.to(device), return_type="logits")

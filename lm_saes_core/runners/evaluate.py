@@ -1,0 +1,117 @@
+"""`evaluate_sae`: a saved dictionary evaluated on an activation stream (a dataset run through the language model, or
+a cache written by `generate_activations`), with the language model's loss when it is spliced in."""
+
+import json
+import logging
+from pathlib import Path
+
+from pydantic import Field
+
+from lm_saes_core.activation.config import (
+    ActivationFactoryActivationsSource,
+    ActivationFactoryConfig,
+    ActivationFactoryTarget,
+)
+from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.activation.reader import CachedActivations
+from lm_saes_core.backend.base import LanguageModelConfig
+from lm_saes_core.config import BaseConfig
+from lm_saes_core.data import DatasetConfig
+from lm_saes_core.evaluation import EvalConfig, EvalResult, Evaluator
+from lm_saes_core.io import atomic_write_text
+from lm_saes_core.log import setup_logging
+from lm_saes_core.models.pretrained import PretrainedSAE
+from lm_saes_core.runners.common import check_dictionary_fits, load_language_model_and_datasets
+from lm_saes_core.wandb_logging import WandbConfig, start_wandb_run
+
+logger = logging.getLogger(__name__)
+
+
+class EvaluateSAESettings(BaseConfig):
+    sae: PretrainedSAE
+    sae_name: str
+    sae_series: str | None = None
+    activation_factory: ActivationFactoryConfig
+    model: LanguageModelConfig | None = None
+    """Needed by dataset sources; with cached sources it is loaded only for the downstream metrics."""
+    model_name: str | None = None
+    """Name recorded with the results; defaults to `model.model_name`."""
+    datasets: dict[str, DatasetConfig | None] | None = None
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    output_path: str | None = None
+    """Write the metrics (and the frequency histogram) here as JSON."""
+    wandb: WandbConfig | None = None
+    """Log the metrics once to a W&B run (`exp_name` defaults to `sae_name`)."""
+
+
+def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
+    """Evaluate `settings.sae` on the factory's stream. Downstream (spliced-loss) metrics are computed when
+    `eval.compute_downstream` is set and a `model` is configured; they need 2-D activations because the model runs
+    on whole sequences, and cached 2-D activations carry their tokens, so a cache works as well as a dataset."""
+    setup_logging()
+    factory_cfg = settings.activation_factory
+    downstream = settings.eval.compute_downstream and settings.model is not None
+    if downstream and factory_cfg.target != ActivationFactoryTarget.ACTIVATIONS_2D:
+        raise ValueError(
+            f"activation_factory.target is {factory_cfg.target.value!r}, but the downstream metrics run the "
+            "language model on whole sequences: use activations-2d, or set eval.compute_downstream=false"
+        )
+    sae = settings.sae.load()  # folds the dataset-wise scale when settings.sae.fold_activation_scale is set
+    language_model, datasets = load_language_model_and_datasets(factory_cfg, settings.model, settings.datasets)
+    if downstream and language_model is None:
+        from lm_saes_core.backend import load_model
+
+        language_model = load_model(settings.model)
+        _warn_on_other_model(factory_cfg, settings.model_name or settings.model.model_name)
+    check_dictionary_fits(sae.cfg, factory_cfg, language_model)
+    factory = ActivationFactory(factory_cfg)
+    factory.validate(language_model)
+    model_name = settings.model_name or (settings.model.model_name if settings.model else None)
+    stream = factory.process(model=language_model, model_name=model_name, datasets=datasets)
+
+    result = Evaluator(settings.eval).run(sae, stream, language_model if downstream else None)
+    logger.info(
+        "evaluation of %s:\n%s",
+        settings.sae_name,
+        "\n".join(f"  {key:<40} {value:.6g}" for key, value in sorted(result.metrics.items())),
+    )
+    if settings.output_path is not None:
+        record = {
+            "sae_name": settings.sae_name,
+            "sae_series": settings.sae_series,
+            "sae_path": settings.sae.pretrained_name_or_path,
+            "model_name": model_name,
+            **result.to_json(),
+        }
+        Path(settings.output_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(settings.output_path, json.dumps(record, indent=2))
+    if settings.wandb is not None:
+        _log_to_wandb(settings, result)
+    return result
+
+
+def _warn_on_other_model(factory_cfg: ActivationFactoryConfig, model_name: str) -> None:
+    """Cached tokens are ids of the tokenizer that generated them; a different model would read other text."""
+    for source in factory_cfg.sources:
+        if isinstance(source, ActivationFactoryActivationsSource):
+            cache = CachedActivations(source.path, hook_points=factory_cfg.hook_points)
+            cached_name = cache.manifests[0].get("provenance", {}).get("model_name")
+            if cached_name is not None and cached_name != model_name:
+                logger.warning(
+                    "source %r was generated by model %r, but the downstream metrics use %r: the cached token ids "
+                    "must mean the same text for both",
+                    source.name,
+                    cached_name,
+                    model_name,
+                )
+
+
+def _log_to_wandb(settings: EvaluateSAESettings, result: EvalResult) -> None:
+    cfg = (
+        settings.wandb if settings.wandb.exp_name else settings.wandb.model_copy(update={"exp_name": settings.sae_name})
+    )
+    run = start_wandb_run(cfg, config=settings.model_dump(mode="json"))
+    try:
+        run.log(result.metrics)
+    finally:
+        run.finish()

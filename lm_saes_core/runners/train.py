@@ -1,0 +1,273 @@
+"""`train_sae` and `sweep_sae`: train sparse dictionaries on an activation stream (live from a dataset or cached).
+
+A sweep trains several dictionaries from ONE stream: every batch is computed (or read) once and handed to each
+item's trainer, which runs in its own thread; items see exactly the batches a single run would see.
+"""
+
+import itertools
+import json
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+from pydantic import Discriminator, Field, Tag, model_validator
+
+from lm_saes_core.activation.buffer import Item
+from lm_saes_core.activation.config import ActivationFactoryConfig
+from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.backend.base import LanguageModelConfig
+from lm_saes_core.config import BaseConfig, MongoDBConfig
+from lm_saes_core.data import DatasetConfig
+from lm_saes_core.io import atomic_write_text
+from lm_saes_core.log import setup_logging
+from lm_saes_core.models import PretrainedSAE, SAEConfig, SparseAutoEncoder
+from lm_saes_core.runners.common import (
+    activation_epochs,
+    check_dictionary_fits,
+    check_sources_configured,
+    load_language_model_and_datasets,
+)
+from lm_saes_core.training.checkpoint import find_latest_checkpoint
+from lm_saes_core.training.config import TrainerConfig
+from lm_saes_core.training.initializer import Initializer, InitializerConfig
+from lm_saes_core.training.trainer import Trainer, TrainResult
+from lm_saes_core.wandb_logging import WandbConfig, start_wandb_run
+
+logger = logging.getLogger(__name__)
+
+
+def _sae_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "pretrained" if "pretrained_name_or_path" in value else str(value.get("sae_type", "sae"))
+    return "pretrained" if isinstance(value, PretrainedSAE) else value.sae_type
+
+
+# A dictionary to train: a full config (discriminated on `sae_type`) or saved weights to continue from.
+SAESpec = Annotated[
+    Annotated[SAEConfig, Tag("sae")] | Annotated[PretrainedSAE, Tag("pretrained")],
+    Discriminator(_sae_kind, custom_error_type="sae_type", custom_error_message="unknown sae_type (known: 'sae')"),
+]
+
+
+class _SourceSettings(BaseConfig):
+    activation_factory: ActivationFactoryConfig
+    model: LanguageModelConfig | None = None
+    model_name: str | None = None
+    datasets: dict[str, DatasetConfig | None] | None = None
+    data_parallel_size: int = Field(default=1, ge=1)
+    model_parallel_size: int = Field(default=1, ge=1)
+    mongo: MongoDBConfig | None = None
+
+    @model_validator(mode="after")
+    def _supported(self) -> "_SourceSettings":
+        if self.mongo is not None:
+            raise ValueError("mongo: the MongoDB record store is not available yet; give configs inline")
+        if self.data_parallel_size * self.model_parallel_size > 1:
+            raise ValueError("data_parallel_size/model_parallel_size > 1: distributed training is not available yet")
+        check_sources_configured(self.activation_factory, self.model, self.datasets)
+        return self
+
+
+class TrainSAESettings(_SourceSettings):
+    sae: SAESpec
+    sae_name: str
+    sae_series: str = "default"
+    initializer: InitializerConfig | None = None
+    """How to initialise a new dictionary (ignored for a pretrained one); None uses the defaults."""
+    trainer: TrainerConfig
+    wandb: WandbConfig | None = None
+    seed: int = 42
+    """Seeds torch before the dictionary is initialised, so a run (or a sweep item) is reproducible."""
+    resume_from: str | None = None
+    """A checkpoint directory (`.../checkpoints/step_N`) or "latest" (the newest under trainer.exp_result_path)."""
+
+
+class SweepingItem(BaseConfig):
+    sae: SAESpec
+    sae_name: str
+    sae_series: str = "default"
+    initializer: InitializerConfig | None = None
+    trainer: TrainerConfig
+    wandb: WandbConfig | None = None
+    seed: int = 42
+
+
+class SweepSAESettings(_SourceSettings):
+    items: list[SweepingItem] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _distinct_outputs(self) -> "SweepSAESettings":
+        paths = [item.trainer.exp_result_path for item in self.items]
+        if len(set(paths)) != len(paths):
+            raise ValueError(f"items must write to distinct trainer.exp_result_path, got {paths}")
+        return self
+
+
+def _prepare_stream(settings: _SourceSettings, sae_configs: list[SAEConfig]) -> Iterator[Item]:
+    """Check every dictionary fits the stream (cheap checks first), then load the model and start streaming."""
+    for cfg in sae_configs:
+        check_dictionary_fits(cfg, settings.activation_factory)
+    model, datasets = load_language_model_and_datasets(settings.activation_factory, settings.model, settings.datasets)
+    factory = ActivationFactory(settings.activation_factory)
+    factory.validate(model)
+    for cfg in sae_configs:
+        check_dictionary_fits(cfg, settings.activation_factory, model)
+    model_name = settings.model_name or (settings.model.model_name if settings.model else None)
+    return activation_epochs(factory, model=model, model_name=model_name, datasets=datasets)
+
+
+def _resolve_resume(resume_from: str | None, trainer: TrainerConfig) -> Path | None:
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        latest = find_latest_checkpoint(trainer.exp_result_path)
+        if latest is None:
+            raise FileNotFoundError(f"resume_from='latest': no checkpoint under {trainer.exp_result_path}/checkpoints")
+        return latest
+    path = Path(resume_from)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume_from: checkpoint directory {path} does not exist")
+    return path
+
+
+def _dictionary_config(spec: SAEConfig | PretrainedSAE) -> tuple[SAEConfig, SparseAutoEncoder | None]:
+    if isinstance(spec, PretrainedSAE):
+        model = spec.load(fold_activation_scale=False)
+        return model.cfg, model
+    return spec, None
+
+
+def _initialize(
+    item: SweepingItem | TrainSAESettings,
+    stream: Iterator[Item],
+    preloaded: SparseAutoEncoder | None,
+    resume_from: Path | None,
+) -> tuple[SparseAutoEncoder, Iterator[Item]]:
+    """The dictionary to train and the stream to train it on (the initializer's peeked batches stay in it)."""
+    if preloaded is not None:
+        return preloaded, stream
+    if resume_from is not None:
+        return SparseAutoEncoder.from_config(item.sae), stream  # the trainer loads the checkpoint's weights
+    torch.manual_seed(item.seed)
+    return Initializer(item.initializer or InitializerConfig()).initialize(item.sae, stream)
+
+
+def _fit(
+    item: SweepingItem | TrainSAESettings,
+    model: SparseAutoEncoder,
+    stream: Iterator[Item],
+    resume_from: Path | None,
+    settings_dump: dict,
+) -> TrainResult:
+    output = Path(item.trainer.exp_result_path)
+    output.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(output / "train_settings.json", json.dumps(settings_dump, indent=2))
+    wandb_run = start_wandb_run(item.wandb, config=settings_dump) if item.wandb else None
+    try:
+        result = Trainer(item.trainer).fit(model, stream, wandb_run=wandb_run, resume_from=resume_from)
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+    logger.info("%s/%s: saved to %s", item.sae_series, item.sae_name, result.output_path)
+    return result
+
+
+def train_sae(settings: TrainSAESettings) -> TrainResult:
+    setup_logging()
+    resume_from = _resolve_resume(settings.resume_from, settings.trainer)
+    cfg, preloaded = _dictionary_config(settings.sae)
+    stream = _prepare_stream(settings, [cfg])
+    model, stream = _initialize(settings, stream, preloaded, resume_from)
+    return _fit(settings, model, stream, resume_from, settings.model_dump(mode="json"))
+
+
+_END = object()
+
+
+def _broadcast(stream: Iterator[Item], queues: list[queue.Queue], stop: threading.Event) -> None:
+    """Feed every batch of `stream` to every queue (bounded, so a slow trainer holds the others back)."""
+    try:
+        for batch in stream:
+            for q in queues:
+                while not stop.is_set():
+                    try:
+                        q.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+            if stop.is_set():
+                return
+    except BaseException as exc:  # surface the stream's error in the trainers
+        for q in queues:
+            q.put(exc)
+        return
+    for q in queues:
+        q.put(_END)
+
+
+def _drain(q: queue.Queue) -> Iterator[Item]:
+    while True:
+        batch = q.get()
+        if batch is _END:
+            return
+        if isinstance(batch, BaseException):
+            raise batch
+        yield batch
+
+
+def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
+    """Train every item on one shared activation stream (one forward pass of the model feeds all of them).
+
+    Items are initialised one after the other in this thread, each from the same first batches of the stream and
+    its own seed, then trained concurrently, one thread each, so each item is the run `train_sae` would make."""
+    setup_logging()
+    loaded = [_dictionary_config(item.sae) for item in settings.items]
+    stream = _prepare_stream(settings, [cfg for cfg, _ in loaded])
+    n_init = max((item.initializer or InitializerConfig()).norm_estimation_batches for item in settings.items) + 1
+    head = list(itertools.islice(stream, n_init))
+    queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _ in settings.items]
+    item_streams = []
+    models = []
+    for index, item in enumerate(settings.items):
+        model, initial = _initialize(item, iter(head), loaded[index][1], None)
+        models.append(model)
+        item_streams.append(itertools.chain(initial, _drain(queues[index])))
+    stop = threading.Event()
+    results: list[TrainResult | BaseException | None] = [None] * len(settings.items)
+    dump = settings.model_dump(mode="json")
+
+    def run(index: int) -> None:
+        try:
+            item_dump = {**dump, "items": [dump["items"][index]]}
+            results[index] = _fit(settings.items[index], models[index], item_streams[index], None, item_dump)
+        except BaseException as exc:
+            results[index] = exc
+        finally:
+            finished, queues[index] = queues[index], _DiscardQueue()  # unblock the feeder: stop listening
+            while not finished.empty():
+                finished.get_nowait()
+
+    workers = [threading.Thread(target=run, args=(i,), name=f"sweep-{i}") for i in range(len(settings.items))]
+    for worker in workers:
+        worker.start()
+    feeder = threading.Thread(target=_broadcast, args=(stream, queues, stop), name="sweep-feeder", daemon=True)
+    feeder.start()
+    for worker in workers:
+        worker.join()
+    stop.set()
+    failures = [(settings.items[i].sae_name, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
+    if failures:
+        name, error = failures[0]
+        raise RuntimeError(f"sweep item {name!r} failed: {error}") from error
+    return results  # type: ignore[return-value]
+
+
+class _DiscardQueue(queue.Queue):
+    """Stands in for a finished trainer's queue: accepts and drops batches."""
+
+    def put(self, item, block=True, timeout=None) -> None:  # noqa: ARG002
+        return None

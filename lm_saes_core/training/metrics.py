@@ -1,0 +1,100 @@
+"""Training statistics: the per-window metrics of spec 4.9 and the dead-latent counters that Aux-K needs.
+
+Window values stay on the device as tensors and are read back once per report, so logging costs one sync.
+"""
+
+import torch
+
+FREQUENCY_BOUNDS = {"above_1e-1": 1e-1, "above_1e-2": 1e-2, "below_1e-5": 1e-5, "below_1e-6": 1e-6, "below_1e-7": 1e-7}
+
+
+class DeadLatentStatistics:
+    """Tokens seen since each latent last fired; a latent is dead once that reaches `dead_threshold`."""
+
+    def __init__(self, d_sae: int, dead_threshold: int, device: torch.device | str):
+        self.dead_threshold = dead_threshold
+        self.tokens_since_last_activation = torch.zeros(d_sae, dtype=torch.long, device=device)
+
+    @property
+    def is_dead(self) -> torch.Tensor:
+        return self.tokens_since_last_activation >= self.dead_threshold
+
+    def update(self, feature_acts: torch.Tensor, n_tokens: int) -> None:
+        fired = (feature_acts.reshape(-1, feature_acts.shape[-1]) > 0).any(dim=0)
+        counter = self.tokens_since_last_activation
+        self.tokens_since_last_activation = torch.where(fired, torch.zeros_like(counter), counter + n_tokens)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"tokens_since_last_activation": self.tokens_since_last_activation.cpu()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        saved = state["tokens_since_last_activation"]
+        if saved.shape != self.tokens_since_last_activation.shape:
+            raise ValueError(
+                f"checkpoint has dead-latent statistics for {saved.shape[0]} latents, "
+                f"the model has {self.tokens_since_last_activation.shape[0]}"
+            )
+        self.tokens_since_last_activation = saved.to(self.tokens_since_last_activation.device)
+
+
+class MetricWindow:
+    """Accumulates per-step values between two reports; `report()` returns the window's values and resets it."""
+
+    def __init__(self, d_sae: int, device: torch.device | str):
+        self.d_sae, self.device = d_sae, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.sums: dict[str, torch.Tensor] = {}
+        self.maxima: dict[str, torch.Tensor] = {}
+        self.active_counts = torch.zeros(self.d_sae, device=self.device)
+        self.tokens = torch.zeros((), device=self.device)
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.sums[key] = self.sums[key] + value if key in self.sums else value
+
+    def _max(self, key: str, value: torch.Tensor) -> None:
+        value = value.detach().float()
+        self.maxima[key] = torch.maximum(self.maxima[key], value) if key in self.maxima else value
+
+    @torch.no_grad()
+    def update(self, out, grad_norm_before: torch.Tensor, grad_norm_after: torch.Tensor) -> None:
+        """`out` is the model's LossOutput; label, reconstruction and feature acts hold the valid tokens only."""
+        self.steps += 1
+        self._add("losses/overall_loss", out.loss)
+        self._add("losses/mse_loss", out.l_rec)
+        for key, value in (("sparsity_loss", out.l_sparsity), ("lp_loss", out.l_lp), ("aux_loss", out.l_aux)):
+            if value is not None:
+                self._add(f"losses/{key}", torch.as_tensor(value))
+        y = out.label.reshape(-1, out.label.shape[-1]).float()
+        y_hat = out.reconstructed.reshape(-1, y.shape[-1]).float()
+        f = out.feature_acts.reshape(-1, out.feature_acts.shape[-1]).float()
+        error = (y_hat - y).square().sum(-1)  # (N,)
+        spread = (y - y.mean(0)).square().sum(-1)  # (N,)
+        self._add("metrics/explained_variance", 1 - error.mean() / spread.mean())
+        self._add("metrics/explained_variance_legacy", (1 - error / spread).mean())
+        active = f > 0
+        self._add("metrics/mean_feature_act", f.sum() / active.sum().clamp(min=1))
+        l2_error = error.sqrt().mean()
+        self._add("metrics/l2_norm_error", l2_error)
+        self._add("metrics/l2_norm_error_ratio", l2_error / y.norm(dim=-1).mean())
+        self.active_counts += active.sum(0)
+        self.tokens += f.shape[0]
+        self._max("metrics/gradient_norm_per_param", grad_norm_after)
+        self._max("metrics/gradient_norm_before_clipping", grad_norm_before)
+
+    def report(self) -> dict[str, float]:
+        if self.steps == 0:
+            return {}
+        frequency = self.active_counts / self.tokens.clamp(min=1)
+        values = {key: total / self.steps for key, total in self.sums.items()} | self.maxima
+        values["metrics/l0"] = self.active_counts.sum() / self.tokens.clamp(min=1)
+        for name, bound in FREQUENCY_BOUNDS.items():
+            selected = frequency > bound if name.startswith("above") else frequency < bound
+            values[f"sparsity/{name}"] = selected.sum().float()
+        keys = list(values)
+        numbers = torch.stack([values[key].reshape(()) for key in keys]).tolist()  # one device sync
+        self.reset()
+        return dict(zip(keys, numbers, strict=True))

@@ -1,0 +1,304 @@
+"""The training loop: one optimiser step per batch, metrics every `log_frequency` steps, resumable checkpoints.
+
+Resuming (`fit(..., resume_from=checkpoint_dir)`) restores the weights, optimiser, scheduler, RNG states, dead-latent
+statistics, counters and the data cursor, then skips the batches the checkpointed run had consumed. The caller must
+therefore pass a freshly created stream that yields the same batches in the same order as the original one (a
+deterministic, seeded stream); a shorter stream is an error. Resumed runs reproduce uninterrupted runs bitwise on CPU.
+"""
+
+import contextlib
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from lm_saes_core.config import ConfigError
+from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.training.batches import Batch, count_tokens, to_device
+from lm_saes_core.training.checkpoint import (
+    capture_rng_states,
+    load_trainer_state,
+    restore_rng_states,
+    save_checkpoint,
+)
+from lm_saes_core.training.config import TrainerConfig
+from lm_saes_core.training.metrics import DeadLatentStatistics, MetricWindow
+from lm_saes_core.training.optim import build_optimizer, build_scheduler, clip_rms_grad_norm_
+from lm_saes_core.training.schedules import annealed_k, checkpoint_steps, resolve_steps, warmup_factor
+
+logger = logging.getLogger(__name__)
+
+TOPK_FAMILY = ("topk", "batchtopk")
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """The loss or the gradients became NaN/inf; raised before the optimiser step, so weights stay finite."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    total_steps: int
+    n_tokens: int
+    stream_exhausted: bool
+    output_path: Path
+    checkpoints: list[Path] = field(default_factory=list)
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Progress:
+    """Counters saved in every checkpoint."""
+
+    step: int  # optimiser steps taken
+    n_tokens: int  # valid tokens trained on
+    batches_consumed: int  # the data cursor
+    total_steps: int
+    tokens_per_batch: int
+
+
+class Trainer:
+    def __init__(self, cfg: TrainerConfig):
+        self.cfg = cfg
+
+    def fit(
+        self,
+        model: SparseAutoEncoder,
+        stream: Iterable[Batch],
+        *,
+        wandb_run: Any = None,
+        resume_from: str | Path | None = None,
+    ) -> TrainResult:
+        cfg = self.check_model(model)
+        optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
+        dead = DeadLatentStatistics(model.cfg.d_sae, cfg.dead_threshold, model.cfg.device)
+        if resume_from is None:
+            batches, progress, scheduler = self._start(model, iter(stream), optimizer)
+        else:
+            batches, progress, scheduler = self._resume(model, iter(stream), optimizer, dead, Path(resume_from))
+        T = progress.total_steps
+        planned = checkpoint_steps(T, cfg.n_checkpoints, cfg.check_point_save_mode, cfg.checkpoint_every_steps)
+        saves = [s for s in planned if s > progress.step]
+        window = MetricWindow(model.cfg.d_sae, model.cfg.device)
+        result = TrainResult(progress.step, T, progress.n_tokens, False, Path(cfg.exp_result_path))
+        with tqdm(total=T, initial=progress.step, desc="training", unit="step", dynamic_ncols=True) as bar:
+            while progress.step < T:
+                batch = next(batches, None)
+                if batch is None:
+                    result.stream_exhausted = True
+                    logger.warning("the activation stream ended at step %d of %d", progress.step, T)
+                    break
+                progress.batches_consumed += 1
+                out, lr, coefficients = self._step(model, batch, progress, optimizer, scheduler, dead, window)
+                progress.step += 1
+                progress.n_tokens += int(out.n_tokens)
+                bar.update(1)
+                bar.set_postfix(loss=f"{out.loss.item():.4g}", lr=f"{lr:.3g}", refresh=False)
+
+                if progress.step % cfg.log_frequency == 0 or progress.step == T:
+                    result.last_metrics = (
+                        window.report()
+                        | model.log_statistics()
+                        | {
+                            "details/current_learning_rate": lr,
+                            "details/n_training_tokens": progress.n_tokens,
+                            **{f"details/{name}": value for name, value in coefficients.items()},
+                        }
+                    )
+                    _log_console(progress.step, T, result.last_metrics)
+                    if wandb_run is not None:
+                        wandb_run.log(result.last_metrics, step=progress.step)
+                if saves and progress.step >= saves[0]:
+                    saves.pop(0)
+                    state = self._state(progress, optimizer, scheduler, dead, wandb_run)
+                    result.checkpoints.append(save_checkpoint(cfg.exp_result_path, progress.step, model, state))
+
+        result.steps, result.n_tokens = progress.step, progress.n_tokens
+        model.save_pretrained(result.output_path, fold_activation_scale=self._fold_on_save(model))
+        logger.info(
+            "saved the dictionary to %s after %d steps (%d tokens)", result.output_path, result.steps, result.n_tokens
+        )
+        return result
+
+    def _step(self, model, batch, progress: _Progress, optimizer, scheduler, dead, window):
+        """Forward, backward, clip, check, update; returns the loss output, the LR used and the coefficients."""
+        cfg, step = self.cfg, progress.step
+        batch = to_device(batch, model.cfg.device)
+        model.train()
+        model.current_k = self._k_at(step, progress.total_steps, model)
+        coefficients = self._coefficients_at(step, progress.total_steps)
+        with self._autocast(model):
+            out = model.compute_loss(
+                batch,
+                sparsity_loss_type=cfg.sparsity_loss_type,
+                tanh_stretch_coefficient=cfg.tanh_stretch_coefficient,
+                frequency_scale=cfg.frequency_scale,
+                p=cfg.p,
+                k_aux=cfg.k_aux,
+                dead_latents=dead.is_dead if cfg.auxk_coefficient > 0 else None,
+                **coefficients,
+            )
+        out.loss.backward()
+        grad_norm, clipped_norm = clip_rms_grad_norm_(self._clipped_parameters(model), cfg.clip_grad_norm)
+        loss_value, grad_value = torch.stack([out.loss.detach().float(), grad_norm.float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+            what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_value}"
+            raise NonFiniteTrainingError(
+                f"non-finite {what} at step {step} (batch {progress.batches_consumed} of the stream); training "
+                "stopped before the optimiser step, so no weights or checkpoint were touched by it"
+            )
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        dead.update(out.feature_acts, out.n_tokens)
+        window.update(out, grad_norm, clipped_norm)
+        return out, lr, coefficients
+
+    def _start(self, model, batches: Iterator[Batch], optimizer):
+        """Size the run from the first batch (which is trained on, not consumed)."""
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("the activation stream is empty: nothing to train on")
+        tokens_per_batch = count_tokens(first, model.cfg.hook_point_in)
+        total_steps = self.cfg.total_training_tokens // max(tokens_per_batch, 1)
+        if total_steps == 0:
+            raise ValueError(
+                f"total_training_tokens={self.cfg.total_training_tokens} is less than one batch ({tokens_per_batch} "
+                "tokens): no step to take"
+            )
+        logger.info("training for %d steps of %d tokens", total_steps, tokens_per_batch)
+        progress = _Progress(0, 0, 0, total_steps, tokens_per_batch)
+        return itertools.chain([first], batches), progress, build_scheduler(self.cfg, optimizer, total_steps)
+
+    def _resume(self, model, batches: Iterator[Batch], optimizer, dead: DeadLatentStatistics, path: Path):
+        state = load_trainer_state(path)
+        self._check_resumable(state, path)
+        progress = _Progress(**state["progress"])
+        scheduler = build_scheduler(self.cfg, optimizer, progress.total_steps)
+        _load_model_weights(model, path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        dead.load_state_dict(state["dead_latents"])
+        batches = _skip(batches, progress.batches_consumed)
+        restore_rng_states(state["rng"])
+        logger.info("resumed from %s at step %d of %d", path, progress.step, progress.total_steps)
+        return batches, progress, scheduler
+
+    def _autocast(self, model):
+        if self.cfg.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(model.cfg.device).type, dtype=self.cfg.amp_dtype)
+
+    @staticmethod
+    def _clipped_parameters(model) -> list[torch.nn.Parameter]:
+        return [p for name, p in model.named_parameters() if "log_jumprelu_threshold" not in name]
+
+    def check_model(self, model: SparseAutoEncoder) -> TrainerConfig:
+        """Reject settings that do not fit this dictionary, naming the field."""
+        cfg, act_fn = self.cfg, model.cfg.act_fn
+        if cfg.initial_k is not None:
+            if act_fn not in TOPK_FAMILY:
+                raise ValueError(f"initial_k={cfg.initial_k} applies to topk/batchtopk dictionaries, not {act_fn!r}")
+            if not model.cfg.top_k <= cfg.initial_k <= model.cfg.d_sae:
+                raise ValueError(
+                    f"initial_k={cfg.initial_k} must lie between top_k ({model.cfg.top_k}) and "
+                    f"d_sae ({model.cfg.d_sae})"
+                )
+        if cfg.lp_coefficient > 0 and act_fn != "jumprelu":
+            raise ValueError(f"lp_coefficient={cfg.lp_coefficient} applies to jumprelu dictionaries, not {act_fn!r}")
+        if cfg.sparsity_loss_type is None and act_fn in ("relu", "jumprelu"):
+            raise ValueError(f"act_fn={act_fn!r} needs a sparsity penalty: set sparsity_loss_type (e.g. 'power')")
+        return cfg
+
+    def _k_at(self, step: int, total_steps: int, model: SparseAutoEncoder) -> int:
+        cfg = self.cfg
+        if cfg.initial_k is None:
+            return model.cfg.top_k
+        return annealed_k(
+            step,
+            initial_k=cfg.initial_k,
+            final_k=model.cfg.top_k,
+            warmup=resolve_steps(cfg.k_warmup_steps, total_steps),
+            cold_boot=resolve_steps(cfg.k_cold_booting_steps, total_steps),
+            schedule=cfg.k_schedule_type,
+            exponential_factor=cfg.k_exponential_factor,
+        )
+
+    def _coefficients_at(self, step: int, total_steps: int) -> dict[str, float]:
+        cfg = self.cfg
+        l1_warmup = resolve_steps(cfg.l1_coefficient_warmup_steps, total_steps)
+        return {
+            "l1_coefficient": cfg.l1_coefficient * warmup_factor(step, l1_warmup),
+            "lp_coefficient": cfg.lp_coefficient,
+            "auxk_coefficient": cfg.auxk_coefficient,
+        }
+
+    def _fold_on_save(self, model: SparseAutoEncoder) -> bool:
+        return self.cfg.fold_activation_scale and model.cfg.norm_activation == "dataset-wise"
+
+    def _state(self, progress: _Progress, optimizer, scheduler, dead: DeadLatentStatistics, wandb_run) -> dict:
+        return {
+            "progress": vars(progress).copy(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "dead_latents": dead.state_dict(),
+            "rng": capture_rng_states(),
+            "trainer_config": self.cfg.model_dump(mode="json"),
+            "wandb_run_id": getattr(wandb_run, "id", None),
+        }
+
+    def _check_resumable(self, state: dict, path: Path) -> None:
+        saved = TrainerConfig.model_validate(state["trainer_config"])
+        changes = self.cfg.changes_against(saved)
+        if changes:
+            listed = "; ".join(f"{name}: {old!r} -> {new!r}" for name, (old, new) in changes.items())
+            raise ConfigError(
+                f"cannot resume from {path}: these trainer settings differ from the checkpoint's and would change "
+                f"the run: {listed}. Restore them, or start a new run."
+            )
+
+    @staticmethod
+    def checkpoint_wandb_run_id(path: str | Path) -> str | None:
+        """The W&B run a checkpoint logged to; continue it with `WandbConfig(wandb_run_id=id, wandb_resume="must")`."""
+        return load_trainer_state(path).get("wandb_run_id")
+
+
+def _load_model_weights(model: SparseAutoEncoder, path: Path) -> None:
+    """Copy a checkpoint's weights (and dataset norms) into `model`, whose config must describe the same dictionary."""
+    saved = SparseAutoEncoder.from_pretrained(path, device=model.cfg.device, dtype=model.cfg.dtype)
+    ignored = {"device", "dtype", "dataset_average_activation_norm"}
+    ours, theirs = model.cfg.model_dump(exclude=ignored), saved.cfg.model_dump(exclude=ignored)
+    differing = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs.get(k)}
+    if differing:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
+        raise ConfigError(f"cannot resume from {path}: the dictionary config differs from the checkpoint's: {listed}")
+    model.load_state_dict(saved.state_dict())
+    if saved.cfg.dataset_average_activation_norm is not None:
+        model.set_dataset_average_activation_norm(saved.cfg.dataset_average_activation_norm)
+
+
+def _skip(batches: Iterator[Batch], n: int) -> Iterator[Batch]:
+    """Drop the `n` batches a checkpointed run already trained on."""
+    for index in range(n):
+        if next(batches, None) is None:
+            raise ValueError(
+                f"the resumed stream ended after {index} batches, but the checkpoint had consumed {n}: the stream "
+                "must yield the same batches as the original run"
+            )
+    return batches
+
+
+def _log_console(step: int, total: int, metrics: dict[str, float]) -> None:
+    """One compact line per prefix group (losses, metrics, sparsity, details)."""
+    groups: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        prefix, _, name = key.partition("/")
+        groups.setdefault(prefix, []).append(f"{name}={value:.4g}")
+    logger.info("step %d/%d\n%s", step, total, "\n".join(f"  {p}: {' '.join(v)}" for p, v in groups.items()))
