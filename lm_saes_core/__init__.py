@@ -19,15 +19,44 @@ from lm_saes_core.backend import (
 )
 from lm_saes_core.config import MongoDBConfig, load_config
 from lm_saes_core.data import DatasetConfig, load_dataset
+from lm_saes_core.evaluation import EvalConfig, Evaluator
 from lm_saes_core.log import setup_logging
+from lm_saes_core.models import PretrainedSAE, SAEConfig, SparseAutoEncoder, load_sparse_dictionary
 from lm_saes_core.runners import (
     CheckActivationConsistencySettings,
+    EvaluateSAESettings,
     GenerateActivationsSettings,
+    SweepingItem,
+    SweepSAESettings,
+    TrainSAESettings,
     check_activation_consistency,
+    evaluate_sae,
     generate_activations,
+    sweep_sae,
+    train_sae,
 )
+from lm_saes_core.training import Initializer, InitializerConfig, Trainer, TrainerConfig
+from lm_saes_core.wandb_logging import WandbConfig
 
 __all__ = [
+    "EvalConfig",
+    "EvaluateSAESettings",
+    "Evaluator",
+    "Initializer",
+    "InitializerConfig",
+    "PretrainedSAE",
+    "SAEConfig",
+    "SparseAutoEncoder",
+    "SweepSAESettings",
+    "SweepingItem",
+    "TrainSAESettings",
+    "Trainer",
+    "TrainerConfig",
+    "WandbConfig",
+    "evaluate_sae",
+    "load_sparse_dictionary",
+    "sweep_sae",
+    "train_sae",
     "ActivationFactory",
     "ActivationFactoryActivationsSource",
     "ActivationFactoryConfig",

@@ -166,13 +166,12 @@ class Evaluator:
         try:
             with torch.no_grad():
                 for batch in stream:
-                    remaining = self.cfg.total_eval_tokens - totals.n_tokens
-                    if remaining <= 0:
-                        break
-                    positions = self._positions(batch, remaining)
+                    positions = self._positions(batch, self.cfg.total_eval_tokens - totals.n_tokens)
                     self._accumulate(model, batch, positions, totals)
                     if downstream:
                         self._accumulate_downstream(model, language_model, batch, positions, totals)
+                    if totals.n_tokens >= self.cfg.total_eval_tokens:
+                        break  # before pulling another batch: from a dataset that costs a forward pass
         finally:
             model.train(was_training)
         if totals.n_tokens == 0:

@@ -28,7 +28,9 @@ def select_above(scores: Tensor, threshold: Tensor | float, inclusive: bool = Fa
 
 
 def kth_largest(values: Tensor, n: int) -> Tensor:
-    """The n-th largest entry of `values` (any shape), clamped at 0 (a 0-d tensor)."""
+    """The n-th largest entry of `values` (any shape), clamped at 0 (a 0-d tensor; 0 for an empty batch)."""
+    if n == 0 or values.numel() == 0:
+        return values.new_zeros(())
     return values.reshape(-1).topk(min(n, values.numel()), sorted=False).values.min().clamp(min=0)
 
 

@@ -40,7 +40,7 @@ class LossOutput:
     l_lp: Tensor | None
     l_aux: Tensor | None
     feature_acts: Tensor  # (N, d_sae)
-    hidden_pre: Tensor  # (N, d_sae)
+    hidden_pre: Tensor  # (N, d_sae); detached in the sparse TopK path
     reconstructed: Tensor  # (N, d_out)
     label: Tensor  # (N, d_out)
     n_tokens: int
@@ -341,6 +341,8 @@ class SparseAutoEncoder(nn.Module):
     ) -> LossOutput:
         """Reconstruction + optional sparsity, JumpReLU pre-activation (lp) and Aux-K losses, means over tokens."""
         x, y, _, _ = self.prepare(self._token_rows(batch))
+        if x.shape[0] == 0:
+            raise ValueError("the batch has no tokens to train on (its mask is all False)")
         f, h, sparse = self._features(x)
         y_hat = self._reconstruct_normalised(x, f, sparse)
         l_rec = (y_hat - y).pow(2).sum(-1).mean()

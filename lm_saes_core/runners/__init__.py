@@ -5,13 +5,22 @@ from lm_saes_core.runners.consistency import (
     ConsistencyReport,
     check_activation_consistency,
 )
+from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.generate import GenerateActivationsSettings, GenerationResult, generate_activations
+from lm_saes_core.runners.train import SweepingItem, SweepSAESettings, TrainSAESettings, sweep_sae, train_sae
 
 __all__ = [
     "CheckActivationConsistencySettings",
     "ConsistencyReport",
+    "EvaluateSAESettings",
     "GenerateActivationsSettings",
     "GenerationResult",
+    "SweepSAESettings",
+    "SweepingItem",
+    "TrainSAESettings",
     "check_activation_consistency",
+    "evaluate_sae",
     "generate_activations",
+    "sweep_sae",
+    "train_sae",
 ]

@@ -1,4 +1,5 @@
-"""The training loop: one optimiser step per batch, metrics every `log_frequency` steps, resumable checkpoints.
+"""The training loop: one optimiser step per batch, metrics every `log_frequency` steps (and after the last step),
+resumable checkpoints, the final weights in `exp_result_path`.
 
 Resuming (`fit(..., resume_from=checkpoint_dir)`) restores the weights, optimiser, scheduler, RNG states, dead-latent
 statistics, counters and the data cursor, then skips the batches the checkpointed run had consumed. The caller must
@@ -11,7 +12,7 @@ import itertools
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from lm_saes_core.models.sae import SparseAutoEncoder
 from lm_saes_core.training.batches import Batch, count_tokens, to_device
 from lm_saes_core.training.checkpoint import (
     capture_rng_states,
+    find_latest_checkpoint,
     load_trainer_state,
     restore_rng_states,
     save_checkpoint,
@@ -75,7 +77,8 @@ class Trainer:
         wandb_run: Any = None,
         resume_from: str | Path | None = None,
     ) -> TrainResult:
-        cfg = self.check_model(model)
+        self.check_model(model)
+        cfg = self.cfg
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
         dead = DeadLatentStatistics(model.cfg.d_sae, cfg.dead_threshold, model.cfg.device)
         if resume_from is None:
@@ -95,11 +98,11 @@ class Trainer:
                     logger.warning("the activation stream ended at step %d of %d", progress.step, T)
                     break
                 progress.batches_consumed += 1
-                out, lr, coefficients = self._step(model, batch, progress, optimizer, scheduler, dead, window)
+                out, loss, lr, coefficients = self._step(model, batch, progress, optimizer, scheduler, dead, window)
                 progress.step += 1
                 progress.n_tokens += int(out.n_tokens)
                 bar.update(1)
-                bar.set_postfix(loss=f"{out.loss.item():.4g}", lr=f"{lr:.3g}", refresh=False)
+                bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
 
                 if progress.step % cfg.log_frequency == 0 or progress.step == T:
                     result.last_metrics = (
@@ -127,7 +130,9 @@ class Trainer:
         return result
 
     def _step(self, model, batch, progress: _Progress, optimizer, scheduler, dead, window):
-        """Forward, backward, clip, check, update; returns the loss output, the LR used and the coefficients."""
+        """Forward, backward, clip, check, update; returns the loss output and value, the LR used, the coefficients.
+
+        Aux-K sees the latents that were dead before this batch (the statistics are updated after the step)."""
         cfg, step = self.cfg, progress.step
         batch = to_device(batch, model.cfg.device)
         model.train()
@@ -159,7 +164,7 @@ class Trainer:
         scheduler.step()
         dead.update(out.feature_acts, out.n_tokens)
         window.update(out, grad_norm, clipped_norm)
-        return out, lr, coefficients
+        return out, loss_value, lr, coefficients
 
     def _start(self, model, batches: Iterator[Batch], optimizer):
         """Size the run from the first batch (which is trained on, not consumed)."""
@@ -174,6 +179,15 @@ class Trainer:
                 "tokens): no step to take"
             )
         logger.info("training for %d steps of %d tokens", total_steps, tokens_per_batch)
+        self._warn_about_schedule_lengths(total_steps)
+        existing = find_latest_checkpoint(self.cfg.exp_result_path)
+        if existing is not None:
+            logger.warning(
+                "%s already holds checkpoints (latest %s) that this new run will mix with; pass resume_from to "
+                "continue that run instead",
+                self.cfg.exp_result_path,
+                existing.name,
+            )
         progress = _Progress(0, 0, 0, total_steps, tokens_per_batch)
         return itertools.chain([first], batches), progress, build_scheduler(self.cfg, optimizer, total_steps)
 
@@ -191,6 +205,17 @@ class Trainer:
         logger.info("resumed from %s at step %d of %d", path, progress.step, progress.total_steps)
         return batches, progress, scheduler
 
+    def _warn_about_schedule_lengths(self, total_steps: int) -> None:
+        cfg = self.cfg
+        warmup = resolve_steps(cfg.lr_warm_up_steps, total_steps)
+        cooldown = resolve_steps(cfg.lr_cool_down_steps, total_steps)
+        if cfg.lr_scheduler_name not in ("constant", "cosineannealing") and warmup >= total_steps:
+            logger.warning("lr_warm_up_steps (%d) is not shorter than the run (%d steps)", warmup, total_steps)
+        if cfg.lr_scheduler_name == "constantwithwarmup" and warmup + cooldown > total_steps:
+            logger.warning(
+                "lr warm-up (%d) and cool-down (%d) overlap in a run of %d steps", warmup, cooldown, total_steps
+            )
+
     def _autocast(self, model):
         if self.cfg.amp_dtype is None:
             return contextlib.nullcontext()
@@ -200,7 +225,7 @@ class Trainer:
     def _clipped_parameters(model) -> list[torch.nn.Parameter]:
         return [p for name, p in model.named_parameters() if "log_jumprelu_threshold" not in name]
 
-    def check_model(self, model: SparseAutoEncoder) -> TrainerConfig:
+    def check_model(self, model: SparseAutoEncoder) -> None:
         """Reject settings that do not fit this dictionary, naming the field."""
         cfg, act_fn = self.cfg, model.cfg.act_fn
         if cfg.initial_k is not None:
@@ -215,7 +240,6 @@ class Trainer:
             raise ValueError(f"lp_coefficient={cfg.lp_coefficient} applies to jumprelu dictionaries, not {act_fn!r}")
         if cfg.sparsity_loss_type is None and act_fn in ("relu", "jumprelu"):
             raise ValueError(f"act_fn={act_fn!r} needs a sparsity penalty: set sparsity_loss_type (e.g. 'power')")
-        return cfg
 
     def _k_at(self, step: int, total_steps: int, model: SparseAutoEncoder) -> int:
         cfg = self.cfg
@@ -245,7 +269,7 @@ class Trainer:
 
     def _state(self, progress: _Progress, optimizer, scheduler, dead: DeadLatentStatistics, wandb_run) -> dict:
         return {
-            "progress": vars(progress).copy(),
+            "progress": asdict(progress),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "dead_latents": dead.state_dict(),

@@ -1,0 +1,177 @@
+"""Training throughput of our sparse autoencoders against a plain-torch dense step and EleutherAI's sparsify.
+
+Every contender trains on the same in-memory activations (real SmolLM2 layer-6 activations from the quickstart cache
+when it exists, else Gaussian stand-ins), same batch, same width, fp32, same thread count, in one run; each timing
+is the median over repeats of a block of optimiser steps (forward, loss, backward, Adam step).
+
+    python benchmarks/sae_training.py [--steps 10] [--repeats 5] [--batch 4096]
+
+sparsify comes from the `bench` extra (`pip install -e .[bench]`); without it its row is skipped.
+"""
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lm_saes_core.models import SAEConfig, SparseAutoEncoder
+
+D_MODEL, D_SAE, K = 576, 4608, 32
+HOOK = "blocks.6.hook_resid_post"
+QUICKSTART_CACHE = Path(".lm_saes/quickstart/activations")
+
+
+def load_activations(n_rows: int) -> tuple[torch.Tensor, str]:
+    if (QUICKSTART_CACHE / "manifest.json").exists():
+        from lm_saes_core.activation.reader import CachedActivations
+
+        rows = []
+        for item in CachedActivations(QUICKSTART_CACHE).iterate(num_workers=0):
+            rows.append(item[HOOK][item["mask"]])
+            if sum(len(r) for r in rows) >= n_rows:
+                break
+        x = torch.cat(rows)[:n_rows].float()
+        return x / x.norm(dim=-1).mean() * D_MODEL**0.5, "SmolLM2 layer 6 (quickstart cache)"
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n_rows, D_MODEL, generator=generator), "Gaussian stand-in (no quickstart cache)"
+
+
+def time_steps(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor], repeats: int) -> list[float]:
+    step(batches[0])  # warm-up
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        rates.append(sum(len(b) for b in batches) / (time.perf_counter() - started))
+    return rates
+
+
+def ours(act_fn: str) -> Callable[[torch.Tensor], None]:
+    cfg = SAEConfig(
+        d_model=D_MODEL,
+        d_sae=D_SAE,
+        hook_point_in=HOOK,
+        hook_point_out=HOOK,
+        act_fn=act_fn,
+        top_k=K,
+        norm_activation="inference",
+    )
+    torch.manual_seed(0)
+    model = SparseAutoEncoder.from_config(cfg)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_terms = {} if act_fn in ("topk", "batchtopk") else {"sparsity_loss_type": "power", "l1_coefficient": 1e-3}
+
+    def step(x: torch.Tensor) -> None:
+        out = model.compute_loss({HOOK: x}, **loss_terms)
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def dense_reference(act_fn: str) -> Callable[[torch.Tensor], None]:
+    """The textbook step: dense encode, activation, dense decode, MSE (+ L1 for ReLU), Adam."""
+    torch.manual_seed(0)
+    W_E = torch.nn.Parameter(torch.randn(D_MODEL, D_SAE) / D_MODEL**0.5)
+    b_E = torch.nn.Parameter(torch.zeros(D_SAE))
+    W_D = torch.nn.Parameter(W_E.detach().T.clone())
+    b_D = torch.nn.Parameter(torch.zeros(D_MODEL))
+    threshold = torch.nn.Parameter(torch.full((D_SAE,), 0.1))
+    params = [W_E, b_E, W_D, b_D] + ([threshold] if act_fn == "jumprelu" else [])
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+
+    def step(x: torch.Tensor) -> None:
+        h = x @ W_E + b_E
+        if act_fn == "topk":
+            values, indices = torch.relu(h).topk(K, dim=-1)
+            f = torch.zeros_like(h).scatter(-1, indices, values)
+        elif act_fn == "jumprelu":
+            f = h * (h > threshold)  # no threshold gradient: a lower bound on the cost of any JumpReLU step
+        else:
+            f = torch.relu(h)
+        loss = ((f @ W_D + b_D - x) ** 2).sum(-1).mean()
+        if act_fn != "topk":
+            loss = loss + 1e-3 * (f * W_D.norm(dim=-1)).sum(-1).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sparsify_step() -> Callable[[torch.Tensor], None] | None:
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except ImportError:
+        return None
+    torch.manual_seed(0)
+    sae = SparseCoder(D_MODEL, SparseCoderConfig(k=K, num_latents=D_SAE), device="cpu", dtype=torch.float32)
+    optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
+
+    def step(x: torch.Tensor) -> None:  # what sparsify's Trainer does per batch for one hookpoint
+        out = sae(x)
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sae.set_decoder_norm_to_unit_norm()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4096)
+    args = parser.parse_args()
+    x, source = load_activations(args.steps * args.batch)
+    batches = list(x.split(args.batch))
+
+    rows: list[tuple[str, list[float]]] = []
+    contenders: list[tuple[str, Callable | None]] = [
+        ("dense reference, TopK", dense_reference("topk")),
+        ("sparsify 1.3.3 SparseCoder, TopK", sparsify_step()),
+        ("lm-saes SparseAutoEncoder, TopK", ours("topk")),
+        ("lm-saes SparseAutoEncoder, BatchTopK", ours("batchtopk")),
+        ("dense reference, ReLU + L1", dense_reference("relu")),
+        ("lm-saes SparseAutoEncoder, ReLU + L1", ours("relu")),
+        ("dense reference, JumpReLU", dense_reference("jumprelu")),
+        ("lm-saes SparseAutoEncoder, JumpReLU", ours("jumprelu")),
+    ]
+    for name, step in contenders:
+        if step is None:
+            print(f"skipping {name}: not installed (pip install -e .[bench])")
+            continue
+        rows.append((name, time_steps(step, batches, args.repeats)))
+
+    medians = {name: statistics.median(rates) for name, rates in rows}
+    table = Table(
+        title=f"SAE training step, d_model {D_MODEL}, d_sae {D_SAE}, k {K}, batch {args.batch}, fp32, "
+        f"{torch.get_num_threads()} threads; {source}; median of {args.repeats} x {args.steps} steps"
+    )
+    for column in ("contender", "tokens/s", "vs dense reference", "vs sparsify"):
+        table.add_column(column, justify="left" if column == "contender" else "right")
+    sparsify_rate = medians.get("sparsify 1.3.3 SparseCoder, TopK")
+    for name, _ in rows:
+        family = name.split(", ")[-1]
+        reference = medians.get(f"dense reference, {family}")
+        table.add_row(
+            name,
+            f"{medians[name]:,.0f}",
+            f"{medians[name] / reference:.2f}" if reference else "",
+            f"{medians[name] / sparsify_rate:.2f}" if sparsify_rate and "TopK" in family else "",
+        )
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

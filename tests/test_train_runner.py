@@ -1,0 +1,164 @@
+"""train_sae / sweep_sae end to end on real SmolLM2 activations: settings from files, checks before heavy work,
+quality on held-out documents, resume through the runner, and a sweep equal to single runs."""
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lm_saes_core import DatasetConfig, GenerateActivationsSettings, LanguageModelConfig, generate_activations
+from lm_saes_core.config import ConfigError, load_config
+from lm_saes_core.models import SparseAutoEncoder
+from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
+from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, sweep_sae, train_sae
+
+HOOK = "blocks.3.hook_resid_post"
+pytestmark = pytest.mark.slow
+
+
+def _cache(root: Path, split: str, tokens: int) -> Path:
+    result = generate_activations(
+        GenerateActivationsSettings(
+            model=LanguageModelConfig(model_name="smollm2-135m"),
+            dataset=DatasetConfig(dataset_name_or_path="python-docs", split=split),
+            hook_points=[HOOK],
+            output_dir=str(root),
+            context_size=128,
+            model_batch_size=16,
+            batch_size=16,
+            total_tokens=tokens,
+        )
+    )
+    return result.output_dir
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-caches")
+    # documents 100-299 for training, 400-449 held out (whole documents, never the same ones)
+    return _cache(root / "train", "train[100:300]", 128 * 160), _cache(root / "heldout", "train[400:450]", 128 * 32)
+
+
+def settings_dict(cache: Path, out: Path, **trainer) -> dict:
+    return {
+        "sae": {
+            "sae_type": "sae",
+            "d_model": 576,
+            "expansion_factor": 4,
+            "hook_point_in": HOOK,
+            "hook_point_out": HOOK,
+            "act_fn": "topk",
+            "top_k": 32,
+        },
+        "sae_name": "test",
+        "activation_factory": {
+            "sources": [{"type": "activations", "name": "c", "path": str(cache), "shuffle_chunks": True}],
+            "target": "activations-1d",
+            "hook_points": [HOOK],
+            "batch_size": 1024,
+            "buffer_size": 8192,
+        },
+        "initializer": {"bias_init_method": "mean", "grid_search_init_norm": True},
+        "trainer": {
+            "lr": 2e-3,
+            "lr_warm_up_steps": 0.05,
+            "total_training_tokens": 1024 * 80,
+            "log_frequency": 20,
+            "n_checkpoints": 0,
+            "exp_result_path": str(out),
+            **trainer,
+        },
+    }
+
+
+def test_settings_file_with_sae_type_and_pretrained_forms(tmp_path):
+    data = settings_dict(tmp_path / "cache", tmp_path / "out")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    settings = load_config(TrainSAESettings, path)
+    assert settings.sae.d_sae == 576 * 4 and settings.sae.act_fn == "topk"
+    data["sae"] = {"pretrained_name_or_path": str(tmp_path / "some-sae"), "fold_activation_scale": False}
+    assert load_config(TrainSAESettings, _write(tmp_path, data)).sae.pretrained_name_or_path.endswith("some-sae")
+    data["sae"] = {"sae_type": "crosscoderz", "d_model": 4}
+    with pytest.raises(ConfigError, match="sae.*unknown sae_type"):
+        load_config(TrainSAESettings, _write(tmp_path, data))
+
+
+def _write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "settings.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_mismatched_width_or_hook_fails_before_training(caches, tmp_path):
+    train_cache, _ = caches
+    data = settings_dict(train_cache, tmp_path / "out")
+    data["sae"]["d_model"] = 512
+    with pytest.raises(
+        ValueError, match="sae.d_model is 512 but the activations at 'blocks.3.hook_resid_post' have width 576"
+    ):
+        train_sae(TrainSAESettings.model_validate(data))
+    data = settings_dict(train_cache, tmp_path / "out")
+    data["sae"]["hook_point_in"] = data["sae"]["hook_point_out"] = "blocks.5.hook_resid_post"
+    with pytest.raises(ValueError, match="'blocks.5.hook_resid_post'.* not produced by the activation factory"):
+        train_sae(TrainSAESettings.model_validate(data))
+    assert not (tmp_path / "out").exists()
+
+
+def test_training_on_real_activations_generalises_to_held_out_documents(caches, tmp_path):
+    train_cache, heldout = caches
+    result = train_sae(TrainSAESettings.model_validate(settings_dict(train_cache, tmp_path / "sae")))
+    assert result.steps == 80
+    evaluation = evaluate_sae(
+        EvaluateSAESettings.model_validate(
+            {
+                "sae": {"pretrained_name_or_path": str(tmp_path / "sae")},
+                "sae_name": "test",
+                "activation_factory": {
+                    "sources": [{"type": "activations", "name": "h", "path": str(heldout)}],
+                    "target": "activations-1d",
+                    "hook_points": [HOOK],
+                    "batch_size": 1024,
+                },
+                "eval": {"total_eval_tokens": 3000, "compute_downstream": False},
+            }
+        )
+    )
+    # 4x TopK(32) on 80k tokens of layer 3: measured ~0.87 on held-out documents
+    assert evaluation.metrics["metrics/explained_variance"] > 0.8
+    assert evaluation.metrics["metrics/l0"] == pytest.approx(32, abs=0.5)
+
+
+def test_resume_through_the_runner_equals_the_uninterrupted_run(caches, tmp_path):
+    train_cache, _ = caches
+    full = settings_dict(train_cache, tmp_path / "full", total_training_tokens=1024 * 30, checkpoint_every_steps=10)
+    train_sae(TrainSAESettings.model_validate(full))
+    checkpoint = tmp_path / "full" / "checkpoints" / "step_20"
+    assert checkpoint.is_dir()
+    resumed = settings_dict(train_cache, tmp_path / "full", total_training_tokens=1024 * 30, checkpoint_every_steps=10)
+    resumed["resume_from"] = str(checkpoint)
+    first = SparseAutoEncoder.from_pretrained(tmp_path / "full")
+    train_sae(TrainSAESettings.model_validate(resumed))
+    second = SparseAutoEncoder.from_pretrained(tmp_path / "full")
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, second.state_dict()[name]), name
+
+
+def test_sweep_of_two_equals_two_single_runs(caches, tmp_path):
+    train_cache, _ = caches
+    short = dict(total_training_tokens=1024 * 12)
+    base = settings_dict(train_cache, tmp_path / "unused", **short)
+    items = []
+    for name, k in (("k16", 16), ("k32", 32)):
+        item = settings_dict(train_cache, tmp_path / f"sweep-{name}", **short)
+        item["sae"]["top_k"] = k
+        items.append({key: item[key] for key in ("sae", "initializer", "trainer")} | {"sae_name": name})
+    sweep_sae(SweepSAESettings.model_validate({"activation_factory": base["activation_factory"], "items": items}))
+    for item in items:
+        single = {**base, **item, "trainer": {**item["trainer"], "exp_result_path": str(tmp_path / "single")}}
+        train_sae(TrainSAESettings.model_validate(single))
+        from_sweep = SparseAutoEncoder.from_pretrained(item["trainer"]["exp_result_path"])
+        alone = SparseAutoEncoder.from_pretrained(tmp_path / "single")
+        for name, value in alone.state_dict().items():
+            assert torch.equal(value, from_sweep.state_dict()[name]), (item["sae_name"], name)
