@@ -615,3 +615,17 @@ def test_fresh_model_is_initialised():
     assert model.W_E.abs().max() <= 16**-0.5 and model.W_D.abs().max() <= 64**-0.5
     assert model.b_E.abs().sum() == 0 and model.b_D.abs().sum() == 0
     torch.testing.assert_close(model.log_jumprelu_threshold, torch.full((64,), math.log(0.1)))
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+@pytest.mark.parametrize("act_fn", ["relu", "jumprelu", "topk", "batchtopk"])
+def test_empty_input_gives_empty_output_and_keeps_the_threshold(act_fn, sparse):
+    model = fixed_sae(act_fn, top_k=2)
+    model.sparse_kernels = sparse
+    if act_fn == "batchtopk":
+        with torch.no_grad():
+            model.topk_threshold.fill_(5.0)
+    assert model(torch.zeros(0, 2, dtype=F64)).shape == (0, 2)
+    assert model.encode(torch.zeros(3, 0, 2, dtype=F64)).shape == (3, 0, 4)
+    if act_fn == "batchtopk":
+        assert model.topk_threshold.item() == 5.0

@@ -42,6 +42,8 @@ def select_batch_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     above the threshold found that way; then the whole batch is searched.
     """
     n_rows, d_sae = scores.shape
+    if n_rows == 0:
+        return (*select_above(scores, 0.0), scores.new_zeros(()))
     width = min(4 * k, d_sae)
     values, indices = scores.topk(width, dim=-1, sorted=False)
     threshold = kth_largest(values, k * n_rows)

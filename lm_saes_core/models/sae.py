@@ -230,7 +230,7 @@ class SparseAutoEncoder(nn.Module):
         if not self.training:
             return self.topk_threshold, False
         threshold = act.batchtopk_threshold(scores, k)
-        if update_threshold:
+        if update_threshold and scores.shape[0] > 0:
             self._update_topk_threshold(threshold)
         return threshold, True
 
@@ -261,7 +261,7 @@ class SparseAutoEncoder(nn.Module):
                 indices, keep = kernels.select_topk(scores, k)
             elif self.training:
                 indices, keep, threshold = kernels.select_batch_topk(scores, k)
-                if update_threshold:
+                if update_threshold and scores.shape[0] > 0:
                     self._update_topk_threshold(threshold)
             else:
                 indices, keep = kernels.select_above(scores, self.topk_threshold)
@@ -283,7 +283,7 @@ class SparseAutoEncoder(nn.Module):
         """Feature activations (..., d_sae) of normalised x (..., d_in); in the sparse TopK path h is detached."""
         leading = x.shape[:-1]
         f, h, _ = self._features(x.to(self.cfg.dtype).reshape(-1, self.cfg.d_model))
-        f, h = f.reshape(*leading, -1), h.reshape(*leading, -1)
+        f, h = f.reshape(*leading, self.cfg.d_sae), h.reshape(*leading, self.cfg.d_sae)
         return (f, h) if return_hidden_pre else f
 
     def decode(self, f: Tensor) -> Tensor:
@@ -304,7 +304,7 @@ class SparseAutoEncoder(nn.Module):
         leading = x.shape[:-1]
         x = x.to(self.cfg.dtype).reshape(-1, self.cfg.d_model)
         f, _, sparse = self._features(x)
-        return self._reconstruct_normalised(x, f, sparse).reshape(*leading, -1)
+        return self._reconstruct_normalised(x, f, sparse).reshape(*leading, self.cfg.d_output)
 
     def reconstruct(self, batch_or_x: Batch | Tensor) -> Tensor:
         """Raw activations of hook_point_in (a tensor or a batch) -> raw-scale reconstruction of hook_point_out."""
