@@ -49,6 +49,9 @@ class DatasetConfig(BaseConfig):
     # How a .txt file becomes documents: one per line, per blank-line separated paragraph, or the whole file.
     # Paragraphs keep prose together without making a whole book a single document.
     sample_by: Literal["line", "paragraph", "document"] = "paragraph"
+    # Visit the documents of the split in a random order fixed by this seed (None: stored order). Row indices
+    # (`doc_index` of cached activations) then refer to this order, which the same config always reproduces.
+    shuffle_seed: int | None = None
 
     @field_validator("dataset_name_or_path", "split", "text_field")
     @classmethod
@@ -194,6 +197,8 @@ def load_dataset(cfg: DatasetConfig, shard_idx: int | None = None, n_shards: int
             f"text_field {cfg.text_field!r} is not a column of dataset {cfg.dataset_name_or_path!r}; "
             f"available columns: {dataset.column_names}"
         )
+    if cfg.shuffle_seed is not None:
+        dataset = dataset.shuffle(seed=cfg.shuffle_seed, keep_in_memory=True)
     if n_shards is not None:
         dataset = dataset.shard(n_shards, shard_idx, contiguous=True)
     return dataset
@@ -211,6 +216,8 @@ def dataset_fingerprint(cfg: DatasetConfig, shard_idx: int | None = None, n_shar
     fingerprint = f"{cfg.dataset_name_or_path}@{read_corpus_meta(bundled_dir(cfg))['corpus_fingerprint'][:16]}"
     if cfg.split != "train":
         fingerprint += f"[{cfg.split}]"
+    if cfg.shuffle_seed is not None:
+        fingerprint += f"~shuffled{cfg.shuffle_seed}"
     if n_shards is not None:
         fingerprint += f"#shard{shard_idx}of{n_shards}"
     return fingerprint

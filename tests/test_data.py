@@ -322,3 +322,14 @@ def test_unknown_config_key_is_named():
         validate_config(DatasetConfig, {"txt_field": "text"})
     with pytest.raises(ValidationError, match="sample_by"):
         DatasetConfig(sample_by="sentence")
+
+
+def test_shuffle_seed_gives_a_fixed_permutation_of_the_split(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(f'{{"text": "document number {i}"}}\n' for i in range(50)))
+    base = DatasetConfig(dataset_name_or_path=str(path), split="train[:40]")
+    ordered = list(load_dataset(base)["text"])
+    shuffled = list(load_dataset(base.model_copy(update={"shuffle_seed": 3}))["text"])
+    again = list(load_dataset(base.model_copy(update={"shuffle_seed": 3}))["text"])
+    assert sorted(shuffled) == sorted(ordered) and shuffled != ordered and shuffled == again
+    assert dataset_fingerprint(base.model_copy(update={"shuffle_seed": 3})) != dataset_fingerprint(base)
