@@ -38,8 +38,9 @@ def select_batch_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     """BatchTopK over scores (N, d_sae): the k * N largest positive entries of the whole batch.
 
     Returns indices and keep mask (N, K), K = the largest per-row count, and the threshold (smallest kept value).
-    The batch's top entries are searched among each row's 4k largest, which is exact unless a row is entirely
-    above the threshold found that way; then the whole batch is searched.
+    The batch's top entries are searched among each row's 4k largest. That is exact except for rows whose 4k
+    candidates all clear the threshold ("saturated": they may hold more); those rows alone are searched in full,
+    which can only raise the threshold, so every other row's candidates still contain all of its kept entries.
     """
     n_rows, d_sae = scores.shape
     if n_rows == 0:
@@ -47,14 +48,27 @@ def select_batch_topk(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     width = min(4 * k, d_sae)
     values, indices = scores.topk(width, dim=-1, sorted=False)
     threshold = kth_largest(values, k * n_rows)
-    if width < d_sae and bool((values.min(-1).values >= threshold).any()):
-        threshold = kth_largest(scores, k * n_rows)
-        return (*select_above(scores, threshold, inclusive=True), threshold)
+    saturated = values.min(-1).values >= threshold if width < d_sae else values.new_zeros(n_rows, dtype=torch.bool)
+    full_rows = saturated.nonzero().squeeze(-1)
+    if full_rows.numel():
+        full_scores = scores[full_rows]
+        candidates = torch.cat([values[~saturated].reshape(-1), full_scores.reshape(-1)])
+        threshold = kth_largest(candidates, k * n_rows)
     keep = (values >= threshold) & (values > 0)
-    # Compact the rows to the longest one's count, so that padding costs little in the decoder.
     n_kept = max(int(keep.sum(-1).max()), 1)
-    positions = values.masked_fill(~keep, -torch.inf).topk(n_kept, dim=-1, sorted=False).indices
-    return indices.gather(-1, positions), keep.gather(-1, positions), threshold
+    if full_rows.numel():
+        n_kept = max(n_kept, int(((full_scores >= threshold) & (full_scores > 0)).sum(-1).max()))
+    # Compact the rows to the longest one's count, so that padding costs little in the decoder.
+    positions = values.masked_fill(~keep, -torch.inf).topk(min(n_kept, width), dim=-1, sorted=False).indices
+    kept_indices, kept = indices.gather(-1, positions), keep.gather(-1, positions)
+    if n_kept > width:
+        kept_indices = F.pad(kept_indices, (0, n_kept - width))
+        kept = F.pad(kept, (0, n_kept - width))
+    if full_rows.numel():
+        full_values, full_indices = full_scores.topk(n_kept, dim=-1, sorted=False)
+        kept_indices[full_rows] = full_indices
+        kept[full_rows] = (full_values >= threshold) & (full_values > 0)
+    return kept_indices, kept, threshold
 
 
 class GatherPreacts(torch.autograd.Function):
@@ -107,4 +121,5 @@ def sparse_decode(indices: Tensor, values: Tensor, W_D: Tensor) -> Tensor:
 def densify(indices: Tensor, values: Tensor, d_sae: int) -> Tensor:
     """The (N, d_sae) feature activations of a sparse (indices, values) pair (differentiable in values)."""
     # In place into fresh zeros: the out-of-place scatter would copy the whole (N, d_sae) block once more.
-    return values.new_zeros(values.shape[0], d_sae).scatter_(-1, indices, values)
+    # Adding (not overwriting) makes padding slots, which may repeat a kept index with value 0, harmless.
+    return values.new_zeros(values.shape[0], d_sae).scatter_add_(-1, indices, values)

@@ -271,13 +271,19 @@ class SparseAutoEncoder(nn.Module):
     def _features(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
         """(f (N, d_sae), h (N, d_sae), sparse (indices, values) or None) for normalised x (N, d_in)."""
         k = self.current_k
+        update_threshold = True
         if self._use_sparse_kernels(k):
             with torch.no_grad():
                 hidden_pre = torch.addmm(self.b_E, x, self.W_E)
             indices, values = self._select_sparse(x, hidden_pre, k)
-            return kernels.densify(indices, values, self.cfg.d_sae), hidden_pre, (indices, values)
+            if indices.shape[1] * 8 <= self.cfg.d_sae:
+                return kernels.densify(indices, values, self.cfg.d_sae), hidden_pre, (indices, values)
+            # A BatchTopK batch where a few tokens hold most of the batch's features: padded to the widest row,
+            # the sparse form is no longer sparse, so this batch takes the dense path (same threshold, already
+            # folded into the inference estimate).
+            update_threshold = False
         hidden_pre = torch.addmm(self.b_E, x, self.W_E)
-        return self._activate(hidden_pre, k), hidden_pre, None
+        return self._activate(hidden_pre, k, update_threshold), hidden_pre, None
 
     def encode(self, x: Tensor, return_hidden_pre: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Feature activations (..., d_sae) of normalised x (..., d_in); in the sparse TopK path h is detached."""
