@@ -629,3 +629,29 @@ def test_empty_input_gives_empty_output_and_keeps_the_threshold(act_fn, sparse):
     assert model.encode(torch.zeros(3, 0, 2, dtype=F64)).shape == (3, 0, 4)
     if act_fn == "batchtopk":
         assert model.topk_threshold.item() == 5.0
+
+
+def test_jumprelu_l0_penalty_counts_active_features_and_moves_only_the_threshold():
+    """Closed form: theta = 1, window = 2, one token with scores [0.5, 1.5, 2.5] on three features (no gating).
+    Count = 2 (1.5 and 2.5 pass); d count / d theta_i = -1/2 inside |x - 1| < 1 (features 0 and 1), 0 outside,
+    and d/dlog(theta_i) = theta_i * that = [-0.5, -0.5, 0]."""
+    cfg = SAEConfig(
+        d_model=3, d_sae=3, hook_point_in="x", hook_point_out="x", act_fn="jumprelu",
+        norm_activation="inference", sparsity_include_decoder_norm=False, jumprelu_threshold_window=2.0,
+    )  # fmt: skip
+    model = SparseAutoEncoder(cfg)
+    with torch.no_grad():
+        model.W_E.copy_(torch.eye(3))
+        model.b_E.zero_()
+        model.W_D.copy_(torch.eye(3))
+        model.b_D.zero_()
+        model.log_jumprelu_threshold.zero_()  # theta = 1
+    out = model.compute_loss({"x": torch.tensor([[0.5, 1.5, 2.5]])}, sparsity_loss_type="l0", l1_coefficient=1.0)
+    assert out.l_sparsity.item() == pytest.approx(2.0)
+    out.l_sparsity.backward()
+    assert model.log_jumprelu_threshold.grad.tolist() == pytest.approx([-0.5, -0.5, 0.0])
+    assert model.W_E.grad is None or torch.count_nonzero(model.W_E.grad) == 0  # the count gives x no gradient
+    with pytest.raises(ValueError, match="'l0' is for act_fn 'jumprelu'"):
+        SparseAutoEncoder.from_config(cfg.model_copy(update={"act_fn": "relu"})).compute_loss(
+            {"x": torch.ones(1, 3)}, sparsity_loss_type="l0"
+        )

@@ -39,6 +39,32 @@ class JumpReLUFunction(torch.autograd.Function):
         return grad_x, grad_threshold, None
 
 
+class StepFunction(torch.autograd.Function):
+    """H(x - theta) = 1[x > theta], the JumpReLU L0 count, with the rectangular-kernel pseudo-derivative for theta:
+    d/dtheta = g * (-1 / window) inside |x - theta| < window / 2 (x > 0); no gradient reaches x (the count is
+    piecewise constant in x), as in Rajamanoharan et al. 2024."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, threshold: Tensor, window: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, threshold)
+        ctx.window = window
+        return (x > threshold).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[None, Tensor | None, None]:  # type: ignore[override]
+        x, threshold = ctx.saved_tensors
+        grad_threshold = None
+        if ctx.needs_input_grad[1]:
+            in_window = ((x - threshold).abs() < ctx.window / 2) & (x > 0)
+            grad_threshold = (grad_output * in_window * (-1.0 / ctx.window)).reshape(-1, x.shape[-1]).sum(0)
+        return None, grad_threshold, None
+
+
+def step(x: Tensor, threshold: Tensor, window: float) -> Tensor:
+    """The JumpReLU L0 penalty's per-entry count 1[x > theta], differentiable in theta."""
+    return StepFunction.apply(x, threshold.to(x.dtype), window)
+
+
 def jumprelu(x: Tensor, threshold: Tensor, window: float) -> Tensor:
     """JumpReLU with per-feature `threshold` (shape (d_sae,)); pass exp(log_threshold) to learn it in log space."""
     return JumpReLUFunction.apply(x, threshold.to(x.dtype), window)

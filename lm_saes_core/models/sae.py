@@ -26,7 +26,7 @@ from lm_saes_core.models.config import SAEConfig
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "config.json"
-SparsityLossType = Literal["power", "tanh", "tanh-quad"]
+SparsityLossType = Literal["power", "tanh", "tanh-quad", "l0"]
 Batch = dict[str, Tensor]
 
 
@@ -365,8 +365,14 @@ class SparseAutoEncoder(nn.Module):
                 # One penalty per batch on the soft firing frequency p_i: sum_i p_i (1 + p_i / s).
                 freq = torch.tanh(tanh_stretch_coefficient * contribution).mean(0)
                 l_sparsity = l1_coefficient * (freq * (1 + freq / frequency_scale)).sum()
+            elif sparsity_loss_type == "l0":
+                # JumpReLU's own L0: count the features over threshold; only the threshold gets a gradient.
+                if self.cfg.act_fn != "jumprelu":
+                    raise ValueError(f"sparsity_loss_type 'l0' is for act_fn 'jumprelu', not {self.cfg.act_fn!r}")
+                count = act.step(self._scores(h), self.jumprelu_threshold(), self.cfg.jumprelu_threshold_window)
+                l_sparsity = l1_coefficient * count.sum(-1).mean()
             else:
-                raise ValueError(f"unknown sparsity_loss_type {sparsity_loss_type!r}; use power, tanh or tanh-quad")
+                raise ValueError(f"unknown sparsity_loss_type {sparsity_loss_type!r}; use power, tanh, tanh-quad or l0")
             loss = loss + l_sparsity
 
         l_lp = None

@@ -28,8 +28,9 @@ class TrainerConfig(BaseConfig):
     # Loss terms
     l1_coefficient: float = Field(default=8e-5, ge=0)
     l1_coefficient_warmup_steps: StepCount = 0.1
-    sparsity_loss_type: Literal["power", "tanh", "tanh-quad"] | None = None
-    """None: no sparsity penalty (TopK style). relu and jumprelu dictionaries need one."""
+    sparsity_loss_type: Literal["power", "tanh", "tanh-quad", "l0"] | None = None
+    """None: no sparsity penalty (TopK style). relu and jumprelu dictionaries need one; "l0" (JumpReLU only) is
+    the count of active features with the threshold's kernel gradient."""
     tanh_stretch_coefficient: float = Field(default=4.0, gt=0)
     frequency_scale: float = Field(default=0.01, gt=0)
     p: int = Field(default=1, ge=1)
