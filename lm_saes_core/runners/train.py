@@ -72,7 +72,9 @@ class _SourceSettings(BaseConfig):
         return self
 
 
-class TrainSAESettings(_SourceSettings):
+class SweepingItem(BaseConfig):
+    """One dictionary to train: what it is, how to initialise and train it, where to log."""
+
     sae: SAESpec
     sae_name: str
     sae_series: str = "default"
@@ -82,18 +84,11 @@ class TrainSAESettings(_SourceSettings):
     wandb: WandbConfig | None = None
     seed: int = 42
     """Seeds torch before the dictionary is initialised, so a run (or a sweep item) is reproducible."""
+
+
+class TrainSAESettings(SweepingItem, _SourceSettings):
     resume_from: str | None = None
     """A checkpoint directory (`.../checkpoints/step_N`) or "latest" (the newest under trainer.exp_result_path)."""
-
-
-class SweepingItem(BaseConfig):
-    sae: SAESpec
-    sae_name: str
-    sae_series: str = "default"
-    initializer: InitializerConfig | None = None
-    trainer: TrainerConfig
-    wandb: WandbConfig | None = None
-    seed: int = 42
 
 
 class SweepSAESettings(_SourceSettings):
