@@ -108,8 +108,13 @@ def test_mismatched_width_or_hook_fails_before_training(caches, tmp_path):
 
 def test_training_on_real_activations_generalises_to_held_out_documents(caches, tmp_path):
     train_cache, heldout = caches
-    result = train_sae(TrainSAESettings.model_validate(settings_dict(train_cache, tmp_path / "sae")))
-    assert result.steps == 80
+    settings = TrainSAESettings.model_validate(settings_dict(train_cache, tmp_path / "sae"))
+    result = train_sae(settings)
+    assert result.steps == 80 and not result.reused
+    weights = (tmp_path / "sae" / "sae_weights.safetensors").stat().st_mtime_ns
+    again = train_sae(settings)  # identical settings: the finished run is reused, nothing is retrained
+    assert again.reused and again.steps == 80 and again.n_tokens == result.n_tokens
+    assert (tmp_path / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == weights
     evaluation = evaluate_sae(
         EvaluateSAESettings.model_validate(
             {

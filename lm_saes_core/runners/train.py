@@ -151,6 +151,21 @@ def _initialize(
     return Initializer(item.initializer or InitializerConfig()).initialize(item.sae, stream)
 
 
+SETTINGS_FILE = "train_settings.json"
+RESULT_FILE = "train_result.json"
+
+
+def finished_run(output: Path, settings_dump: dict) -> TrainResult | None:
+    """A run that finished in `output` with exactly these settings (so training again would change nothing)."""
+    result_file, settings_file = output / RESULT_FILE, output / SETTINGS_FILE
+    if not (result_file.is_file() and settings_file.is_file() and (output / "config.json").is_file()):
+        return None
+    if json.loads(settings_file.read_text()) != settings_dump:
+        return None
+    stored = json.loads(result_file.read_text())
+    return TrainResult(**{**stored, "output_path": Path(stored["output_path"]), "checkpoints": [], "reused": True})
+
+
 def _fit(
     item: SweepingItem | TrainSAESettings,
     model: SparseAutoEncoder,
@@ -160,19 +175,28 @@ def _fit(
 ) -> TrainResult:
     output = Path(item.trainer.exp_result_path)
     output.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(output / "train_settings.json", json.dumps(settings_dump, indent=2))
+    (output / RESULT_FILE).unlink(missing_ok=True)  # a run in progress is not a finished one
+    atomic_write_text(output / SETTINGS_FILE, json.dumps(settings_dump, indent=2))
     wandb_run = start_wandb_run(item.wandb, config=settings_dump) if item.wandb else None
     try:
         result = Trainer(item.trainer).fit(model, stream, wandb_run=wandb_run, resume_from=resume_from)
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+    if not result.stream_exhausted:
+        summary = {key: value for key, value in vars(result).items() if key not in ("checkpoints", "reused")}
+        atomic_write_text(output / RESULT_FILE, json.dumps({**summary, "output_path": str(result.output_path)}))
     logger.info("%s/%s: saved to %s", item.sae_series, item.sae_name, result.output_path)
     return result
 
 
 def train_sae(settings: TrainSAESettings) -> TrainResult:
+    """Train one dictionary. A finished run with identical settings in `trainer.exp_result_path` is reused."""
     setup_logging()
+    previous = finished_run(Path(settings.trainer.exp_result_path), settings.model_dump(mode="json"))
+    if previous is not None and settings.resume_from is None:
+        logger.info("%s already holds a finished run with these settings; nothing to train", previous.output_path)
+        return previous
     resume_from = _resolve_resume(settings.resume_from, settings.trainer)
     cfg, preloaded = _dictionary_config(settings.sae)
     stream = _prepare_stream(settings, [cfg])

@@ -52,6 +52,8 @@ class TrainResult:
     output_path: Path
     checkpoints: list[Path] = field(default_factory=list)
     last_metrics: dict[str, float] = field(default_factory=dict)
+    reused: bool = False
+    """True when a finished run with identical settings was found and nothing was trained."""
 
 
 @dataclass
