@@ -53,3 +53,16 @@ def ensure_writable_dir(path: str | Path) -> Path:
     except OSError as exc:
         raise PermissionError(f"output directory {path} is not writable: {exc.strerror or exc}") from exc
     return path
+
+
+def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict:
+    """A JSON file that must hold an object; unreadable JSON or another top-level type raises `error` naming it."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"cannot parse {path} as JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data

@@ -9,10 +9,11 @@
 ```
 """
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from lm_saes_core.io import read_json_object
 
 FORMAT_VERSION = 1
 TENSOR_FORMATS = ("safetensors", "pt")
@@ -62,9 +63,6 @@ class ChunkInfo:
 
 
 def read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ActivationCacheError(f"missing file {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ActivationCacheError(f"{path} is not valid JSON ({exc}); the cache is corrupted") from None
+    if not path.is_file():
+        raise ActivationCacheError(f"missing file {path}")
+    return read_json_object(path, ActivationCacheError)

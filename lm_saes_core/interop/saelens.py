@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lm_saes_core.config import parse_dtype
-from lm_saes_core.io import atomic_path, atomic_write_text, ensure_writable_dir
+from lm_saes_core.io import atomic_path, atomic_write_text, ensure_writable_dir, read_json_object
 from lm_saes_core.models.config import SAEConfig
 from lm_saes_core.models.sae import SparseAutoEncoder
 
@@ -219,13 +219,7 @@ def upgrade_saelens_config(raw: dict[str, Any], source: str = SAELENS_CONFIG_FIL
 def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (expected a {path.name} next to the weights)")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise InteropError(f"cannot parse {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise InteropError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, InteropError)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:

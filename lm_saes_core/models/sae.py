@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lm_saes_core.config import ConfigError, format_validation_error
-from lm_saes_core.io import atomic_path, atomic_write_text
+from lm_saes_core.io import atomic_path, atomic_write_text, read_json_object
 from lm_saes_core.models import activation_functions as act
 from lm_saes_core.models import kernels
 from lm_saes_core.models.config import SAEConfig
@@ -497,13 +497,7 @@ def locate_pretrained(path: str | Path) -> tuple[Path, Path]:
 
 
 def read_config_json(config_file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"cannot parse {config_file}: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(config_file, ConfigError)
 
 
 def read_weights(weights_file: Path, config_file: Path, model: nn.Module, strict: bool) -> dict[str, Tensor]:
