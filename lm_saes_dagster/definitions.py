@@ -1,9 +1,49 @@
-"""The Dagster code location loaded by `workspace.yaml`.
+"""The Dagster code location loaded by `workspace.yaml`: one asset group per `configs/pipelines/*.yaml`.
 
-Assets for each pipeline under `configs/pipelines/` are built here by the Dagster layer (corpus -> tokens ->
-activations -> dictionary -> evaluation -> analyses); until then the location loads with no assets.
+Adding a YAML file adds a pipeline. A file that does not validate is reported (file and field) and left out; the
+other pipelines still load. Environment: `LM_SAES_PIPELINES` (directory of pipeline files) and `LM_SAES_HOME`
+(artefact root; pipelines write under `<LM_SAES_HOME>/pipelines`).
 """
+
+import logging
+import os
+import warnings
+from pathlib import Path
 
 import dagster as dg
 
-defs = dg.Definitions(assets=[])
+from lm_saes_core.config import ConfigError, lm_saes_home
+from lm_saes_dagster.pipeline import ArtifactRoot, build_pipeline_defs
+from lm_saes_dagster.pipeline_config import load_pipeline
+
+logger = logging.getLogger(__name__)
+DEFAULT_PIPELINES = Path(__file__).resolve().parents[1] / "configs" / "pipelines"
+
+
+def pipeline_files(directory: Path) -> list[Path]:
+    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
+
+
+def build_definitions(directory: Path, artifact_root: Path) -> tuple[dg.Definitions, dict[Path, str]]:
+    """Definitions of every valid pipeline file in `directory`, and the errors of the invalid ones."""
+    pipelines, errors = [], {}
+    for path in pipeline_files(directory):
+        try:
+            pipelines.append(build_pipeline_defs(load_pipeline(path)))
+        except ConfigError as exc:
+            errors[path] = str(exc)
+            message = f"pipeline {path} was not loaded:\n{exc}"
+            logger.error(message)
+            warnings.warn(message, stacklevel=2)
+    automation = dg.AutomationConditionSensorDefinition(
+        "lm_saes_automation", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING
+    )
+    common = dg.Definitions(
+        sensors=[automation], resources={"artifacts": ArtifactRoot(path=str(artifact_root / "pipelines"))}
+    )
+    return dg.Definitions.merge(common, *pipelines), errors
+
+
+defs, load_errors = build_definitions(
+    Path(os.environ.get("LM_SAES_PIPELINES", DEFAULT_PIPELINES)), lm_saes_home().resolve()
+)
