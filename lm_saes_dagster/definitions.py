@@ -1,8 +1,9 @@
 """The Dagster code location loaded by `workspace.yaml`: one asset group per `configs/pipelines/*.yaml`.
 
 Adding a YAML file adds a pipeline. A file that does not validate is reported (file and field) and left out; the
-other pipelines still load. Environment: `LM_SAES_PIPELINES` (directory of pipeline files) and `LM_SAES_HOME`
-(artefact root; pipelines write under `<LM_SAES_HOME>/pipelines`).
+other pipelines still load. Environment: `LM_SAES_PIPELINES` (directory of pipeline files), `LM_SAES_HOME`
+(artefact root; pipelines write under `<LM_SAES_HOME>/pipelines`) and `LM_SAES_LAUNCHER` (`subprocess`, the
+default, or `k8s`: where heavy steps run; see `lm_saes_dagster.launch`).
 """
 
 import logging
@@ -13,6 +14,7 @@ from pathlib import Path
 import dagster as dg
 
 from lm_saes_core.config import ConfigError, lm_saes_home
+from lm_saes_dagster.launch import launcher_from_env
 from lm_saes_dagster.pipeline import ArtifactRoot, build_pipeline_defs
 from lm_saes_dagster.pipeline_config import load_pipeline
 
@@ -39,7 +41,8 @@ def build_definitions(directory: Path, artifact_root: Path) -> tuple[dg.Definiti
         "lm_saes_automation", target=dg.AssetSelection.all(), default_status=dg.DefaultSensorStatus.RUNNING
     )
     common = dg.Definitions(
-        sensors=[automation], resources={"artifacts": ArtifactRoot(path=str(artifact_root / "pipelines"))}
+        sensors=[automation],
+        resources={"artifacts": ArtifactRoot(path=str(artifact_root / "pipelines")), "launcher": launcher_from_env()},
     )
     return dg.Definitions.merge(common, *pipelines), errors
 

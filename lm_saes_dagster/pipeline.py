@@ -17,6 +17,7 @@ from pathlib import Path
 import dagster as dg
 
 from lm_saes_core.io import atomic_write_text
+from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
 
 CODE_VERSION = "1"
@@ -198,30 +199,25 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
         kinds={"torch"},
         pool="gpu",
     )
-    def dictionary(context: dg.AssetExecutionContext, artifacts: ArtifactRoot) -> dg.MaterializeResult:
-        """A sparse dictionary trained on its hook point's cached activations (train_sae)."""
-        from lm_saes_core.runners.train import TrainSAESettings, train_sae
-
+    def dictionary(
+        context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
+    ) -> dg.MaterializeResult:
+        """A sparse dictionary trained on its hook point's cached activations: train_sae run through Dagster Pipes
+        (a subprocess here, `torchrun` when the item asks for several processes, a GPU pod in Kubernetes)."""
         item_name = context.partition_key
         item = cfg.dictionaries[item_name]
         output = artifacts.dir(name, "dictionary", item_name)
         settings = _train_settings(cfg, item_name, item, artifacts.dir(name, "activations", item.hook_point), output)
-        result = train_sae(TrainSAESettings.model_validate(settings))
-        weights = output / "sae_weights.safetensors"
+        invocation = launcher.run(context, "train", settings, nproc=item.n_processes, workdir=output)
+        reported = invocation.get_materialize_result()
         return dg.MaterializeResult(
             metadata={
+                **reported.metadata,
                 "path": dg.MetadataValue.path(str(output)),
                 "hook_point": item.hook_point,
                 "d_sae": item.sae.d_sae,
-                "steps": result.steps,
-                "n_tokens": result.n_tokens,
-                "reused": result.reused,
-                **_numeric(
-                    result.last_metrics,
-                    {"train_explained_variance": "metrics/explained_variance", "train_l0": "metrics/l0"},
-                ),
             },
-            data_version=dg.DataVersion(file_sha256(weights)[:16]),
+            data_version=reported.data_version,
         )
 
     quality = cfg.quality

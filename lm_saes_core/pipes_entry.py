@@ -1,0 +1,163 @@
+"""`python -m lm_saes_core.pipes_entry RUNNER SETTINGS_FILE`: run one heavy step in its own process.
+
+Dagster launches this (locally through `PipesSubprocessClient`, on a cluster in a GPU pod through `PipesK8sClient`,
+under `torchrun` for several GPUs). When started by Dagster Pipes, rank 0 reports ONE materialization with small
+numeric metadata and a data version (sha256 of the step's main output file); the other ranks only compute, since
+they share rank 0's message channel. Without Pipes it is a plain command. Only the light `dagster_pipes` package is
+imported here, never `dagster`.
+"""
+
+import hashlib
+import logging
+import math
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
+
+from lm_saes_core.config import BaseConfig, ConfigError, load_config
+
+logger = logging.getLogger(__name__)
+
+USAGE = "usage: python -m lm_saes_core.pipes_entry {train|evaluate|generate} SETTINGS_FILE"
+
+
+@dataclass
+class StepReport:
+    """What rank 0 tells Dagster: small metadata and the file whose content hash is the data version."""
+
+    metadata: dict[str, Any]
+    main_file: Path
+
+
+def _numbers(values: dict[str, float], keys: list[str] | None = None) -> dict[str, float]:
+    """`metrics/explained_variance` -> `explained_variance`; non-finite values are dropped (Dagster plots numbers)."""
+    picked = values if keys is None else {key: values[key] for key in keys if key in values}
+    return {
+        key.removeprefix("metrics/"): float(value)
+        for key, value in picked.items()
+        if isinstance(value, int | float) and math.isfinite(value)
+    }
+
+
+def _path(value: Path | str) -> dict[str, Any]:
+    return {"raw_value": str(value), "type": "path"}
+
+
+def _run_train(settings: BaseConfig) -> StepReport:
+    from lm_saes_core.runners.train import train_sae
+
+    result = train_sae(settings)
+    metrics = _numbers(result.last_metrics, ["metrics/explained_variance", "metrics/l0", "losses/mse_loss"])
+    metadata = {
+        "steps": result.steps,
+        "n_tokens": result.n_tokens,
+        "reused": result.reused,
+        **metrics,
+        "output_path": _path(result.output_path),
+    }
+    return StepReport(metadata, Path(settings.trainer.exp_result_path) / "sae_weights.safetensors")
+
+
+def _run_evaluate(settings: BaseConfig) -> StepReport:
+    from lm_saes_core.runners.evaluate import evaluate_sae
+
+    if settings.output_path is None:
+        raise ConfigError("output_path: evaluate needs a file for the metrics JSON (its hash is the data version)")
+    result = evaluate_sae(settings)
+    metrics = _numbers({key: value for key, value in result.metrics.items() if key.startswith("metrics/")})
+    return StepReport({**metrics, "output_path": _path(settings.output_path)}, Path(settings.output_path))
+
+
+def _run_generate(settings: BaseConfig) -> StepReport:
+    from lm_saes_core.runners.generate import generate_activations
+
+    result = generate_activations(settings)
+    metadata = {
+        "n_tokens": result.n_tokens,
+        "n_chunks": result.n_chunks,
+        "bytes": result.bytes_on_disk,
+        "output_path": _path(result.output_dir),
+    }
+    return StepReport(metadata, result.manifest_path)
+
+
+def _settings_class(runner: str) -> type[BaseConfig]:
+    # Imported lazily so that `--help`-style mistakes fail fast, without loading torch and the runners.
+    if runner == "train":
+        from lm_saes_core.runners.train import TrainSAESettings
+
+        return TrainSAESettings
+    if runner == "evaluate":
+        from lm_saes_core.runners.evaluate import EvaluateSAESettings
+
+        return EvaluateSAESettings
+    from lm_saes_core.runners.generate import GenerateActivationsSettings
+
+    return GenerateActivationsSettings
+
+
+RUNNERS: dict[str, Callable[[BaseConfig], StepReport]] = {
+    "train": _run_train,
+    "evaluate": _run_evaluate,
+    "generate": _run_generate,
+}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def is_rank_zero() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run_step(runner: str, settings_file: str | Path, pipes: PipesContext | None = None) -> StepReport:
+    """Validate the settings file, run the step and, given a Pipes context, report its materialization."""
+    if runner not in RUNNERS:
+        raise ConfigError(f"runner {runner!r} is unknown; choose one of {sorted(RUNNERS)}")
+    settings = load_config(_settings_class(runner), settings_file)
+    report = RUNNERS[runner](settings)
+    if not report.main_file.is_file():
+        raise FileNotFoundError(f"{runner} finished but its main output {report.main_file} does not exist")
+    if pipes is not None:
+        asset_key = pipes.extras.get("asset_key") if pipes.extras else None
+        pipes.report_asset_materialization(
+            metadata=report.metadata, data_version=file_sha256(report.main_file), asset_key=asset_key
+        )
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print(USAGE, file=sys.stderr)
+        return 2
+    runner, settings_file = args
+    # Every torchrun rank inherits the Pipes env vars, but the message channel is one file/stream: rank 0 speaks.
+    use_pipes = is_rank_zero() and PipesEnvVarParamsLoader().is_dagster_pipes_process()
+    try:
+        with open_dagster_pipes() if use_pipes else nullcontext() as pipes:
+            run_step(runner, settings_file, pipes)
+    except ConfigError as exc:
+        print(f"lm_saes_core.pipes_entry: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"lm_saes_core.pipes_entry: {runner} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
