@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup quickstart test lint bench ui clean
+.PHONY: setup quickstart test lint bench ui ui-deps clean
 
 setup: .venv/.installed
 
@@ -30,6 +30,11 @@ bench: setup
 
 ui: setup
 	DAGSTER_HOME=$${DAGSTER_HOME:-$$PWD/.lm_saes/dagster_home} .venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1
+
+# Debian's Chromium, for the headless screenshot in tests/test_dagster_ui.py.
+ui-deps:
+	test -x /usr/bin/chromium || (DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 clean:
 	rm -rf .lm_saes .pytest_cache
