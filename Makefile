@@ -19,6 +19,10 @@ setup: .venv/.installed
 quickstart: setup
 	$(PY) -m lm_saes_core.quickstart
 
+# The quickstart pipeline through Dagster, recorded in a persistent instance that `make ui` shows.
+pipeline: setup
+	DAGSTER_HOME=$${DAGSTER_HOME:-$$PWD/.lm_saes/dagster_home} $(PY) -m lm_saes_dagster.materialize quickstart
+
 test: setup
 	$(PY) -m pytest -q -ra --durations=15
 
