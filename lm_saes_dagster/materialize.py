@@ -6,6 +6,7 @@ import os
 import sys
 
 import dagster as dg
+from dagster._core.definitions.observe import observe  # not re-exported at the top level in 1.13
 
 from lm_saes_dagster.definitions import defs
 
@@ -19,6 +20,7 @@ def materialize_pipeline(name: str, instance: dg.DagsterInstance) -> dict[str, d
             f"no pipeline named {name!r}; known: {sorted({k.path[0] for k in graph.get_all_asset_keys()})}"
         )
     assets = {k.path[-1]: graph.assets_def_for_key(k) for k in graph.get_all_asset_keys() if k.path[0] == name}
+    observe([assets["item_config"]], instance=instance)  # record each item's settings before training on them
     if not dg.materialize([assets["corpus"], assets["tokens"]], instance=instance).success:
         raise SystemExit("corpus/tokens failed")
     for hook in assets["activations"].partitions_def.get_partition_keys():

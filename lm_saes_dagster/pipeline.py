@@ -2,6 +2,7 @@
 
 ```
 corpus -> tokens -> activations[hook] -> dictionary[item] -> evaluation[item]
+                          item_config[item] ---^
 ```
 
 Every asset calls the core runner that does the job, writes its files under the artefact root
@@ -53,6 +54,13 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
     corpus_key, tokens_key = dg.AssetKey([name, "corpus"]), dg.AssetKey([name, "tokens"])
     activations_key, dictionary_key = dg.AssetKey([name, "activations"]), dg.AssetKey([name, "dictionary"])
     evaluation_key = dg.AssetKey([name, "evaluation"])
+    item_config_key = dg.AssetKey([name, "item_config"])
+
+    @dg.observable_source_asset(key=item_config_key, partitions_def=items, group_name=name)
+    def item_config() -> dg.DataVersionsByPartition:
+        """Each dictionary item's settings as a data version: editing one item's YAML makes only its dictionary
+        (and, once retrained, its evaluation) stale. Observed by `make pipeline` or the UI's "Observe sources"."""
+        return dg.DataVersionsByPartition({item: dg.DataVersion(_config_hash(cfg, item)) for item in cfg.dictionaries})
 
     @dg.asset(key=corpus_key, group_name=name, code_version=CODE_VERSION, kinds={"python"})
     def corpus(context: dg.AssetExecutionContext, artifacts: ArtifactRoot) -> dg.MaterializeResult:
@@ -186,12 +194,13 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
     @dg.asset(
         key=dictionary_key,
         deps=[
+            item_config_key,
             dg.AssetDep(
                 activations_key,
                 partition_mapping=dg.StaticPartitionMapping(
                     {hook: [i for i, h in item_hook.items() if h == hook] for hook in cfg.hook_points}
                 ),
-            )
+            ),
         ],
         partitions_def=items,
         group_name=name,
@@ -305,10 +314,16 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
             yield dg.RunRequest(run_key=f"{partition}-{context.scheduled_execution_time}", partition_key=partition)
 
     return dg.Definitions(
-        assets=[corpus, tokens, activations, dictionary, evaluation],
+        assets=[item_config, corpus, tokens, activations, dictionary, evaluation],
         jobs=[reevaluation_job],
         schedules=[weekly_reevaluation],
     )
+
+
+def _config_hash(cfg: PipelineConfig, item: str) -> str:
+    """What the item's dictionary depends on besides its input activations: its own settings."""
+    payload = json.dumps(cfg.dictionaries[item].model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _train_settings(cfg: PipelineConfig, item_name: str, item: DictionaryItem, cache: Path, output: Path) -> dict:

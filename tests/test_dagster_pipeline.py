@@ -8,6 +8,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import yaml
+from dagster._core.definitions.observe import observe  # not re-exported at the top level in 1.13
+from dagster._utils.test.data_versions import get_stale_status_resolver  # dagster's own staleness resolver setup
 
 from lm_saes_dagster.definitions import build_definitions
 
@@ -58,7 +60,7 @@ def test_shipped_pipelines_load_with_the_expected_lineage(tmp_path):
     }
     assert parents["quickstart/tokens"] == {"quickstart/corpus"}
     assert parents["quickstart/activations"] == {"quickstart/tokens"}
-    assert parents["quickstart/dictionary"] == {"quickstart/activations"}
+    assert parents["quickstart/dictionary"] == {"quickstart/activations", "quickstart/item_config"}
     assert parents["quickstart/evaluation"] == {"quickstart/dictionary"}
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {"tokens_consistent_across_hooks", "explained_variance_above_min", "dead_fraction_below_max",
@@ -93,6 +95,7 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(tmp_p
     key = lambda name: dg.AssetKey(["small", name])  # noqa: E731
 
     with dg.instance_for_test() as instance:
+        observe([graph.assets_def_for_key(key("item_config"))], instance=instance)  # as `make pipeline` does
         upstream = dg.materialize([a for a in assets if a.key in (key("corpus"), key("tokens"))], instance=instance)
         assert upstream.success
         result = dg.materialize(
@@ -139,6 +142,21 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(tmp_p
         )
         requests = list(schedule.evaluate_tick(context).run_requests)
         assert sorted(r.partition_key for r in requests) == ["batchtopk", "topk"]
+
+        # Editing one item's settings makes only that item's dictionary stale.
+        changed = small_pipeline()
+        changed["dictionaries"]["topk"]["trainer"] = {**changed["dictionaries"]["topk"]["trainer"], "lr": 1e-3}
+        new_graph = build_definitions(write_pipelines(directory, small=changed), tmp_path / "home")[
+            0
+        ].resolve_asset_graph()
+        observe([new_graph.assets_def_for_key(key("item_config"))], instance=instance)
+        resolver = get_stale_status_resolver(
+            instance, [new_graph.assets_def_for_key(k) for k in new_graph.get_all_asset_keys()]
+        )
+        assert resolver.get_status(key("dictionary"), "topk").name == "STALE"
+        assert resolver.get_status(key("dictionary"), "batchtopk").name == "FRESH", resolver.get_stale_causes(
+            key("dictionary"), "batchtopk"
+        )
 
     # Automation: a new dictionary partition makes the eager evaluation request itself.
     with dg.instance_for_test() as instance:

@@ -21,6 +21,7 @@ WEBSERVER = ROOT / ".venv" / "bin" / "dagster-webserver"
 CHROMIUM = Path("/usr/bin/chromium")
 NAME = "ui"
 ASSETS = ("corpus", "tokens", "activations", "dictionary", "evaluation")
+SOURCES = ("item_config",)  # observable source: each dictionary item's settings
 CHECKS = {
     "tokens_consistent_across_hooks",
     "explained_variance_above_min",
@@ -225,14 +226,15 @@ def test_webserver_serves_lineage_launches_runs_and_renders_the_graph(webserver,
 
     nodes = graphql(webserver, ASSET_NODES_QUERY)["assetNodes"]
     by_key = {"/".join(n["assetKey"]["path"]): n for n in nodes}
-    assert set(by_key) == {f"{NAME}/{name}" for name in ASSETS}
+    assert set(by_key) == {f"{NAME}/{name}" for name in ASSETS + SOURCES}
     parents = {key: {"/".join(d["path"]) for d in node["dependencyKeys"]} for key, node in by_key.items()}
     assert parents == {
         f"{NAME}/corpus": set(),
         f"{NAME}/tokens": {f"{NAME}/corpus"},
         f"{NAME}/activations": {f"{NAME}/tokens"},
-        f"{NAME}/dictionary": {f"{NAME}/activations"},
+        f"{NAME}/dictionary": {f"{NAME}/activations", f"{NAME}/item_config"},
         f"{NAME}/evaluation": {f"{NAME}/dictionary"},
+        f"{NAME}/item_config": set(),
     }
     checks = {
         key: {c["name"] for c in node["assetChecksOrError"]["checks"]}
