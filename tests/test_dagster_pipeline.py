@@ -132,6 +132,12 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(tmp_p
         materialization = again.get_asset_materialization_events()[0].materialization
         assert materialization.metadata["reused"].value is True
         assert materialization.tags["dagster/data_version"] == first_versions["topk"]
+        reevaluated = (
+            dg.materialize([a for a in assets if a.key == key("evaluation")], partition_key="topk", instance=instance)
+            .get_asset_materialization_events()[0]
+            .materialization
+        )
+        assert reevaluated.metadata["reused"].value is True  # same weights, same settings: stored metrics
 
         # The schedule asks for one re-evaluation per materialised dictionary partition.
         schedule = defs.resolve_schedule_def("small_weekly_reevaluation")
