@@ -1,6 +1,7 @@
 """Atomic file writes: every artefact is written under a temporary name in its final directory and renamed,
 so a crash, a full disk or Ctrl-C never leaves a file that looks complete."""
 
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -66,3 +67,12 @@ def read_json_object(path: Path, error: type[Exception] = ValueError) -> dict:
     if not isinstance(data, dict):
         raise error(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (data versions of artefacts)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -7,7 +7,6 @@ they share rank 0's message channel. Without Pipes it is a plain command. Only t
 imported here, never `dagster`.
 """
 
-import hashlib
 import logging
 import math
 import os
@@ -22,6 +21,7 @@ from typing import Any
 from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
 
 from lm_saes_core.config import BaseConfig, ConfigError, load_config
+from lm_saes_core.io import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -108,14 +108,6 @@ RUNNERS: dict[str, Callable[[BaseConfig], StepReport]] = {
     "evaluate": _run_evaluate,
     "generate": _run_generate,
 }
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def is_rank_zero() -> bool:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from lm_saes_core.io import atomic_write_text
+from lm_saes_core.io import atomic_write_text, file_sha256
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
 
@@ -32,14 +32,6 @@ class ArtifactRoot(dg.ConfigurableResource):
     def dir(self, pipeline: str, asset: str, partition: str | None = None) -> Path:
         directory = Path(self.path) / pipeline / asset
         return directory / partition if partition else directory
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _numeric(metrics: dict[str, float], keys: dict[str, str]) -> dict[str, float]:

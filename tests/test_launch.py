@@ -24,7 +24,7 @@ from dagster_k8s.pipes import build_pod_body
 from safetensors.torch import load_file
 
 from lm_saes_core.activation.writer import ActivationWriter, ActivationWriterConfig
-from lm_saes_core.pipes_entry import file_sha256
+from lm_saes_core.io import file_sha256
 from lm_saes_dagster.launch import (
     HeavyStepLauncher,
     gpu_pod_spec,
