@@ -10,37 +10,11 @@ import pytest
 import yaml
 from dagster._core.definitions.observe import observe  # not re-exported at the top level in 1.13
 from dagster._utils.test.data_versions import get_stale_status_resolver  # dagster's own staleness resolver setup
+from pipeline_fixtures import HOOK, small_pipeline
 
 from lm_saes_dagster.definitions import build_definitions
 
 ROOT = Path(__file__).resolve().parents[1]
-HOOK = "blocks.3.hook_resid_post"
-
-
-def small_pipeline(name: str = "small") -> dict:
-    """The quickstart pipeline shrunk to seconds: 3k cached tokens, two tiny dictionaries, 512 evaluated tokens."""
-    trainer = {"lr": 4e-3, "lr_warm_up_steps": 0.1, "total_training_tokens": 512 * 48, "log_frequency": 16,
-               "n_checkpoints": 0}  # fmt: skip
-    sae = {"d_model": 576, "expansion_factor": 2, "hook_point_in": HOOK, "hook_point_out": HOOK, "top_k": 16}
-    return {
-        "name": name,
-        "model": {"model_name": "smollm2-135m"},
-        "dataset": {"dataset_name_or_path": "python-docs", "split": "train[:90%]", "shuffle_seed": 0},
-        "eval_dataset": {"dataset_name_or_path": "python-docs", "split": "train[90%:]"},
-        "hook_points": [HOOK],
-        "activations": {"context_size": 64, "total_tokens": 64 * 48, "model_batch_size": 8, "n_samples_per_chunk": 16},
-        "dictionaries": {
-            "topk": {"sae": {**sae, "act_fn": "topk"}, "trainer": trainer, "batch_size": 512, "buffer_size": 2048},
-            "batchtopk": {
-                "sae": {**sae, "act_fn": "batchtopk"},
-                "trainer": trainer,
-                "batch_size": 512,
-                "buffer_size": 2048,
-            },
-        },  # fmt: skip
-        "evaluation": {"total_eval_tokens": 512, "downstream_tokens": 128},
-        "quality": {"min_explained_variance": 0.5, "max_dead_fraction": 1.0, "min_l0": 1, "max_l0": 64},
-    }
 
 
 def write_pipelines(directory: Path, **pipelines: dict) -> Path:
@@ -151,7 +125,7 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(tmp_p
 
         # Editing one item's settings makes only that item's dictionary stale.
         changed = small_pipeline()
-        changed["dictionaries"]["topk"]["trainer"] = {**changed["dictionaries"]["topk"]["trainer"], "lr": 1e-3}
+        changed["dictionaries"]["topk"]["trainer"]["lr"] = 1e-3
         new_graph = build_definitions(write_pipelines(directory, small=changed), tmp_path / "home")[
             0
         ].resolve_asset_graph()

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pipeline_fixtures import small_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 WEBSERVER = ROOT / ".venv" / "bin" / "dagster-webserver"
 CHROMIUM = Path("/usr/bin/chromium")
 NAME = "ui"
+# 1k cached tokens and one dictionary trained on 4k tokens: the UI test only needs the graph and a short run.
+tiny_pipeline = small_pipeline(
+    NAME, cached_tokens=64 * 16, training_tokens=512 * 8, act_fns=("topk",), buffer_size=1024
+)
 ASSETS = ("corpus", "tokens", "activations", "dictionary", "evaluation")
 SOURCES = ("item_config",)  # observable source: each dictionary item's settings
 CHECKS = {
@@ -76,27 +81,6 @@ query($runId: ID!) { logsForRun(runId: $runId, limit: 500) { __typename
 """
 
 
-def tiny_pipeline() -> dict:
-    """`small_pipeline` of test_dagster_pipeline.py shrunk further: 1k cached tokens, one dictionary on 4k tokens."""
-    hook = "blocks.3.hook_resid_post"
-    trainer = {"lr": 4e-3, "lr_warm_up_steps": 0.1, "total_training_tokens": 512 * 8, "log_frequency": 4,
-               "n_checkpoints": 0}  # fmt: skip
-    sae = {"d_model": 576, "expansion_factor": 2, "hook_point_in": hook, "hook_point_out": hook, "top_k": 16}
-    return {
-        "name": NAME,
-        "model": {"model_name": "smollm2-135m"},
-        "dataset": {"dataset_name_or_path": "python-docs", "split": "train[:90%]", "shuffle_seed": 0},
-        "eval_dataset": {"dataset_name_or_path": "python-docs", "split": "train[90%:]"},
-        "hook_points": [hook],
-        "activations": {"context_size": 64, "total_tokens": 64 * 16, "model_batch_size": 8, "n_samples_per_chunk": 16},
-        "dictionaries": {
-            "topk": {"sae": {**sae, "act_fn": "topk"}, "trainer": trainer, "batch_size": 512, "buffer_size": 1024}
-        },
-        "evaluation": {"total_eval_tokens": 512, "downstream_tokens": 128},
-        "quality": {"min_explained_variance": 0.5, "max_dead_fraction": 1.0, "min_l0": 1, "max_l0": 64},
-    }
-
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -150,7 +134,7 @@ def webserver(tmp_path) -> Iterator[str]:
     """A dagster-webserver on a free loopback port serving only the tiny pipeline, stopped by its pid afterwards."""
     pipelines = tmp_path / "pipelines"
     pipelines.mkdir()
-    (pipelines / f"{NAME}.yaml").write_text(yaml.safe_dump(tiny_pipeline()))
+    (pipelines / f"{NAME}.yaml").write_text(yaml.safe_dump(tiny_pipeline))
     dagster_home = tmp_path / "dagster_home"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text(yaml.safe_dump(INSTANCE_YAML))
