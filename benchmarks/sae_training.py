@@ -5,6 +5,7 @@ when it exists, else Gaussian stand-ins), same batch, same width, fp32, same thr
 is the median over repeats of a block of optimiser steps (forward, loss, backward, Adam step).
 
     python benchmarks/sae_training.py [--steps 10] [--repeats 5] [--batch 4096]
+    python benchmarks/sae_training.py --device cuda --d-model 2048 --d-sae 65536 --k 64   # a GPU-sized run
 
 sparsify comes from the `bench` extra (`pip install -e .[bench]`); without it its row is skipped.
 """
@@ -21,13 +22,19 @@ from rich.table import Table
 
 from lm_saes_core.models import SAEConfig, SparseAutoEncoder
 
-D_MODEL, D_SAE, K = 576, 4608, 32
+D_MODEL, D_SAE, K = 576, 4608, 32  # defaults; --d-model/--d-sae/--k override them
+DEVICE = "cpu"
 HOOK = "blocks.6.hook_resid_post"
 QUICKSTART_CACHE = Path(".lm_saes/quickstart/activations")
 
 
+def configure(device: str, d_model: int, d_sae: int, k: int) -> None:
+    global DEVICE, D_MODEL, D_SAE, K
+    DEVICE, D_MODEL, D_SAE, K = device, d_model, d_sae, k
+
+
 def load_activations(n_rows: int) -> tuple[torch.Tensor, str]:
-    if (QUICKSTART_CACHE / "manifest.json").exists():
+    if (QUICKSTART_CACHE / "manifest.json").exists() and D_MODEL == 576:
         from lm_saes_core.activation.reader import CachedActivations
 
         rows = []
@@ -41,13 +48,20 @@ def load_activations(n_rows: int) -> tuple[torch.Tensor, str]:
     return torch.randn(n_rows, D_MODEL, generator=generator), "Gaussian stand-in (no quickstart cache)"
 
 
+def synchronize() -> None:
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def time_steps(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor], repeats: int) -> list[float]:
     step(batches[0])  # warm-up
     rates = []
     for _ in range(repeats):
+        synchronize()
         started = time.perf_counter()
         for batch in batches:
             step(batch)
+        synchronize()
         rates.append(sum(len(b) for b in batches) / (time.perf_counter() - started))
     return rates
 
@@ -61,6 +75,7 @@ def ours(act_fn: str) -> Callable[[torch.Tensor], None]:
         act_fn=act_fn,
         top_k=K,
         norm_activation="inference",
+        device=DEVICE,
     )
     torch.manual_seed(0)
     model = SparseAutoEncoder.from_config(cfg)
@@ -80,11 +95,11 @@ def ours(act_fn: str) -> Callable[[torch.Tensor], None]:
 def dense_reference(act_fn: str) -> Callable[[torch.Tensor], None]:
     """The textbook step: dense encode, activation, dense decode, MSE (+ L1 for ReLU), Adam."""
     torch.manual_seed(0)
-    W_E = torch.nn.Parameter(torch.randn(D_MODEL, D_SAE) / D_MODEL**0.5)
-    b_E = torch.nn.Parameter(torch.zeros(D_SAE))
+    W_E = torch.nn.Parameter(torch.randn(D_MODEL, D_SAE, device=DEVICE) / D_MODEL**0.5)
+    b_E = torch.nn.Parameter(torch.zeros(D_SAE, device=DEVICE))
     W_D = torch.nn.Parameter(W_E.detach().T.clone())
-    b_D = torch.nn.Parameter(torch.zeros(D_MODEL))
-    threshold = torch.nn.Parameter(torch.full((D_SAE,), 0.1))
+    b_D = torch.nn.Parameter(torch.zeros(D_MODEL, device=DEVICE))
+    threshold = torch.nn.Parameter(torch.full((D_SAE,), 0.1, device=DEVICE))
     params = [W_E, b_E, W_D, b_D] + ([threshold] if act_fn == "jumprelu" else [])
     optimizer = torch.optim.Adam(params, lr=1e-4)
 
@@ -113,7 +128,7 @@ def sparsify_step() -> Callable[[torch.Tensor], None] | None:
     except ImportError:
         return None
     torch.manual_seed(0)
-    sae = SparseCoder(D_MODEL, SparseCoderConfig(k=K, num_latents=D_SAE), device="cpu", dtype=torch.float32)
+    sae = SparseCoder(D_MODEL, SparseCoderConfig(k=K, num_latents=D_SAE), device=DEVICE, dtype=torch.float32)
     optimizer = torch.optim.Adam(sae.parameters(), lr=1e-4)
 
     def step(x: torch.Tensor) -> None:  # what sparsify's Trainer does per batch for one hookpoint
@@ -127,14 +142,43 @@ def sparsify_step() -> Callable[[torch.Tensor], None] | None:
     return step
 
 
+def profile(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor]) -> None:
+    """The operators and kernels of a few steps, sorted by device time (CPU time without a GPU)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step(batches[0])
+    synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.startswith("cuda") else [])
+    with torch_profile(activities=activities) as prof:
+        for batch in batches[:5]:
+            step(batch)
+        synchronize()
+    sort_by = "cuda_time_total" if DEVICE.startswith("cuda") else "cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60))
+
+
+def threads_or_gpu() -> str:
+    return torch.cuda.get_device_name() if DEVICE.startswith("cuda") else f"{torch.get_num_threads()} threads"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4096)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--d-model", type=int, default=D_MODEL)
+    parser.add_argument("--d-sae", type=int, default=D_SAE)
+    parser.add_argument("--k", type=int, default=K)
+    parser.add_argument("--profile", action="store_true", help="print where our TopK step spends its time, then exit")
     args = parser.parse_args()
+    configure(args.device, args.d_model, args.d_sae, args.k)
     x, source = load_activations(args.steps * args.batch)
-    batches = list(x.split(args.batch))
+    batches = [batch.to(DEVICE) for batch in x.split(args.batch)]
+    if args.profile:
+        profile(ours("topk"), batches)
+        return
 
     rows: list[tuple[str, list[float]]] = []
     contenders: list[tuple[str, Callable | None]] = [
@@ -156,7 +200,7 @@ def main() -> None:
     medians = {name: statistics.median(rates) for name, rates in rows}
     table = Table(
         title=f"SAE training step, d_model {D_MODEL}, d_sae {D_SAE}, k {K}, batch {args.batch}, fp32, "
-        f"{torch.get_num_threads()} threads; {source}; median of {args.repeats} x {args.steps} steps"
+        f"{threads_or_gpu()}; {source}; median of {args.repeats} x {args.steps} steps"
     )
     for column in ("contender", "tokens/s", "vs dense reference", "vs sparsify"):
         table.add_column(column, justify="left" if column == "contender" else "right")
