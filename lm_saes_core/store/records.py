@@ -1,0 +1,140 @@
+"""The records the store keeps, as plain dataclasses shared by every backend and by the analysis runners.
+
+Arrays are NumPy arrays in memory; each backend stores them compactly (npy bytes), never as lists of floats.
+A feature's samples carry their token ids, so rendering a feature never re-reads or re-tokenises a dataset.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    cfg: dict[str, Any]
+
+
+@dataclass
+class DatasetRecord:
+    name: str
+    cfg: dict[str, Any]
+
+
+@dataclass
+class DictionaryRecord:
+    """A trained dictionary: where its weights are and what it scored."""
+
+    name: str
+    series: str
+    path: str
+    cfg: dict[str, Any]
+    """The dictionary's config.json contents (SAEConfig dump)."""
+    model_name: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Evaluation metrics (EV, L0, dead fraction, ...)."""
+
+
+@dataclass
+class FeatureSamples:
+    """One named pool of whole contexts for one feature (e.g. "top_activations", "band_0.6_0.8", "non_activating").
+
+    Rows are sorted by the context's max activation, strongest first. Padding is cut: row i holds `lengths[i]`
+    valid positions, the rest of `tokens` is 0 and of `activations` is 0."""
+
+    name: str
+    tokens: np.ndarray
+    """(n, S) int32 token ids of each context."""
+    activations: np.ndarray
+    """(n, S) float32 feature activation at each position."""
+    lengths: np.ndarray
+    """(n,) int32 number of valid positions of each row."""
+    doc_index: np.ndarray
+    """(n,) int64 document index in its dataset."""
+    doc_position: np.ndarray
+    """(n,) int64 index in the document of the row's first document token (positions before it, e.g. BOS, are -1
+    in the pipeline and are not documents tokens)."""
+    dataset: list[str]
+    """(n,) name of the dataset (activation-factory source) each row came from."""
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
+class FeatureAnalysis:
+    """What one analysis run found for one feature."""
+
+    name: str
+    """Analysis name ("default" unless asked otherwise)."""
+    act_times: int
+    """Positions where the feature is > 0."""
+    n_analyzed_tokens: int
+    max_feature_acts: float
+    mean_feature_acts: float
+    """Mean activation over the positions where it is > 0 (0 for a dead feature)."""
+    histogram_edges: np.ndarray
+    """(B+1,) float32 bin edges of the activation-value histogram (positive activations only)."""
+    histogram_counts: np.ndarray
+    """(B,) int64 counts per bin."""
+    samples: list[FeatureSamples] = field(default_factory=list)
+
+    @property
+    def frequency(self) -> float:
+        return self.act_times / self.n_analyzed_tokens if self.n_analyzed_tokens else 0.0
+
+    def pool(self, name: str) -> FeatureSamples | None:
+        return next((samples for samples in self.samples if samples.name == name), None)
+
+
+@dataclass
+class LogitToken:
+    token_id: int
+    token: str
+    logit: float
+
+
+@dataclass
+class FeatureLogits:
+    """Direct logit attribution of one feature's decoder direction."""
+
+    top_positive: list[LogitToken]
+    top_negative: list[LogitToken]
+
+
+@dataclass
+class InterpretationScore:
+    """One scorer's verdict on an explanation (detection or fuzzing)."""
+
+    method: str
+    accuracy: float
+    balanced_accuracy: float
+    precision: float
+    recall: float
+    n_examples: int
+    passed: bool
+
+
+@dataclass
+class Interpretation:
+    explanation: str | None
+    """None when the LLM failed for this feature; `error` says why."""
+    model: str
+    scores: list[InterpretationScore] = field(default_factory=list)
+    error: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    """Prompts and raw responses, kept for inspection."""
+
+
+@dataclass
+class FeatureRecord:
+    dictionary: str
+    series: str
+    index: int
+    analyses: list[FeatureAnalysis] = field(default_factory=list)
+    logits: FeatureLogits | None = None
+    interpretation: Interpretation | None = None
+
+    def analysis(self, name: str = "default") -> FeatureAnalysis | None:
+        return next((analysis for analysis in self.analyses if analysis.name == name), None)

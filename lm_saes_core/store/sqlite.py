@@ -1,0 +1,354 @@
+"""The default record store: one SQLite file (standard library), safe for several threads and processes.
+
+WAL journal mode and a busy timeout let several processes (Dagster runs) write the same file; one connection guarded
+by a lock serves the threads of a process (auto-interp workers). Analysis statistics are columns and the sample pools
+a separate BLOB, so listing features without samples never reads the large blobs.
+"""
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from lm_saes_core.store import codec
+from lm_saes_core.store.base import RecordNotFoundError, RecordStore, StoreSchemaError, StoreUnavailableError
+from lm_saes_core.store.records import (
+    DatasetRecord,
+    DictionaryRecord,
+    FeatureAnalysis,
+    FeatureLogits,
+    FeatureRecord,
+    Interpretation,
+    ModelRecord,
+)
+
+SCHEMA_VERSION = 1
+
+_TABLES = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS models (name TEXT PRIMARY KEY, cfg TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS datasets (name TEXT PRIMARY KEY, cfg TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS dictionaries (
+        name TEXT NOT NULL, series TEXT NOT NULL, path TEXT NOT NULL, cfg TEXT NOT NULL, model_name TEXT,
+        metrics TEXT NOT NULL, PRIMARY KEY (name, series))""",
+    """CREATE TABLE IF NOT EXISTS features (
+        dictionary TEXT NOT NULL, series TEXT NOT NULL, idx INTEGER NOT NULL, logits TEXT, interpretation TEXT,
+        PRIMARY KEY (dictionary, series, idx))""",
+    """CREATE TABLE IF NOT EXISTS feature_analyses (
+        dictionary TEXT NOT NULL, series TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,
+        act_times INTEGER NOT NULL, n_analyzed_tokens INTEGER NOT NULL, max_feature_acts REAL NOT NULL,
+        mean_feature_acts REAL NOT NULL, histogram_edges BLOB NOT NULL, histogram_counts BLOB NOT NULL,
+        samples BLOB NOT NULL, PRIMARY KEY (dictionary, series, idx, name))""",
+)
+
+# Schema upgrades: _MIGRATIONS[v] turns a version-v file into version v + 1 (statements run in one transaction).
+_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+
+_READ_CHUNK = 256  # features per read transaction while iterating (the lock is released between chunks)
+
+_STATS_COLUMNS = (
+    "idx, name, act_times, n_analyzed_tokens, max_feature_acts, mean_feature_acts, histogram_edges, histogram_counts"
+)
+
+
+class SQLiteRecordStore(RecordStore):
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 60.0):
+        self.path = Path(path)
+        self._lock = threading.RLock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn: sqlite3.Connection | None = None
+        try:
+            self._conn = sqlite3.connect(
+                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe against corruption
+            with self._transaction(write=True) as conn:
+                self._create_or_migrate(conn)
+        except sqlite3.OperationalError as exc:  # locked past the timeout, unreadable, ...
+            self.close()
+            raise StoreUnavailableError(f"cannot open the record store {self.path}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # e.g. "file is not a database"
+            self.close()
+            raise StoreSchemaError(f"{self.path} is not a usable lm-saes record store: {exc}") from exc
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"SQLiteRecordStore({str(self.path)!r})"
+
+    # plumbing ------------------------------------------------------------------------------------------------
+    @contextmanager
+    def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
+        """One transaction under the thread lock; IMMEDIATE for writes so concurrent writers queue on the busy
+        timeout instead of failing when a read lock would have to be upgraded."""
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError(f"the record store {self.path} is closed")
+            conn = self._conn
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
+        has_version_table = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+        ).fetchone()
+        version = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()[0] if has_version_table else None
+        if version is not None and version > SCHEMA_VERSION:
+            raise StoreSchemaError(
+                f"the record store {self.path} has schema version {version}, newer than this lm-saes supports "
+                f"({SCHEMA_VERSION}); upgrade lm-saes or point the store at another file"
+            )
+        if version is None:
+            for statement in _TABLES:
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            return
+        while version < SCHEMA_VERSION:
+            for statement in _MIGRATIONS[version]:
+                conn.execute(statement)
+            version += 1
+            conn.execute("UPDATE schema_version SET version = ?", (version,))
+
+    def _missing_dictionary(self, name: str, series: str) -> RecordNotFoundError:
+        return RecordNotFoundError(
+            f"dictionary {name!r} (series {series!r}) is not in the record store {self.path}; add it first"
+        )
+
+    def _require_dictionary(self, conn: sqlite3.Connection, name: str, series: str) -> None:
+        if not conn.execute("SELECT 1 FROM dictionaries WHERE name = ? AND series = ?", (name, series)).fetchone():
+            raise self._missing_dictionary(name, series)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    # models and datasets -------------------------------------------------------------------------------------
+    def add_model(self, name: str, cfg: Mapping[str, Any]) -> None:
+        with self._transaction(write=True) as conn:
+            conn.execute("INSERT OR REPLACE INTO models (name, cfg) VALUES (?, ?)", (name, json.dumps(dict(cfg))))
+
+    def get_model(self, name: str) -> ModelRecord | None:
+        with self._transaction(write=False) as conn:
+            row = conn.execute("SELECT cfg FROM models WHERE name = ?", (name,)).fetchone()
+        return ModelRecord(name=name, cfg=json.loads(row[0])) if row else None
+
+    def add_dataset(self, name: str, cfg: Mapping[str, Any]) -> None:
+        with self._transaction(write=True) as conn:
+            conn.execute("INSERT OR REPLACE INTO datasets (name, cfg) VALUES (?, ?)", (name, json.dumps(dict(cfg))))
+
+    def get_dataset(self, name: str) -> DatasetRecord | None:
+        with self._transaction(write=False) as conn:
+            row = conn.execute("SELECT cfg FROM datasets WHERE name = ?", (name,)).fetchone()
+        return DatasetRecord(name=name, cfg=json.loads(row[0])) if row else None
+
+    # dictionaries ----------------------------------------------------------------------------------------------
+    def add_dictionary(self, record: DictionaryRecord) -> None:
+        doc = codec.dictionary_to_doc(record)
+        values = (doc["name"], doc["series"], doc["path"], json.dumps(doc["cfg"]), doc["model_name"])
+        with self._transaction(write=True) as conn:
+            # An upsert, not INSERT OR REPLACE: the row is updated in place and its features stay.
+            conn.execute(
+                """INSERT INTO dictionaries (name, series, path, cfg, model_name, metrics) VALUES (?, ?, ?, ?, ?, ?)
+                ON CONFLICT (name, series) DO UPDATE SET path = excluded.path, cfg = excluded.cfg,
+                model_name = excluded.model_name, metrics = excluded.metrics""",
+                (*values, json.dumps(doc["metrics"])),
+            )
+
+    @staticmethod
+    def _dictionary_from_row(row: tuple) -> DictionaryRecord:
+        name, series, path, cfg, model_name, metrics = row
+        doc = {"name": name, "series": series, "path": path, "cfg": json.loads(cfg), "model_name": model_name}
+        return codec.dictionary_from_doc(doc | {"metrics": json.loads(metrics)})
+
+    def get_dictionary(self, name: str, series: str = "default") -> DictionaryRecord | None:
+        with self._transaction(write=False) as conn:
+            row = conn.execute(
+                "SELECT name, series, path, cfg, model_name, metrics FROM dictionaries WHERE name = ? AND series = ?",
+                (name, series),
+            ).fetchone()
+        return self._dictionary_from_row(row) if row else None
+
+    def list_dictionaries(self, series: str | None = None) -> list[DictionaryRecord]:
+        query = "SELECT name, series, path, cfg, model_name, metrics FROM dictionaries"
+        params: tuple = ()
+        if series is not None:
+            query, params = query + " WHERE series = ?", (series,)
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(query + " ORDER BY series, name", params).fetchall()
+        return [self._dictionary_from_row(row) for row in rows]
+
+    def update_dictionary_metrics(self, name: str, series: str, metrics: Mapping[str, float]) -> None:
+        with self._transaction(write=True) as conn:
+            row = conn.execute(
+                "SELECT metrics FROM dictionaries WHERE name = ? AND series = ?", (name, series)
+            ).fetchone()
+            if row is None:
+                raise self._missing_dictionary(name, series)
+            merged = json.loads(row[0]) | {str(key): float(value) for key, value in metrics.items()}
+            conn.execute(
+                "UPDATE dictionaries SET metrics = ? WHERE name = ? AND series = ?", (json.dumps(merged), name, series)
+            )
+
+    def remove_dictionary(self, name: str, series: str = "default") -> None:
+        with self._transaction(write=True) as conn:
+            for table, column in (
+                ("feature_analyses", "dictionary"),
+                ("features", "dictionary"),
+                ("dictionaries", "name"),
+            ):
+                conn.execute(f"DELETE FROM {table} WHERE {column} = ? AND series = ?", (name, series))
+
+    # features --------------------------------------------------------------------------------------------------
+    def add_feature_analyses(
+        self, dictionary: str, series: str, analyses: Sequence[FeatureAnalysis], start_index: int = 0
+    ) -> None:
+        if start_index < 0:
+            raise ValueError(f"start_index must be >= 0, got {start_index}")
+        rows = []
+        for offset, analysis in enumerate(analyses):  # encode outside the lock: other threads keep working
+            stats = codec.analysis_stats(analysis)
+            rows.append(
+                (
+                    dictionary,
+                    series,
+                    start_index + offset,
+                    stats["name"],
+                    stats["act_times"],
+                    stats["n_analyzed_tokens"],
+                    stats["max_feature_acts"],
+                    stats["mean_feature_acts"],
+                    stats["histogram_edges"],
+                    stats["histogram_counts"],
+                    codec.pack_samples(analysis.samples),
+                )
+            )
+        with self._transaction(write=True) as conn:
+            self._require_dictionary(conn, dictionary, series)
+            conn.executemany(
+                "INSERT OR IGNORE INTO features (dictionary, series, idx) VALUES (?, ?, ?)", (row[:3] for row in rows)
+            )
+            conn.executemany(
+                """INSERT OR REPLACE INTO feature_analyses (dictionary, series, idx, name, act_times,
+                n_analyzed_tokens, max_feature_acts, mean_feature_acts, histogram_edges, histogram_counts, samples)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                rows,
+            )
+
+    def list_analysis_names(self, dictionary: str, series: str = "default") -> list[str]:
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT name FROM feature_analyses WHERE dictionary = ? AND series = ? ORDER BY name",
+                (dictionary, series),
+            ).fetchall()
+        return [row[0] for row in rows]
+
+    def count_features_with_analysis(self, dictionary: str, series: str, analysis_name: str = "default") -> int:
+        with self._transaction(write=False) as conn:
+            return conn.execute(
+                "SELECT COUNT(*) FROM feature_analyses WHERE dictionary = ? AND series = ? AND name = ?",
+                (dictionary, series, analysis_name),
+            ).fetchone()[0]
+
+    def _load_features(
+        self, conn: sqlite3.Connection, dictionary: str, series: str, indices: Sequence[int], with_samples: bool
+    ) -> list[FeatureRecord]:
+        marks = ", ".join("?" * len(indices))
+        where = f"WHERE dictionary = ? AND series = ? AND idx IN ({marks})"
+        params = (dictionary, series, *indices)
+        records = {}
+        for index, logits, interpretation in conn.execute(
+            f"SELECT idx, logits, interpretation FROM features {where} ORDER BY idx", params
+        ):
+            records[index] = FeatureRecord(
+                dictionary=dictionary,
+                series=series,
+                index=index,
+                logits=codec.logits_from_doc(json.loads(logits)) if logits is not None else None,
+                interpretation=(
+                    codec.interpretation_from_doc(json.loads(interpretation)) if interpretation is not None else None
+                ),
+            )
+        columns = _STATS_COLUMNS + (", samples" if with_samples else "")
+        for row in conn.execute(f"SELECT {columns} FROM feature_analyses {where} ORDER BY idx, name", params):
+            keys = ("name", "act_times", "n_analyzed_tokens", "max_feature_acts", "mean_feature_acts")
+            doc = dict(zip(keys, row[1:6], strict=True)) | {"histogram_edges": row[6], "histogram_counts": row[7]}
+            samples = codec.unpack_samples(row[8]) if with_samples else []
+            records[row[0]].analyses.append(codec.analysis_from_doc(doc, samples=samples))
+        return list(records.values())
+
+    def get_feature(self, dictionary: str, series: str, index: int) -> FeatureRecord | None:
+        with self._transaction(write=False) as conn:
+            found = self._load_features(conn, dictionary, series, [int(index)], with_samples=True)
+        return found[0] if found else None
+
+    def iter_features(
+        self, dictionary: str, series: str, indices: Iterable[int] | None = None, *, with_samples: bool = True
+    ) -> Iterable[FeatureRecord]:
+        """Raises RecordNotFoundError at once when the dictionary is not stored. Reads in chunks, releasing the lock
+        between them, so the caller may write (e.g. interpretations) while iterating."""
+        with self._transaction(write=False) as conn:
+            self._require_dictionary(conn, dictionary, series)
+            if indices is None:
+                wanted = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT idx FROM features WHERE dictionary = ? AND series = ? ORDER BY idx",
+                        (dictionary, series),
+                    )
+                ]
+            else:
+                wanted = sorted({int(index) for index in indices})
+
+        def chunks() -> Iterator[FeatureRecord]:
+            for start in range(0, len(wanted), _READ_CHUNK):
+                with self._transaction(write=False) as conn:
+                    chunk = wanted[start : start + _READ_CHUNK]
+                    records = self._load_features(conn, dictionary, series, chunk, with_samples)
+                yield from records
+
+        return chunks()
+
+    def set_feature_logits(self, dictionary: str, series: str, logits: Mapping[int, FeatureLogits]) -> None:
+        rows = [
+            (dictionary, series, int(index), json.dumps(codec.logits_to_doc(value))) for index, value in logits.items()
+        ]
+        with self._transaction(write=True) as conn:
+            self._require_dictionary(conn, dictionary, series)
+            conn.executemany(
+                """INSERT INTO features (dictionary, series, idx, logits) VALUES (?, ?, ?, ?)
+                ON CONFLICT (dictionary, series, idx) DO UPDATE SET logits = excluded.logits""",
+                rows,
+            )
+
+    def set_interpretation(self, dictionary: str, series: str, index: int, interpretation: Interpretation) -> None:
+        value = json.dumps(codec.interpretation_to_doc(interpretation))
+        with self._transaction(write=True) as conn:
+            self._require_dictionary(conn, dictionary, series)
+            conn.execute(
+                """INSERT INTO features (dictionary, series, idx, interpretation) VALUES (?, ?, ?, ?)
+                ON CONFLICT (dictionary, series, idx) DO UPDATE SET interpretation = excluded.interpretation""",
+                (dictionary, series, int(index), value),
+            )
+
+    def interpreted_indices(self, dictionary: str, series: str, *, successful_only: bool = True) -> set[int]:
+        condition = "json_extract(interpretation, '$.explanation') IS NOT NULL" if successful_only else "1"
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                f"SELECT idx FROM features WHERE dictionary = ? AND series = ? AND interpretation IS NOT NULL "
+                f"AND {condition}",
+                (dictionary, series),
+            ).fetchall()
+        return {row[0] for row in rows}
