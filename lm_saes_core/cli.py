@@ -1,7 +1,8 @@
-"""The `lm-saes` command line: `lm-saes <runner> CONFIG [--set key=value ...]`."""
+"""The `lm-saes` command line: `lm-saes <runner> CONFIG [--set key=value ...]`, and views of the record store
+(`lm-saes show feature NAME INDEX`, `lm-saes list`)."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 
@@ -79,6 +80,125 @@ def check_activations(
         typer.secho(f"  {problem}", fg="red", err=True)
     typer.echo(report.summary())
     raise typer.Exit(0 if report.ok else 1)
+
+
+# ------------------------------------------------------------------------------------------- record-store views
+
+show_app = typer.Typer(no_args_is_help=True, help="Show records of the record store.")
+app.add_typer(show_app, name="show")
+
+StorePath = Annotated[
+    Path | None, typer.Option("--store-path", help="SQLite record store [default: $LM_SAES_HOME/records.sqlite]")
+]
+MongoUri = Annotated[str | None, typer.Option("--mongo-uri", help="Read the MongoDB record store at this URI")]
+MongoDb = Annotated[str, typer.Option("--mongo-db", help="MongoDB database (with --mongo-uri)")]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.secho(message, fg="red", err=True)
+    raise typer.Exit(1)
+
+
+def _open_store(store_path: Path | None, mongo_uri: str | None, mongo_db: str):
+    from lm_saes_core.config import MongoDBConfig
+    from lm_saes_core.store import RecordStoreConfig, StoreSchemaError, StoreUnavailableError, open_store
+
+    if store_path is not None and mongo_uri is not None:
+        _fail("give either --store-path (SQLite) or --mongo-uri (MongoDB), not both")
+    if store_path is not None and not store_path.is_file():
+        _fail(f"no record store at {store_path}")
+    mongo = MongoDBConfig(mongo_uri=mongo_uri, mongo_db=mongo_db) if mongo_uri is not None else None
+    cfg = RecordStoreConfig(mongo=mongo, sqlite_path=str(store_path) if store_path is not None else None)
+    try:
+        return open_store(cfg)
+    except (StoreUnavailableError, StoreSchemaError) as exc:
+        _fail(str(exc))
+
+
+@show_app.command("feature")
+def show_feature(
+    name: Annotated[str, typer.Argument(help="Dictionary name")],
+    index: Annotated[int, typer.Argument(help="Feature index (0 <= INDEX < d_sae)")],
+    series: Annotated[str, typer.Option("--series", "-s", help="Dictionary series")] = "default",
+    analysis: Annotated[
+        str | None, typer.Option("--analysis", "-a", help="Analysis name [default: 'default', else the first]")
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", "-n", min=0, help="Top contexts to show")] = 5,
+    other_samples: Annotated[
+        int, typer.Option("--other-samples", min=0, help="Contexts to show of each other pool (bands, ...)")
+    ] = 2,
+    window: Annotated[
+        int, typer.Option("--window", "-r", min=0, help="Tokens shown each side of a context's max")
+    ] = 20,
+    store_path: StorePath = None,
+    mongo_uri: MongoUri = None,
+    mongo_db: MongoDb = "mechinterp",
+) -> None:
+    """Print one feature: statistics, explanation, top contexts with activating tokens highlighted, DLA tokens."""
+    from rich.console import Console
+
+    from lm_saes_core.analysis.render import feature_view, load_tokenizer
+
+    with _open_store(store_path, mongo_uri, mongo_db) as store:
+        dictionary = store.get_dictionary(name, series)
+        if dictionary is None:
+            known = ", ".join(f"{d.name} ({d.series})" for d in store.list_dictionaries()) or "none"
+            _fail(f"no dictionary {name!r} in series {series!r}; stored dictionaries: {known}")
+        d_sae = dictionary.cfg.get("d_sae")
+        if index < 0 or (d_sae is not None and index >= d_sae):
+            _fail(
+                f"feature index {index} is out of range: dictionary {name!r} has d_sae {d_sae} (0 <= INDEX < {d_sae})"
+            )
+        feature = store.get_feature(name, series, index)
+        if feature is None:
+            _fail(f"feature {index} of {name!r} (series {series!r}) has no records yet: run the analysis first")
+        names = [item.name for item in feature.analyses]
+        if analysis is not None and analysis not in names:
+            _fail(f"feature {index} of {name!r} has no analysis {analysis!r}; it has: {', '.join(names) or 'none'}")
+        chosen = feature.analysis(analysis or "default") or (feature.analyses[0] if feature.analyses else None)
+        tokenizer, note = load_tokenizer(store, dictionary) if chosen is not None else (None, "")
+    console = Console()
+    markers = console.color_system is None or console.no_color
+    console.print(
+        feature_view(
+            feature,
+            dictionary,
+            chosen,
+            tokenizer,
+            note,
+            n_samples=samples,
+            n_other_samples=other_samples,
+            window=window,
+            markers=markers,
+        )
+    )
+
+
+@app.command("list")
+def list_dictionaries(
+    series: Annotated[str | None, typer.Option("--series", "-s", help="Only this series")] = None,
+    store_path: StorePath = None,
+    mongo_uri: MongoUri = None,
+    mongo_db: MongoDb = "mechinterp",
+) -> None:
+    """Print the stored dictionaries with their evaluation metrics and how many features each analysis covered."""
+    from rich.console import Console
+
+    from lm_saes_core.analysis.render import dictionaries_table
+
+    with _open_store(store_path, mongo_uri, mongo_db) as store:
+        dictionaries = store.list_dictionaries(series)
+        analysed = {
+            (d.series, d.name): {
+                analysis: store.count_features_with_analysis(d.name, d.series, analysis)
+                for analysis in store.list_analysis_names(d.name, d.series)
+            }
+            for d in dictionaries
+        }
+    if not dictionaries:
+        typer.echo("no dictionaries stored" + (f" in series {series!r}" if series else ""))
+        return
+    Console().print(dictionaries_table(dictionaries, analysed))
 
 
 if __name__ == "__main__":

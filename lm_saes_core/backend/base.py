@@ -3,6 +3,7 @@
 import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -30,6 +31,23 @@ class LanguageModelConfig(BaseModelConfig):
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+
+
+@dataclass(frozen=True)
+class Unembedding:
+    """The model's path from the residual stream to the logits: final norm, then unembedding (logits = norm(x) W_U
+    + b_U). Tensors are the model's own parameters (not copies); read them under no_grad."""
+
+    W_U: torch.Tensor
+    """(d_model, d_vocab)"""
+    b_U: torch.Tensor | None
+    """(d_vocab,), None when the unembedding has no bias."""
+    norm_weight: torch.Tensor | None
+    """(d_model,) the final norm's elementwise gain as applied (Gemma-style `1 + w` already added); None: no norm."""
+    norm_bias: torch.Tensor | None
+    """(d_model,) the final LayerNorm's bias; None for RMSNorm."""
+    norm_centres: bool
+    """LayerNorm subtracts the mean before scaling; RMSNorm does not."""
 
 
 class UnknownHookPointError(ValueError):
@@ -147,6 +165,10 @@ class LanguageModel(ABC):
         and returns the tensor the rest of the model sees; its output is cast back to the activation's dtype.
         This is how a dictionary is spliced into the model (evaluation's downstream metrics).
         """
+
+    @abstractmethod
+    def unembedding(self) -> Unembedding:
+        """The final norm's parameters and the unembedding, for reading directions in vocabulary space (DLA)."""
 
     # ---- token ids: config overrides win over the tokenizer's own ----
     @property

@@ -18,6 +18,7 @@ from lm_saes_core.backend.base import (
     LanguageModel,
     LanguageModelConfig,
     Replacement,
+    Unembedding,
     check_replaceable,
 )
 
@@ -30,10 +31,11 @@ class _Layout:
     attn: str
     ln2: str
     mlp: str
+    final_norm: str  # dotted path from the causal LM to the norm before the LM head
 
 
-_LLAMA = _Layout("model.layers", "self_attn", "post_attention_layernorm", "mlp")
-_GPT2 = _Layout("transformer.h", "attn", "ln_2", "mlp")
+_LLAMA = _Layout("model.layers", "self_attn", "post_attention_layernorm", "mlp", "model.norm")
+_GPT2 = _Layout("transformer.h", "attn", "ln_2", "mlp", "transformer.ln_f")
 LAYOUTS: dict[str, _Layout] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gpt2": _GPT2}
 
 _Read = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -121,6 +123,18 @@ class HuggingFaceLanguageModel(LanguageModel):
     def hook_dim(self, hook_point: str) -> int:
         self.validate_hook_points([hook_point])
         return self.d_model  # every hook this backend offers lives in the residual width
+
+    def unembedding(self) -> Unembedding:
+        norm = self.model.get_submodule(self.layout.final_norm)
+        lm_head = self.model.get_output_embeddings()
+        centres = isinstance(norm, nn.LayerNorm)
+        return Unembedding(
+            W_U=lm_head.weight.T,
+            b_U=lm_head.bias,
+            norm_weight=norm.weight,
+            norm_bias=norm.bias if centres else None,
+            norm_centres=centres,
+        )
 
     def _module(self, name: str) -> tuple[nn.Module, str, _Read]:
         """The module whose input ("in") or output ("out") is the activation named `name`, and how to read it."""

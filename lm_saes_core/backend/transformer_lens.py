@@ -15,6 +15,7 @@ from lm_saes_core.backend.base import (
     LanguageModel,
     LanguageModelConfig,
     Replacement,
+    Unembedding,
     check_replaceable,
 )
 from lm_saes_core.backend.huggingface import config_max_context, first_tensor
@@ -62,6 +63,18 @@ class TransformerLensLanguageModel(LanguageModel):
     @property
     def max_context(self) -> int:
         return config_max_context(self.bridge.original_model.config)
+
+    def unembedding(self) -> Unembedding:
+        norm, unembed = self.bridge.ln_final, self.bridge.unembed
+        weight = norm.original_component.weight
+        bias = getattr(norm.original_component, "bias", None)
+        return Unembedding(
+            W_U=unembed.W_U,
+            b_U=getattr(unembed.original_component, "bias", None),
+            norm_weight=1.0 + weight if norm.uses_weight_offset else weight,
+            norm_bias=None if norm.uses_rms_norm else bias,
+            norm_centres=not norm.uses_rms_norm,
+        )
 
     def hook_dim(self, hook_point: str) -> int:
         """Measured once per hook with a one-token forward: the bridge's hooks have many shapes (heads, MLP)."""

@@ -1,0 +1,109 @@
+"""`direct_logit_attribute`: the tokens each feature of a saved dictionary promotes and suppresses through the
+language model's unembedding (see `lm_saes_core.analysis.direct_logit` for what exactly is computed), written to
+the record store and optionally to a JSON file."""
+
+import json
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from pydantic import Field
+
+from lm_saes_core.analysis.direct_logit import (
+    DirectLogitAttributorConfig,
+    attribute_directions,
+    check_writes_residual_stream,
+    decoder_directions,
+)
+from lm_saes_core.backend.base import LanguageModelConfig
+from lm_saes_core.config import BaseConfig, validate_config
+from lm_saes_core.io import atomic_write_text
+from lm_saes_core.log import setup_logging
+from lm_saes_core.models.config import SAEConfig
+from lm_saes_core.models.pretrained import PretrainedSAE
+from lm_saes_core.models.sae import locate_pretrained, read_config_json
+from lm_saes_core.store import DictionaryRecord, FeatureLogits, RecordStore, RecordStoreConfig, open_store
+
+logger = logging.getLogger(__name__)
+
+
+class DirectLogitAttributeSettings(BaseConfig):
+    sae: PretrainedSAE
+    """The dictionary; a dataset-wise one is folded on load (`fold_activation_scale`, default true) so W_D is raw."""
+    sae_name: str
+    sae_series: str = "default"
+    model: LanguageModelConfig
+    """The language model whose unembedding reads the decoder directions (the one the dictionary was trained on)."""
+    top_k: int = Field(default=10, gt=0)
+    """Promoted and suppressed tokens kept per feature."""
+    feature_batch_size: int = Field(default=256, gt=0)
+    """Features attributed at once (memory: feature_batch_size x d_vocab x 4 bytes)."""
+    store: RecordStoreConfig = Field(default_factory=RecordStoreConfig)
+    output_path: str | None = None
+    """Also write the results as JSON here."""
+
+
+def direct_logit_attribute(settings: DirectLogitAttributeSettings) -> dict[int, FeatureLogits]:
+    """Attribute every feature of `settings.sae`, store the results on its feature records, return them by index."""
+    setup_logging()
+    config_file, _ = locate_pretrained(settings.sae.pretrained_name_or_path)
+    saved_cfg = read_config_json(config_file)
+    sae_cfg = validate_config(SAEConfig, saved_cfg, source=str(config_file))
+    check_writes_residual_stream(sae_cfg)  # the hook name; the model's hooks and width are checked once loaded
+    # The store opens (an unreachable MongoDB fails here) before the model loads.
+    with open_store(settings.store) as store:
+        from lm_saes_core.backend import load_model
+
+        model = load_model(settings.model)
+        check_writes_residual_stream(sae_cfg, model)
+        # Folding puts a dataset-wise dictionary's decoder rows into the model's raw activation space.
+        sae = settings.sae.model_copy(update={"fold_activation_scale": True}).load()
+        logger.info(
+            "direct logit attribution of %s (%d features) through %s",
+            settings.sae_name,
+            sae.cfg.d_sae,
+            settings.model.model_name,
+        )
+        cfg = DirectLogitAttributorConfig(top_k=settings.top_k, feature_batch_size=settings.feature_batch_size)
+        results = dict(enumerate(attribute_directions(decoder_directions(sae), model, cfg)))
+        _ensure_records(store, settings, saved_cfg)
+        store.set_feature_logits(settings.sae_name, settings.sae_series, results)
+    if settings.output_path is not None:
+        _write_json(settings, results)
+    return results
+
+
+def _ensure_records(store: RecordStore, settings: DirectLogitAttributeSettings, saved_cfg: dict) -> None:
+    """The feature records hang off a dictionary record (and the model record lets `show feature` decode tokens)."""
+    model_name = settings.model.model_name
+    if store.get_model(model_name) is None:
+        store.add_model(model_name, settings.model.model_dump(mode="json", exclude={"device"}))
+    path = str(Path(settings.sae.pretrained_name_or_path).resolve())
+    stored = store.get_dictionary(settings.sae_name, settings.sae_series)
+    if stored is None:
+        store.add_dictionary(
+            DictionaryRecord(
+                name=settings.sae_name, series=settings.sae_series, path=path, cfg=saved_cfg, model_name=model_name
+            )
+        )
+    elif stored.path != path:
+        logger.warning(
+            "dictionary %s/%s is stored with path %s, but the logits were computed from %s",
+            settings.sae_series,
+            settings.sae_name,
+            stored.path,
+            path,
+        )
+
+
+def _write_json(settings: DirectLogitAttributeSettings, results: dict[int, FeatureLogits]) -> None:
+    record = {
+        "sae_name": settings.sae_name,
+        "sae_series": settings.sae_series,
+        "sae_path": settings.sae.pretrained_name_or_path,
+        "model_name": settings.model.model_name,
+        "top_k": settings.top_k,
+        "features": {str(index): asdict(logits) for index, logits in results.items()},
+    }
+    Path(settings.output_path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(settings.output_path, json.dumps(record, indent=1, ensure_ascii=False))
