@@ -24,13 +24,20 @@ from lm_saes_core.models import SAEConfig, SparseAutoEncoder
 
 D_MODEL, D_SAE, K = 576, 4608, 32  # defaults; --d-model/--d-sae/--k override them
 DEVICE = "cpu"
+AMP: torch.dtype | None = None  # --amp bf16: autocast our step and the dense reference (sparsify autocasts on CUDA)
 HOOK = "blocks.6.hook_resid_post"
 QUICKSTART_CACHE = Path(".lm_saes/quickstart/activations")
 
 
-def configure(device: str, d_model: int, d_sae: int, k: int) -> None:
-    global DEVICE, D_MODEL, D_SAE, K
+def configure(device: str, d_model: int, d_sae: int, k: int, amp: str | None) -> None:
+    global DEVICE, D_MODEL, D_SAE, K, AMP
     DEVICE, D_MODEL, D_SAE, K = device, d_model, d_sae, k
+    AMP = {"bf16": torch.bfloat16, None: None}[amp]
+
+
+def autocast():
+    enabled = AMP is not None
+    return torch.autocast(torch.device(DEVICE).type, dtype=AMP or torch.bfloat16, enabled=enabled)
 
 
 def load_activations(n_rows: int) -> tuple[torch.Tensor, str]:
@@ -84,7 +91,8 @@ def ours(act_fn: str) -> Callable[[torch.Tensor], None]:
     loss_terms = {} if act_fn in ("topk", "batchtopk") else {"sparsity_loss_type": "power", "l1_coefficient": 1e-3}
 
     def step(x: torch.Tensor) -> None:
-        out = model.compute_loss({HOOK: x}, **loss_terms)
+        with autocast():
+            out = model.compute_loss({HOOK: x}, **loss_terms)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -104,17 +112,18 @@ def dense_reference(act_fn: str) -> Callable[[torch.Tensor], None]:
     optimizer = torch.optim.Adam(params, lr=1e-4)
 
     def step(x: torch.Tensor) -> None:
-        h = x @ W_E + b_E
-        if act_fn == "topk":
-            values, indices = torch.relu(h).topk(K, dim=-1)
-            f = torch.zeros_like(h).scatter(-1, indices, values)
-        elif act_fn == "jumprelu":
-            f = h * (h > threshold)  # no threshold gradient: a lower bound on the cost of any JumpReLU step
-        else:
-            f = torch.relu(h)
-        loss = ((f @ W_D + b_D - x) ** 2).sum(-1).mean()
-        if act_fn != "topk":
-            loss = loss + 1e-3 * (f * W_D.norm(dim=-1)).sum(-1).mean()
+        with autocast():
+            h = x @ W_E + b_E
+            if act_fn == "topk":
+                values, indices = torch.relu(h).topk(K, dim=-1)
+                f = torch.zeros_like(h).scatter(-1, indices, values)
+            elif act_fn == "jumprelu":
+                f = h * (h > threshold)  # no threshold gradient: a lower bound on the cost of any JumpReLU step
+            else:
+                f = torch.relu(h)
+            loss = ((f @ W_D + b_D - x) ** 2).sum(-1).mean()
+            if act_fn != "topk":
+                loss = loss + 1e-3 * (f * W_D.norm(dim=-1)).sum(-1).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -171,9 +180,10 @@ def main() -> None:
     parser.add_argument("--d-model", type=int, default=D_MODEL)
     parser.add_argument("--d-sae", type=int, default=D_SAE)
     parser.add_argument("--k", type=int, default=K)
+    parser.add_argument("--amp", choices=["bf16"], default=None, help="autocast dtype for ours and the reference")
     parser.add_argument("--profile", action="store_true", help="print where our TopK step spends its time, then exit")
     args = parser.parse_args()
-    configure(args.device, args.d_model, args.d_sae, args.k)
+    configure(args.device, args.d_model, args.d_sae, args.k, args.amp)
     x, source = load_activations(args.steps * args.batch)
     batches = [batch.to(DEVICE) for batch in x.split(args.batch)]
     if args.profile:
@@ -199,8 +209,9 @@ def main() -> None:
 
     medians = {name: statistics.median(rates) for name, rates in rows}
     table = Table(
-        title=f"SAE training step, d_model {D_MODEL}, d_sae {D_SAE}, k {K}, batch {args.batch}, fp32, "
-        f"{threads_or_gpu()}; {source}; median of {args.repeats} x {args.steps} steps"
+        title=f"SAE training step, d_model {D_MODEL}, d_sae {D_SAE}, k {K}, batch {args.batch}, "
+        f"{'bf16 autocast' if AMP else 'fp32'} (sparsify: bf16 autocast on CUDA), {threads_or_gpu()}; {source}; "
+        f"median of {args.repeats} x {args.steps} steps"
     )
     for column in ("contender", "tokens/s", "vs dense reference", "vs sparsify"):
         table.add_column(column, justify="left" if column == "contender" else "right")
