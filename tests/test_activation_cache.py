@@ -205,3 +205,25 @@ def test_full_disk_mid_write_leaves_no_complete_looking_files(tmp_path):
     assert not (root / "manifest.json").exists()
     names = sorted(p.name for p in (root / "h").iterdir())
     assert "chunk-00000004.safetensors" not in names and not [n for n in names if n.startswith(".tmp-")]
+
+
+def test_factory_labels_rows_of_several_cached_sources_with_its_own_source_index(tmp_path):
+    from lm_saes_core.activation.config import ActivationFactoryActivationsSource, ActivationFactoryConfig
+    from lm_saes_core.activation.factory import ActivationFactory
+
+    for name in ("a", "b"):  # both caches recorded source index 0 when they were generated
+        cfg = ActivationWriterConfig(hook_points=HOOKS, cache_dir=str(tmp_path / name))
+        ActivationWriter(cfg, provenance={"dataset_name": name}).write(synthetic_stream())
+    factory = ActivationFactory(
+        ActivationFactoryConfig(
+            sources=[
+                ActivationFactoryActivationsSource(name=name, path=str(tmp_path / name), num_workers=0)
+                for name in ("a", "b")
+            ],
+            target="activations-2d",
+            hook_points=HOOKS,
+            batch_size=3,
+        )
+    )
+    labels = torch.cat([item["source_idx"][:, 0] for item in factory.process()])
+    assert sorted(labels.tolist()) == [0] * 15 + [1] * 15

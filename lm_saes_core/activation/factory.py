@@ -75,7 +75,7 @@ class ActivationFactory:
                     raise ValueError(f"a language model is needed to compute activations for source {source.name!r}")
                 chains.append(self._dataset_chain(source_idx, source, datasets[source.name], model))
             else:
-                chains.append(self._activations_chain(source, epoch))
+                chains.append(self._activations_chain(source_idx, source, epoch))
         weights = [source.sample_weights for source in self.cfg.sources]
         items = self._interleave(chains, weights, self._seed + epoch)
         shuffle = BufferShuffleConfig(
@@ -120,7 +120,9 @@ class ActivationFactory:
             item = {**activations, **batch}
             yield flatten_tokens(item) if self.target == ActivationFactoryTarget.ACTIVATIONS_1D else item
 
-    def _activations_chain(self, source: ActivationFactoryActivationsSource, epoch: int) -> Iterator[Item]:
+    def _activations_chain(
+        self, source_idx: int, source: ActivationFactoryActivationsSource, epoch: int
+    ) -> Iterator[Item]:
         cache = CachedActivations(source.path, hook_points=self.cfg.hook_points)
         if cache.layout == "1d" and self.target == ActivationFactoryTarget.ACTIVATIONS_2D:
             raise ValueError(f"source {source.name!r} holds 1-D (token) activations; target activations-2d needs 2-D")
@@ -133,6 +135,8 @@ class ActivationFactory:
             shuffle_seed=self._seed if source.shuffle_chunks else None,
             epoch=epoch,
         ):
+            if "tokens" in item:  # the cache recorded its generator's source index; this factory's index names it here
+                item["source_idx"] = torch.full_like(item["tokens"], source_idx)
             yield (
                 flatten_tokens(item)
                 if self.target == ActivationFactoryTarget.ACTIVATIONS_1D and "mask" in item
