@@ -1,0 +1,126 @@
+"""`analyze_sae`: every feature of a saved dictionary analysed over an activation stream (statistics and sample
+contexts), stored in the record store and optionally exported to a file."""
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+from pydantic import Field, ValidationError
+
+from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
+from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.analysis.feature_analyzer import FeatureAnalyzer, FeatureAnalyzerConfig
+from lm_saes_core.backend.base import LanguageModelConfig
+from lm_saes_core.config import BaseConfig, ConfigError, format_validation_error
+from lm_saes_core.data import DatasetConfig
+from lm_saes_core.log import setup_logging
+from lm_saes_core.models.config import SAEConfig
+from lm_saes_core.models.pretrained import PretrainedSAE
+from lm_saes_core.models.sae import locate_pretrained, read_config_json
+from lm_saes_core.runners.common import (
+    check_dictionary_fits,
+    check_sources_configured,
+    load_language_model_and_datasets,
+)
+from lm_saes_core.store import DictionaryRecord, FeatureAnalysis, RecordStoreConfig, open_store
+from lm_saes_core.store.export import analysis_export_path, write_analysis_export
+
+logger = logging.getLogger(__name__)
+
+
+class AnalyzeSAESettings(BaseConfig):
+    sae: PretrainedSAE
+    """The dictionary; `fold_activation_scale` (default true) makes the analysis see features of raw activations."""
+    sae_name: str
+    sae_series: str = "default"
+    activation_factory: ActivationFactoryConfig
+    """Must produce whole contexts (target activations-2d): the samples are contexts."""
+    model: LanguageModelConfig | None = None
+    """Needed by dataset sources."""
+    model_name: str | None = None
+    """Name recorded with the dictionary; defaults to `model.model_name`."""
+    datasets: dict[str, DatasetConfig | None] | None = None
+    analyzer: FeatureAnalyzerConfig
+    analysis_name: str = "default"
+    store: RecordStoreConfig = Field(default_factory=RecordStoreConfig)
+    output_dir: str | None = None
+    """Also write the analyses to `<output_dir>/<series>/<name>/<analysis>_analysis_<n>_features.npz`."""
+
+
+def read_sae_config(sae: PretrainedSAE) -> tuple[SAEConfig, dict]:
+    """The saved dictionary's config (validated) and its config.json contents, without loading the weights."""
+    config_file, _ = locate_pretrained(sae.pretrained_name_or_path)
+    data = read_config_json(config_file)
+    try:
+        return SAEConfig.model_validate(data), data
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(config_file))) from None
+
+
+@torch.no_grad()
+def analyze_sae(settings: AnalyzeSAESettings) -> list[FeatureAnalysis]:
+    """Analyse every feature of `settings.sae` and store the results as feature `i`'s analysis `analysis_name`.
+
+    Cheap checks come first (target, hook points, configured sources, reachable store), so a wrong setting fails
+    before the language model loads."""
+    setup_logging()
+    factory_cfg = settings.activation_factory
+    if factory_cfg.target != ActivationFactoryTarget.ACTIVATIONS_2D:
+        raise ValueError(
+            f"activation_factory.target is {factory_cfg.target.value!r}, but feature analysis keeps whole contexts: "
+            "use activations-2d"
+        )
+    sae_cfg, saved_cfg = read_sae_config(settings.sae)
+    check_dictionary_fits(sae_cfg, factory_cfg)
+    check_sources_configured(factory_cfg, settings.model, settings.datasets)
+    if settings.output_dir is not None:
+        analysis_export_path(settings.output_dir, settings.sae_name, settings.sae_series, settings.analysis_name, 0)
+    with open_store(settings.store) as store:
+        sae = settings.sae.load()
+        language_model, datasets = load_language_model_and_datasets(factory_cfg, settings.model, settings.datasets)
+        check_dictionary_fits(sae.cfg, factory_cfg, language_model)
+        factory = ActivationFactory(factory_cfg)
+        factory.validate(language_model)
+        model_name = settings.model_name or (settings.model.model_name if settings.model else None)
+        stream = factory.process(model=language_model, model_name=model_name, datasets=datasets)
+
+        started = time.perf_counter()
+        analyses = FeatureAnalyzer(settings.analyzer).analyze(
+            sae,
+            stream,
+            source_names=[source.name for source in factory_cfg.sources],
+            analysis_name=settings.analysis_name,
+        )
+        elapsed = time.perf_counter() - started
+        n_tokens = analyses[0].n_analyzed_tokens
+        alive = sum(analysis.act_times > 0 for analysis in analyses)
+        logger.info(
+            "analysed %d features of %s over %d tokens in %.1f s (%.0f tokens/s): %d alive (%.1f%%)",
+            len(analyses),
+            settings.sae_name,
+            n_tokens,
+            elapsed,
+            n_tokens / elapsed,
+            alive,
+            100 * alive / len(analyses),
+        )
+
+        existing = store.get_dictionary(settings.sae_name, settings.sae_series)
+        store.add_dictionary(
+            DictionaryRecord(
+                name=settings.sae_name,
+                series=settings.sae_series,
+                path=str(Path(settings.sae.pretrained_name_or_path).resolve()),
+                cfg=saved_cfg,
+                model_name=model_name,
+                metrics=existing.metrics if existing is not None else {},  # keep what evaluation stored
+            )
+        )
+        store.add_feature_analyses(settings.sae_name, settings.sae_series, analyses)
+    if settings.output_dir is not None:
+        path = write_analysis_export(
+            settings.output_dir, settings.sae_name, settings.sae_series, settings.analysis_name, analyses
+        )
+        logger.info("wrote the analysis export %s", path)
+    return analyses
