@@ -63,6 +63,40 @@ def evaluate(config: ConfigPath, overrides: Overrides = None) -> None:
         typer.echo(f"{key:45s} {value:.6g}")
 
 
+@app.command()
+def analyze(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Analyse every feature of a dictionary (statistics and sample contexts) into the record store."""
+    from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
+
+    settings = _load(AnalyzeSAESettings, config, overrides)
+    analyses = analyze_sae(settings)
+    alive = sum(analysis.act_times > 0 for analysis in analyses)
+    typer.echo(f"analysed {len(analyses)} features of {settings.sae_name} ({alive} active)")
+
+
+@app.command()
+def dla(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Direct logit attribution of every feature's decoder direction into the record store."""
+    from lm_saes_core.runners.dla import DirectLogitAttributeSettings, direct_logit_attribute
+
+    settings = _load(DirectLogitAttributeSettings, config, overrides)
+    logits = direct_logit_attribute(settings)
+    typer.echo(f"attributed {len(logits)} features of {settings.sae_name}")
+
+
+@app.command()
+def autointerp(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Explain and score features with an LLM behind an OpenAI-compatible API (resumes missing features)."""
+    from lm_saes_core.runners.autointerp import AutoInterpSettings, auto_interp
+
+    result = auto_interp(_load(AutoInterpSettings, config, overrides))
+    typer.echo(
+        f"interpreted {len(result.interpreted)}, failed {len(result.failed)}, "
+        f"kept {len(result.skipped_existing)}, inactive {len(result.skipped_inactive)}; "
+        f"{result.n_requests} requests"
+    )
+
+
 @app.command("check-activations")
 def check_activations(
     target: Annotated[Path, typer.Argument(help="A cache directory, or a settings file")],

@@ -1,15 +1,25 @@
 """The runners: each composes the library's pieces into one job driven by one settings object."""
 
+from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
+from lm_saes_core.runners.autointerp import AutoInterpResult, AutoInterpSettings, auto_interp
 from lm_saes_core.runners.consistency import (
     CheckActivationConsistencySettings,
     ConsistencyReport,
     check_activation_consistency,
 )
+from lm_saes_core.runners.dla import DirectLogitAttributeSettings, direct_logit_attribute
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.generate import GenerateActivationsSettings, GenerationResult, generate_activations
 from lm_saes_core.runners.train import SweepingItem, SweepSAESettings, TrainSAESettings, sweep_sae, train_sae
 
 __all__ = [
+    "AnalyzeSAESettings",
+    "AutoInterpResult",
+    "AutoInterpSettings",
+    "DirectLogitAttributeSettings",
+    "analyze_sae",
+    "auto_interp",
+    "direct_logit_attribute",
     "CheckActivationConsistencySettings",
     "ConsistencyReport",
     "EvaluateSAESettings",
