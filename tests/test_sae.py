@@ -198,12 +198,14 @@ def test_select_batch_topk_matches_the_whole_batch_search_also_on_its_fallback()
     heavy = scores.clone()
     heavy[3] += 10.0  # row 3 holds more than 4k of the batch's top entries: the fast search must fall back
     for s in (scores, heavy):
-        indices, keep, threshold = kernels.select_batch_topk(s, k=2)
+        selection, threshold = kernels.select_batch_topk(s, k=2)
         reference_threshold = s.reshape(-1).topk(64).values.min()
         assert threshold.item() == reference_threshold.item()
-        dense = torch.zeros_like(s).scatter_(-1, indices, s.gather(-1, indices) * keep)
+        dense = kernels.densify(selection, s[selection.rows, selection.cols], *s.shape)
         torch.testing.assert_close(dense, s * (s >= reference_threshold))
-    assert keep.sum().item() == 64
+        assert len(selection.rows) == 64 and torch.equal(selection.rows, selection.rows.sort().values)
+        assert torch.equal(selection.offsets, kernels.row_offsets(selection.rows, 32))
+    assert (selection.rows == 3).sum().item() > 8  # the heavy row holds more than 4k pairs: rows differ in length
 
 
 # ------------------------------------------------------------------ loss terms by hand

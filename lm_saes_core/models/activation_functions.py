@@ -84,7 +84,7 @@ def batchtopk_threshold(x: Tensor, k: int) -> Tensor:
     0-d tensor; 0 when fewer than k * n_rows entries are positive (then every positive entry is kept).
     """
     with torch.no_grad():
-        return select_batch_topk(x, k)[2]
+        return select_batch_topk(x, k)[1]
 
 
 def threshold_activation(x: Tensor, threshold: Tensor | float, inclusive: bool = False) -> Tensor:

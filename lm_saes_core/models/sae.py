@@ -251,39 +251,36 @@ class SparseAutoEncoder(nn.Module):
 
     def _select_sparse(
         self, x: Tensor, hidden_pre: Tensor, k: int, latent_mask: Tensor | None = None, update_threshold: bool = True
-    ) -> tuple[Tensor, Tensor]:
-        """TopK/BatchTopK as (indices, values) (N, K): values equal the dense activations at the indices."""
+    ) -> tuple[kernels.Selection, Tensor]:
+        """TopK/BatchTopK as a selection and its values (M,): the values equal the dense activations there."""
+        keep = None
         with torch.no_grad():
             scores = self._scores(hidden_pre.detach())
             if latent_mask is not None:
                 scores = scores * latent_mask
             if self.cfg.act_fn == "topk":
-                indices, keep = kernels.select_topk(scores, k)
+                selection, keep = kernels.select_topk(scores, k)
             elif self.training:
-                indices, keep, threshold = kernels.select_batch_topk(scores, k)
+                selection, threshold = kernels.select_batch_topk(scores, k)
                 if update_threshold and scores.shape[0] > 0:
                     self._update_topk_threshold(threshold)
             else:
-                indices, keep = kernels.select_above(scores, self.topk_threshold)
+                selection = kernels.select_above(scores, self.topk_threshold)
         # relu(h * n) / n == h on kept entries, so the values are the plain pre-activations there.
-        return indices, kernels.gather_preacts(x, self.W_E, self.b_E, hidden_pre, indices) * keep
+        values = kernels.gather_preacts(x, self.W_E, self.b_E, hidden_pre, selection)
+        return selection, values * keep if keep is not None else values
 
-    def _features(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
-        """(f (N, d_sae), h (N, d_sae), sparse (indices, values) or None) for normalised x (N, d_in)."""
+    def _features(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[kernels.Selection, Tensor] | None]:
+        """(f (N, d_sae), h (N, d_sae), sparse (selection, values) or None) for normalised x (N, d_in)."""
         k = self.current_k
-        update_threshold = True
         if self._use_sparse_kernels(k):
             with torch.no_grad():
                 hidden_pre = torch.addmm(self.b_E, x, self.W_E)
-            indices, values = self._select_sparse(x, hidden_pre, k)
-            if indices.shape[1] * 8 <= self.cfg.d_sae:
-                return kernels.densify(indices, values, self.cfg.d_sae), hidden_pre, (indices, values)
-            # A BatchTopK batch where a few tokens hold most of the batch's features: padded to the widest row,
-            # the sparse form is no longer sparse, so this batch takes the dense path (same threshold, already
-            # folded into the inference estimate).
-            update_threshold = False
+            selection, values = self._select_sparse(x, hidden_pre, k)
+            f = kernels.densify(selection, values, x.shape[0], self.cfg.d_sae)
+            return f, hidden_pre, (selection, values)
         hidden_pre = torch.addmm(self.b_E, x, self.W_E)
-        return self._activate(hidden_pre, k, update_threshold), hidden_pre, None
+        return self._activate(hidden_pre, k), hidden_pre, None
 
     def encode(self, x: Tensor, return_hidden_pre: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Feature activations (..., d_sae) of normalised x (..., d_in); in the sparse TopK path h is detached."""
@@ -297,7 +294,7 @@ class SparseAutoEncoder(nn.Module):
         y = f @ self.W_D
         return y + self.b_D if self.b_D is not None else y
 
-    def _reconstruct_normalised(self, x: Tensor, f: Tensor, sparse: tuple[Tensor, Tensor] | None) -> Tensor:
+    def _reconstruct_normalised(self, x: Tensor, f: Tensor, sparse: tuple[kernels.Selection, Tensor] | None) -> Tensor:
         y = kernels.sparse_decode(*sparse, self.W_D) if sparse is not None else f @ self.W_D
         if self.b_D is not None:
             y = y + self.b_D
@@ -400,8 +397,8 @@ class SparseAutoEncoder(nn.Module):
         k = min(k_aux, n_dead)
         dead = dead_latents.to(hidden_pre.dtype)
         if self._use_sparse_kernels(k):
-            indices, values = self._select_sparse(x, hidden_pre, k, latent_mask=dead, update_threshold=False)
-            residual_hat = kernels.sparse_decode(indices, values, self.W_D)
+            selection, values = self._select_sparse(x, hidden_pre, k, latent_mask=dead, update_threshold=False)
+            residual_hat = kernels.sparse_decode(selection, values, self.W_D)
         else:
             residual_hat = self._activate(hidden_pre * dead, k, update_threshold=False) @ self.W_D
         return (residual - residual_hat).pow(2).sum(-1).mean()
