@@ -236,6 +236,8 @@ class SparseAutoEncoder(nn.Module):
 
     def _activate(self, hidden_pre: Tensor, k: int, update_threshold: bool = True) -> Tensor:
         """Dense feature activations (N, d_sae) from pre-activations."""
+        if self.cfg.act_fn == "relu":  # relu(h * n) / n == relu(h) for decoder norms n > 0: gating changes nothing
+            return act.relu(hidden_pre)
         scores = self._scores(hidden_pre)
         match self.cfg.act_fn:
             case "relu":
@@ -353,14 +355,19 @@ class SparseAutoEncoder(nn.Module):
 
         l_sparsity = None
         if sparsity_loss_type is not None:
-            contribution = f * self.decoder_norm()  # (N, d_sae): what each feature adds to the reconstruction
-            if sparsity_loss_type == "power":
-                l_sparsity = l1_coefficient * contribution.norm(p=p, dim=-1).mean()
+            # f * n (N, d_sae) is what each feature adds to the reconstruction; formed only where needed.
+            if sparsity_loss_type == "power" and p == 1:
+                # Every activation function here gives f >= 0, so the L1 norm of f * n is the product f @ n: one
+                # pass over (N, d_sae) forward and backward instead of a product, an abs and their gradients.
+                l_sparsity = l1_coefficient * (f @ self.decoder_norm()).mean()
+            elif sparsity_loss_type == "power":
+                l_sparsity = l1_coefficient * (f * self.decoder_norm()).norm(p=p, dim=-1).mean()
             elif sparsity_loss_type == "tanh":
+                contribution = f * self.decoder_norm()
                 l_sparsity = l1_coefficient * torch.tanh(tanh_stretch_coefficient * contribution).sum(-1).mean()
             elif sparsity_loss_type == "tanh-quad":
                 # One penalty per batch on the soft firing frequency p_i: sum_i p_i (1 + p_i / s).
-                freq = torch.tanh(tanh_stretch_coefficient * contribution).mean(0)
+                freq = torch.tanh(tanh_stretch_coefficient * f * self.decoder_norm()).mean(0)
                 l_sparsity = l1_coefficient * (freq * (1 + freq / frequency_scale)).sum()
             elif sparsity_loss_type == "l0":
                 # JumpReLU's own L0: count the features over threshold; only the threshold gets a gradient.
