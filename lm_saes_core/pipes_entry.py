@@ -25,7 +25,7 @@ from lm_saes_core.io import file_sha256
 
 logger = logging.getLogger(__name__)
 
-USAGE = "usage: python -m lm_saes_core.pipes_entry {train|evaluate|generate} SETTINGS_FILE"
+USAGE = "usage: python -m lm_saes_core.pipes_entry {train|evaluate|generate|analyze|dla} SETTINGS_FILE"
 
 
 @dataclass
@@ -83,9 +83,46 @@ def _run_generate(settings: BaseConfig) -> StepReport:
         "n_tokens": result.n_tokens,
         "n_chunks": result.n_chunks,
         "bytes": result.bytes_on_disk,
+        "reused": result.reused,
         "output_path": _path(result.output_dir),
     }
     return StepReport(metadata, result.manifest_path)
+
+
+def _run_analyze(settings: BaseConfig) -> StepReport:
+    import time
+
+    from lm_saes_core.runners.analyze import analyze_sae
+    from lm_saes_core.store.export import analysis_export_path
+
+    if settings.output_dir is None:
+        raise ConfigError("output_dir: analyze needs an export directory (the export's hash is the data version)")
+    started = time.perf_counter()
+    analyses = analyze_sae(settings)
+    seconds = time.perf_counter() - started
+    n_tokens = analyses[0].n_analyzed_tokens if analyses else 0
+    metadata = {
+        "n_features": len(analyses),
+        "alive_features": sum(analysis.act_times > 0 for analysis in analyses),
+        "analysed_tokens": n_tokens,
+        "tokens_per_second": n_tokens / seconds if seconds > 0 else 0.0,
+        "seconds": seconds,
+    }
+    path = analysis_export_path(
+        settings.output_dir, settings.sae_name, settings.sae_series, settings.analysis_name, len(analyses)
+    )
+    return StepReport({**metadata, "output_path": _path(path)}, path)
+
+
+def _run_dla(settings: BaseConfig) -> StepReport:
+    from lm_saes_core.runners.dla import direct_logit_attribute
+
+    if settings.output_path is None:
+        raise ConfigError("output_path: dla needs a file for the results JSON (its hash is the data version)")
+    results = direct_logit_attribute(settings)
+    return StepReport(
+        {"n_features": len(results), "output_path": _path(settings.output_path)}, Path(settings.output_path)
+    )
 
 
 def _settings_class(runner: str) -> type[BaseConfig]:
@@ -98,6 +135,14 @@ def _settings_class(runner: str) -> type[BaseConfig]:
         from lm_saes_core.runners.evaluate import EvaluateSAESettings
 
         return EvaluateSAESettings
+    if runner == "analyze":
+        from lm_saes_core.runners.analyze import AnalyzeSAESettings
+
+        return AnalyzeSAESettings
+    if runner == "dla":
+        from lm_saes_core.runners.dla import DirectLogitAttributeSettings
+
+        return DirectLogitAttributeSettings
     from lm_saes_core.runners.generate import GenerateActivationsSettings
 
     return GenerateActivationsSettings
@@ -107,6 +152,8 @@ RUNNERS: dict[str, Callable[[BaseConfig], StepReport]] = {
     "train": _run_train,
     "evaluate": _run_evaluate,
     "generate": _run_generate,
+    "analyze": _run_analyze,
+    "dla": _run_dla,
 }
 
 

@@ -1,5 +1,8 @@
-"""`make quickstart`: cache activations of the bundled model from the bundled corpus and check them, train a TopK
-SAE on them, and evaluate it on held-out documents with the language model's loss when it is spliced in."""
+"""`python -m lm_saes_core.quickstart`: the quickstart with the core runners alone, no Dagster: cache activations of
+the bundled model from the bundled corpus and check them, train a TopK SAE on them, and evaluate it on held-out
+documents with the language model's loss when it is spliced in (configs/quickstart/*.yaml, output under
+.lm_saes/quickstart). `make quickstart` runs the same experiment, and the analyses after it, as the Dagster pipeline
+configs/pipelines/quickstart.yaml (see lm_saes_dagster.materialize)."""
 
 import sys
 import time

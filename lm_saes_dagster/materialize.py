@@ -1,58 +1,169 @@
 """`python -m lm_saes_dagster.materialize PIPELINE`: materialise a whole pipeline, in lineage order, on the persistent
-Dagster instance of `$DAGSTER_HOME`, so every run, check and artefact shows up in the UI (`make ui`)."""
+Dagster instance of `$DAGSTER_HOME`, so every run, check and artefact shows up in the UI (`make ui`). `make
+quickstart` runs it on the quickstart pipeline."""
 
 import argparse
 import os
+import shutil
 import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 from dagster._core.definitions.observe import observe  # not re-exported at the top level in 1.13
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG as RANGE_END
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG as RANGE_START
 
-from lm_saes_dagster.definitions import defs
+UI_URL = "http://127.0.0.1:3000"
+LOCATION = "lm_saes_dagster.definitions"  # the code location workspace.yaml names
+LOCAL_INSTANCE_YAML = Path(__file__).resolve().parents[1] / "deploy" / "local" / "dagster.yaml"
+ITEM_ASSETS = ("dictionary", "evaluation", "feature_analyses", "logit_attributions", "interpretations")
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+"""Dagster's console logger without its DEBUG events (every step start, output and handoff); the UI keeps them all."""
 
 
-def materialize_pipeline(name: str, instance: dg.DagsterInstance) -> dict[str, dict[str, float]]:
-    """Every asset of the pipeline `name`, each partition in its own run; returns the evaluation metadata per item."""
+@dataclass
+class ItemOutcome:
+    """What one dictionary item's run produced: metadata per asset, check verdicts, skipped assets and why."""
+
+    metadata: dict[str, dict[str, object]] = field(default_factory=dict)
+    checks: dict[str, bool] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    success: bool = True
+    seconds: float = 0.0
+
+
+def _assets_of(defs: dg.Definitions, name: str) -> dict[str, dg.AssetsDefinition]:
     graph = defs.resolve_asset_graph()
-    key = lambda asset: dg.AssetKey([name, asset])  # noqa: E731
-    if key("corpus") not in graph.get_all_asset_keys():
-        raise SystemExit(
-            f"no pipeline named {name!r}; known: {sorted({k.path[0] for k in graph.get_all_asset_keys()})}"
-        )
-    assets = {k.path[-1]: graph.assets_def_for_key(k) for k in graph.get_all_asset_keys() if k.path[0] == name}
+    keys = graph.get_all_asset_keys()
+    if dg.AssetKey([name, "corpus"]) not in keys:
+        raise SystemExit(f"no pipeline named {name!r}; known: {sorted({k.path[0] for k in keys})}")
+    return {k.path[-1]: graph.assets_def_for_key(k) for k in keys if k.path[0] == name}
+
+
+def register_items(defs: dg.Definitions, name: str, instance: dg.DagsterInstance) -> list[str]:
+    """Add the pipeline's dictionary items (file and `.d` directory) as partitions, as its sensor would."""
+    partitions = _assets_of(defs, name)["dictionary"].partitions_def
+    sensor = defs.resolve_sensor_def(f"{name}_dictionary_items")
+    result = sensor(dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def()))
+    for request in result.dynamic_partitions_requests if isinstance(result, dg.SensorResult) else []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return list(partitions.get_partition_keys(dynamic_partitions_store=instance))
+
+
+def materialize_pipeline(
+    defs: dg.Definitions, name: str, instance: dg.DagsterInstance, items: list[str] | None = None
+) -> dict[str, ItemOutcome]:
+    """Every asset of the pipeline `name`: corpus and tokens, each hook's activations, then one run per dictionary
+    item through its evaluation, analyses and interpretations (a failed blocking check skips what follows)."""
+    assets = _assets_of(defs, name)
+    registered = register_items(defs, name, instance)
+    unknown = sorted(set(items or ()) - set(registered))
+    if unknown:
+        raise SystemExit(f"pipeline {name!r} has no dictionary items {unknown}; it has {registered}")
     observe([assets["item_config"]], instance=instance)  # record each item's settings before training on them
-    if not dg.materialize([assets["corpus"], assets["tokens"]], instance=instance).success:
+    if not dg.materialize([assets["corpus"], assets["tokens"]], instance=instance, run_config=QUIET).success:
         raise SystemExit("corpus/tokens failed")
-    for hook in assets["activations"].partitions_def.get_partition_keys():
-        dg.materialize([assets["activations"]], partition_key=hook, instance=instance)
-    evaluations = {}
-    for item in assets["dictionary"].partitions_def.get_partition_keys():
+    hooks = assets["activations"].partitions_def.get_partition_keys()
+    every_hook = {RANGE_START: hooks[0], RANGE_END: hooks[-1]}  # one run, one forward pass (single-run backfill)
+    if not dg.materialize([assets["activations"]], instance=instance, tags=every_hook, run_config=QUIET).success:
+        raise SystemExit(f"activations of {hooks} failed")
+    outcomes = {}
+    for item in items or registered:
+        started = time.perf_counter()
         run = dg.materialize(
-            [assets["dictionary"], assets["evaluation"]], partition_key=item, instance=instance, raise_on_error=False
+            [assets[a] for a in ITEM_ASSETS],
+            partition_key=item,
+            instance=instance,
+            raise_on_error=False,
+            run_config=QUIET,
         )
+        outcome = ItemOutcome(success=run.success, seconds=time.perf_counter() - started)
         for event in run.get_asset_materialization_events():
-            if event.asset_key == key("evaluation"):
-                evaluations[item] = {k: v.value for k, v in event.materialization.metadata.items() if k != "path"}
-        for check in run.get_asset_check_evaluations():
-            print(f"check {item}/{check.check_name}: {'passed' if check.passed else 'FAILED'}")
-    return evaluations
+            metadata = event.materialization.metadata
+            outcome.metadata[event.asset_key.path[-1]] = {k: v.value for k, v in metadata.items()}
+        for event in run.get_asset_observation_events():
+            skipped = event.asset_observation_data.asset_observation.metadata.get("skipped")
+            if skipped is not None:
+                outcome.skipped[event.asset_key.path[-1]] = skipped.value
+        outcome.checks = {check.check_name: check.passed for check in run.get_asset_check_evaluations()}
+        outcomes[item] = outcome
+    return outcomes
+
+
+def _number(metadata: dict[str, object], key: str, spec: str = ".3f") -> str:
+    value = metadata.get(key)
+    return format(value, spec) if isinstance(value, int | float) and not isinstance(value, bool) else "-"
+
+
+def summary(name: str, outcomes: dict[str, ItemOutcome]) -> str:
+    header = f"{'item':<16} {'EV':>6} {'L0':>6} {'dead':>6} {'CE rec.':>7} {'alive':>6} {'time':>6}  checks"
+    lines = [f"pipeline {name}:", header]
+    for item, outcome in outcomes.items():
+        evaluation = outcome.metadata.get("evaluation", {})
+        analyses = outcome.metadata.get("feature_analyses", {})
+        failed = [check for check, passed in outcome.checks.items() if not passed]
+        verdict = f"{len(outcome.checks) - len(failed)}/{len(outcome.checks)} passed"
+        lines.append(
+            f"{item:<16} {_number(evaluation, 'explained_variance'):>6} {_number(evaluation, 'l0', '.1f'):>6} "
+            f"{_number(evaluation, 'dead_fraction'):>6} {_number(evaluation, 'ce_loss_recovered'):>7} "
+            f"{_number(analyses, 'alive_fraction', '.2f'):>6} {outcome.seconds:>5.0f}s  {verdict}"
+            + (f"; FAILED: {', '.join(failed)}" if failed else "")
+        )
+    reasons: dict[str, list[str]] = {}
+    for item, outcome in outcomes.items():
+        interpretations = outcome.metadata.get("interpretations")
+        if interpretations is not None:
+            scores = ", ".join(
+                f"{key.removeprefix('mean_balanced_accuracy_')} {value:.2f}"
+                for key, value in interpretations.items()
+                if key.startswith("mean_balanced_accuracy_")
+            )
+            lines.append(
+                f"{item}: {interpretations['interpreted']} features interpreted by {interpretations['llm']}"
+                + (f" (mean balanced accuracy: {scores})" if scores else "")
+            )
+        for asset, why in outcome.skipped.items():
+            reasons.setdefault(f"{asset} skipped ({why})", []).append(item)
+        if not outcome.success:
+            missing = [a for a in ITEM_ASSETS if a not in outcome.metadata and a not in outcome.skipped]
+            lines.append(f"{item}: not materialised: {', '.join(missing)} (see the run's logs in the UI)")
+    lines.extend(f"{', '.join(items)}: {reason}" for reason, items in reasons.items())
+    return "\n".join(lines)
+
+
+def prepare_home() -> Path:
+    """`$DAGSTER_HOME`, created with the local instance settings (deploy/local/dagster.yaml) if it has none."""
+    if "DAGSTER_HOME" not in os.environ:
+        raise SystemExit("set DAGSTER_HOME to a directory (the Makefile uses .lm_saes/dagster_home)")
+    home = Path(os.environ["DAGSTER_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists() and LOCAL_INSTANCE_YAML.is_file():
+        shutil.copyfile(LOCAL_INSTANCE_YAML, home / "dagster.yaml")
+    return home
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pipeline")
+    parser.add_argument("--items", nargs="+", help="only these dictionary items (default: all)")
     args = parser.parse_args()
-    if "DAGSTER_HOME" not in os.environ:
-        raise SystemExit("set DAGSTER_HOME to a directory (the Makefile uses .lm_saes/dagster_home)")
-    os.makedirs(os.environ["DAGSTER_HOME"], exist_ok=True)
+    started = time.perf_counter()
+    prepare_home()
+    from lm_saes_dagster.definitions import defs  # after DAGSTER_HOME is checked: loading reads every pipeline
+
     with dg.DagsterInstance.get() as instance:
-        evaluations = materialize_pipeline(args.pipeline, instance)
+        outcomes = materialize_pipeline(defs, args.pipeline, instance, args.items)
     print()
-    for item, metrics in evaluations.items():
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"{args.pipeline}/{item}: {shown}")
-    print("\nsee the lineage, runs and checks: make ui (dagster dev -w workspace.yaml on http://127.0.0.1:3000)")
-    return 0 if evaluations else 1
+    print(summary(args.pipeline, outcomes))
+    print(f"total time: {time.perf_counter() - started:.0f} s")
+    print(
+        f"\nSee the lineage, the runs, the checks and the feature previews in the Dagster UI: run `make ui` and open "
+        f"{UI_URL}/locations/{LOCATION}/asset-groups/{args.pipeline} (click an asset for its materialisations, "
+        "metadata plots and feature previews)."
+    )
+    return 0 if outcomes and all(outcome.success for outcome in outcomes.values()) else 1
 
 
 if __name__ == "__main__":

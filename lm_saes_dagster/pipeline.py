@@ -1,58 +1,81 @@
-"""The asset factory: one pipeline config -> its assets, checks, schedule and job.
+"""The asset factory: one pipeline config -> its assets, checks, sensors, schedule and job.
 
 ```
-corpus -> tokens -> activations[hook] -> dictionary[item] -> evaluation[item]
-                          item_config[item] ---^
+corpus -> tokens -> activations[hook] -> dictionary[item] -> evaluation[item] -> feature_analyses[item] -> ...
+                          item_config[item] ---^            (logit_attributions[item], interpretations[item])
 ```
+
+Dictionary items are dynamic partitions: the pipeline file's items plus one per `<pipeline>.d/<item>.yaml`, added by
+the `<pipeline>_dictionary_items` sensor (or `lm_saes_dagster.materialize`), so a sweep grows without editing Python.
 
 Every asset calls the core runner that does the job, writes its files under the artefact root
-(`<root>/<pipeline>/<asset>/<partition>`) and returns a MaterializeResult with the path, small numeric metadata and
-a content-hash data version. Steps are idempotent: an artefact already made from the same inputs and config is
-reused, so re-materialising unchanged inputs does not recompute.
+(`<root>/<pipeline>/<asset>/<partition>`; every hook's activations share one cache) and returns a MaterializeResult
+with the path, small numeric metadata and a content-hash data version. Steps are idempotent: an artefact already
+made from the same inputs and config is reused, so re-materialising unchanged inputs does not recompute.
 """
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
 
 from lm_saes_core.io import atomic_write_text, file_sha256
+from lm_saes_dagster.analysis_assets import build_analysis_assets
+from lm_saes_dagster.artifacts import ArtifactRoot, InputsStamp
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
+from lm_saes_dagster.quality import CHECK_NAMES, quality_checks
 
-CODE_VERSION = "1"
+ItemLoader = Callable[[], tuple[dict[str, DictionaryItem], dict[Path, str]]]
+"""Re-reads a pipeline's items (file + `.d` directory): {item: settings} and {file: error} of the invalid files."""
 
-
-class ArtifactRoot(dg.ConfigurableResource):
-    """Where pipeline artefacts live: `<path>/<pipeline>/<asset>/<partition>`."""
-
-    path: str
-
-    def dir(self, pipeline: str, asset: str, partition: str | None = None) -> Path:
-        directory = Path(self.path) / pipeline / asset
-        return directory / partition if partition else directory
+CODE_VERSION = "2"  # 2: one activation cache for all hooks, dynamic item partitions
 
 
 def _numeric(metrics: dict[str, float], keys: dict[str, str]) -> dict[str, float]:
     return {label: float(metrics[key]) for label, key in keys.items() if key in metrics}
 
 
-def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
+def items_partitions(pipeline: str) -> dg.DynamicPartitionsDefinition:
+    return dg.DynamicPartitionsDefinition(name=f"{pipeline}_dictionaries")
+
+
+def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = None) -> dg.Definitions:
+    """`cfg` holds the items known at load; `item_loader` re-reads them (the sensor and late-added items use it)."""
     name = cfg.name
     hooks = dg.StaticPartitionsDefinition(cfg.hook_points)
-    items = dg.StaticPartitionsDefinition(list(cfg.dictionaries))
-    item_hook = {item: spec.hook_point for item, spec in cfg.dictionaries.items()}
+    items = items_partitions(name)
     corpus_key, tokens_key = dg.AssetKey([name, "corpus"]), dg.AssetKey([name, "tokens"])
     activations_key, dictionary_key = dg.AssetKey([name, "activations"]), dg.AssetKey([name, "dictionary"])
     evaluation_key = dg.AssetKey([name, "evaluation"])
     item_config_key = dg.AssetKey([name, "item_config"])
 
+    def current_items() -> dict[str, DictionaryItem]:
+        return item_loader()[0] if item_loader is not None else dict(cfg.dictionaries)
+
+    def item_of(partition: str) -> DictionaryItem:
+        """An item known at load, or one added to the `.d` directory since (read afresh)."""
+        if partition in cfg.dictionaries:
+            return cfg.dictionaries[partition]
+        item = current_items().get(partition)
+        if item is None:
+            raise dg.Failure(
+                f"dictionary item {partition!r} is not defined by pipeline {name!r}: add it to the pipeline file's "
+                f"`dictionaries` or as {name}.d/{partition}.yaml next to it (an invalid file is reported by the "
+                f"{name}_dictionary_items sensor)"
+            )
+        return item
+
     @dg.observable_source_asset(key=item_config_key, partitions_def=items, group_name=name)
-    def item_config() -> dg.DataVersionsByPartition:
+    def item_config(context: dg.AssetExecutionContext) -> dg.DataVersionsByPartition:
         """Each dictionary item's settings as a data version: editing one item's YAML makes only its dictionary
         (and, once retrained, its evaluation) stale. Observed by `make pipeline` or the UI's "Observe sources"."""
-        return dg.DataVersionsByPartition({item: dg.DataVersion(_config_hash(cfg, item)) for item in cfg.dictionaries})
+        registered = set(context.instance.get_dynamic_partitions(items.name))
+        return dg.DataVersionsByPartition(
+            {item: dg.DataVersion(_item_hash(spec)) for item, spec in current_items().items() if item in registered}
+        )
 
     @dg.asset(key=corpus_key, group_name=name, code_version=CODE_VERSION, kinds={"python"})
     def corpus(context: dg.AssetExecutionContext, artifacts: ArtifactRoot) -> dg.MaterializeResult:
@@ -134,46 +157,47 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
         group_name=name,
         code_version=CODE_VERSION,
         kinds={"torch"},
+        pool="gpu",
+        backfill_policy=dg.BackfillPolicy.single_run(),
         check_specs=[dg.AssetCheckSpec("tokens_consistent_across_hooks", asset=activations_key, blocking=True)],
     )
-    def activations(context: dg.AssetExecutionContext, artifacts: ArtifactRoot) -> dg.MaterializeResult:
-        """Cached activations of one hook point (generate_activations), checked for consistency."""
-        from lm_saes_core.runners import (
-            CheckActivationConsistencySettings,
-            GenerateActivationsSettings,
-            check_activation_consistency,
-            generate_activations,
-        )
+    def activations(
+        context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
+    ) -> dg.MaterializeResult:
+        """Cached activations of every hook point of the pipeline from ONE forward pass (generate_activations through
+        Dagster Pipes, so it runs where the GPUs are), checked for consistency across hooks. Whichever hook
+        partitions a run asks for (a backfill of several is one run), the cache holds them all, so its identity
+        never depends on the selection and a later partition reuses it."""
+        from lm_saes_core.runners import CheckActivationConsistencySettings, check_activation_consistency
 
-        hook = context.partition_key
         settings = cfg.activations
-        output = artifacts.dir(name, "activations", hook)
-        result = generate_activations(
-            GenerateActivationsSettings(
-                model=cfg.model,
-                dataset=cfg.dataset,
-                hook_points=[hook],
-                output_dir=str(output),
-                context_size=settings.context_size,
-                total_tokens=settings.total_tokens,
-                model_batch_size=settings.model_batch_size,
-                batch_size=settings.model_batch_size,
-                n_samples_per_chunk=settings.n_samples_per_chunk,
-                num_workers=settings.num_workers,
-                overwrite=True,  # only reached when the settings differ from the cached ones
-            )
-        )
+        output = artifacts.activation_cache(name)
+        generate = {
+            "model": cfg.model.model_dump(mode="json"),
+            "dataset": cfg.dataset.model_dump(mode="json"),
+            "hook_points": cfg.hook_points,
+            "output_dir": str(output),
+            "context_size": settings.context_size,
+            "total_tokens": settings.total_tokens,
+            "model_batch_size": settings.model_batch_size,
+            "batch_size": settings.model_batch_size,
+            "n_samples_per_chunk": settings.n_samples_per_chunk,
+            "num_workers": settings.num_workers,
+            "overwrite": True,  # only reached when the settings differ from the cached ones
+        }
+        reported = launcher.run(context, "generate", generate, workdir=output.parent)
         report = check_activation_consistency(CheckActivationConsistencySettings(path=str(output)))
+        manifest = json.loads((output / "manifest.json").read_text())
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(output)),
-                "n_tokens": result.n_tokens,
-                "n_document_tokens": result.n_real_tokens,
-                "n_chunks": result.n_chunks,
-                "bytes_on_disk": result.bytes_on_disk,
-                "reused": result.reused,
+                "hook_points": ", ".join(manifest["hook_points"]),
+                "n_tokens": manifest["n_tokens"],
+                "n_document_tokens": manifest["n_real_tokens"],
+                "n_chunks": manifest["n_chunks"],
+                **{k: v for k, v in reported.get_materialize_result().metadata.items() if k in ("bytes", "reused")},
             },
-            data_version=dg.DataVersion(file_sha256(result.manifest_path)[:16]),
+            data_version=dg.DataVersion(file_sha256(output / "manifest.json")[:16]),
             check_results=[
                 dg.AssetCheckResult(
                     check_name="tokens_consistent_across_hooks",
@@ -185,15 +209,9 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
 
     @dg.asset(
         key=dictionary_key,
-        deps=[
-            item_config_key,
-            dg.AssetDep(
-                activations_key,
-                partition_mapping=dg.StaticPartitionMapping(
-                    {hook: [i for i, h in item_hook.items() if h == hook] for hook in cfg.hook_points}
-                ),
-            ),
-        ],
+        # Items are dynamic partitions, which no static mapping can name: each dictionary depends on every hook's
+        # activations (exact for one hook; coarser lineage for several). The item's own hook is what it trains on.
+        deps=[item_config_key, dg.AssetDep(activations_key, partition_mapping=dg.AllPartitionMapping())],
         partitions_def=items,
         group_name=name,
         code_version=CODE_VERSION,
@@ -206,9 +224,9 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
         """A sparse dictionary trained on its hook point's cached activations: train_sae run through Dagster Pipes
         (a subprocess here, `torchrun` when the item asks for several processes, a GPU pod in Kubernetes)."""
         item_name = context.partition_key
-        item = cfg.dictionaries[item_name]
+        item = item_of(item_name)
         output = artifacts.dir(name, "dictionary", item_name)
-        settings = _train_settings(cfg, item_name, item, artifacts.dir(name, "activations", item.hook_point), output)
+        settings = _train_settings(cfg, item_name, item, artifacts.activation_cache(name), output)
         invocation = launcher.run(context, "train", settings, nproc=item.n_processes, workdir=output)
         reported = invocation.get_materialize_result()
         return dg.MaterializeResult(
@@ -221,9 +239,6 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
             data_version=reported.data_version,
         )
 
-    quality = cfg.quality
-    check_names = ("explained_variance_above_min", "dead_fraction_below_max", "l0_within_bounds")
-
     @dg.asset(
         key=evaluation_key,
         deps=[dictionary_key],
@@ -232,14 +247,14 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
         code_version=CODE_VERSION,
         kinds={"torch"},
         automation_condition=dg.AutomationCondition.eager(),
-        check_specs=[dg.AssetCheckSpec(check, asset=evaluation_key, blocking=True) for check in check_names],
+        check_specs=[dg.AssetCheckSpec(check, asset=evaluation_key, blocking=True) for check in CHECK_NAMES],
     )
     def evaluation(context: dg.AssetExecutionContext, artifacts: ArtifactRoot) -> dg.MaterializeResult:
         """The dictionary on held-out documents: reconstruction, sparsity and the spliced language-model loss."""
         from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 
         item_name = context.partition_key
-        item = cfg.dictionaries[item_name]
+        item = item_of(item_name)
         output = artifacts.dir(name, "evaluation", item_name) / "evaluation.json"
         settings = EvaluateSAESettings.model_validate(
             {
@@ -262,34 +277,14 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
         )
         # Idempotent: the same weights evaluated with the same settings give the stored metrics.
         weights = artifacts.dir(name, "dictionary", item_name) / "sae_weights.safetensors"
-        inputs = file_sha256(weights) + json.dumps(settings.model_dump(mode="json"), sort_keys=True)
-        inputs_key = hashlib.sha256(inputs.encode()).hexdigest()
-        stamp = output.with_suffix(".inputs")
-        reused = output.is_file() and stamp.is_file() and stamp.read_text() == inputs_key
+        stamp = InputsStamp(output.with_suffix(".inputs"), weights, settings.model_dump(mode="json"), CODE_VERSION)
+        reused = output.is_file() and stamp.matches()
         if reused:
             metrics = json.loads(output.read_text())["metrics"]
         else:
-            stamp.unlink(missing_ok=True)
+            stamp.clear()
             metrics = evaluate_sae(settings).metrics
-            atomic_write_text(stamp, inputs_key)
-        ev, dead, l0 = (metrics["metrics/explained_variance"], metrics["metrics/dead_fraction"], metrics["metrics/l0"])
-        checks = [
-            dg.AssetCheckResult(
-                check_name="explained_variance_above_min",
-                passed=ev >= quality.min_explained_variance,
-                metadata={"explained_variance": ev, "min": quality.min_explained_variance},
-            ),
-            dg.AssetCheckResult(
-                check_name="dead_fraction_below_max",
-                passed=dead <= quality.max_dead_fraction,
-                metadata={"dead_fraction": dead, "max": quality.max_dead_fraction},
-            ),
-            dg.AssetCheckResult(
-                check_name="l0_within_bounds",
-                passed=quality.min_l0 <= l0 <= quality.max_l0,
-                metadata={"l0": l0, "min": quality.min_l0, "max": quality.max_l0},
-            ),
-        ]
+            stamp.write()
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(output)),
@@ -306,27 +301,61 @@ def build_pipeline_defs(cfg: PipelineConfig) -> dg.Definitions:
                 ),
             },
             data_version=dg.DataVersion(file_sha256(output)[:16]),
-            check_results=checks,
+            check_results=quality_checks(metrics, cfg.quality),
         )
 
-    reevaluation_job = dg.define_asset_job(f"{name}_reevaluation", selection=dg.AssetSelection.assets(evaluation_key))
+    analysis_assets = build_analysis_assets(cfg, items, item_of)
+    downstream = [evaluation_key, *(a.key for a in analysis_assets)]
+    reanalysis_job = dg.define_asset_job(f"{name}_reanalysis", selection=dg.AssetSelection.assets(*downstream))
 
-    @dg.schedule(job=reevaluation_job, cron_schedule="0 3 * * 1", name=f"{name}_weekly_reevaluation")
-    def weekly_reevaluation(context: dg.ScheduleEvaluationContext):
-        """Re-evaluate every dictionary partition that has been materialised (one run each)."""
+    @dg.schedule(
+        job=reanalysis_job,
+        cron_schedule="0 3 * * 1",
+        name=f"{name}_weekly_reanalysis",
+        default_status=dg.DefaultScheduleStatus.RUNNING,
+    )
+    def weekly_reanalysis(context: dg.ScheduleEvaluationContext):
+        """Re-evaluate and re-analyse every dictionary partition that has been materialised (one run each). Unchanged
+        inputs are reused, so a week without changes costs little; interpretations resume the features still
+        missing (e.g. after the LLM endpoint was down)."""
         for partition in sorted(context.instance.get_materialized_partitions(dictionary_key)):
             yield dg.RunRequest(run_key=f"{partition}-{context.scheduled_execution_time}", partition_key=partition)
 
+    @dg.sensor(
+        name=f"{name}_dictionary_items",
+        target=dg.AssetSelection.assets(dictionary_key),
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def dictionary_items(context: dg.SensorEvaluationContext):
+        """Register new dictionary items (pipeline file or `<pipeline>.d/<item>.yaml`) as partitions, and train those
+        whose hook point's activations are already cached. Invalid item files are logged and left out."""
+        found, errors = item_loader() if item_loader is not None else (dict(cfg.dictionaries), {})
+        for path, error in errors.items():
+            context.log.error(f"dictionary item {path} was not added:\n{error}")
+        registered = set(context.instance.get_dynamic_partitions(items.name))
+        new = [item for item in found if item not in registered]
+        if not new:
+            return dg.SkipReason(f"no new dictionary items ({len(registered)} registered, {len(errors)} invalid)")
+        cached = context.instance.get_materialized_partitions(activations_key)
+        runs = [
+            dg.RunRequest(run_key=f"{item}-{_item_hash(found[item])}", partition_key=item)
+            for item in new
+            if found[item].hook_point in cached
+        ]
+        return dg.SensorResult(dynamic_partitions_requests=[items.build_add_request(new)], run_requests=runs)
+
     return dg.Definitions(
-        assets=[item_config, corpus, tokens, activations, dictionary, evaluation],
-        jobs=[reevaluation_job],
-        schedules=[weekly_reevaluation],
+        assets=[item_config, corpus, tokens, activations, dictionary, evaluation, *analysis_assets],
+        jobs=[reanalysis_job],
+        schedules=[weekly_reanalysis],
+        sensors=[dictionary_items],
     )
 
 
-def _config_hash(cfg: PipelineConfig, item: str) -> str:
+def _item_hash(item: DictionaryItem) -> str:
     """What the item's dictionary depends on besides its input activations: its own settings."""
-    payload = json.dumps(cfg.dictionaries[item].model_dump(mode="json"), sort_keys=True)
+    payload = json.dumps(item.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

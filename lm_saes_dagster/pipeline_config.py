@@ -1,19 +1,23 @@
-"""Pipeline configs (`configs/pipelines/*.yaml`): one file describes a whole experiment, corpus to evaluation.
+"""Pipeline configs (`configs/pipelines/*.yaml`): one file describes a whole experiment, corpus to interpretations.
 
 Every section reuses a core config class, so a pipeline file is checked exactly like a runner settings file:
 unknown keys and bad values are errors naming the file and the field.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import Field, model_validator
 
 from lm_saes_core.activation.config import BufferShuffleConfig
+from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
+from lm_saes_core.analysis.feature_analyzer import FeatureAnalyzerConfig
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import BaseConfig, load_config
+from lm_saes_core.config import BaseConfig, ConfigError, load_config, read_config_file, validate_config
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig
 from lm_saes_core.models import SAEConfig
+from lm_saes_core.store import RecordStoreConfig
 from lm_saes_core.training import InitializerConfig, TrainerConfig
 
 
@@ -62,6 +66,39 @@ class QualityBounds(BaseConfig):
     max_l0: float = Field(default=1000.0, gt=0)
 
 
+class AnalysisSettings(BaseConfig):
+    """The `feature_analyses` asset: analyze_sae over the cached activations of the dictionary's hook point."""
+
+    analyzer: FeatureAnalyzerConfig | None = None
+    """None: the analyzer's defaults over every cached token of the hook point."""
+    batch_size: int = Field(default=16, gt=0)
+    """Contexts per analysis batch."""
+    min_analysed_fraction: float = Field(default=1.0, ge=0, le=1)
+    """Blocking check: the fraction of the dictionary's features with a stored analysis must reach this."""
+    preview_features: int = Field(default=3, ge=0)
+    """Features shown in the markdown preview of the UI (the most frequently active among those active on at most 1%
+    of tokens)."""
+
+
+class LogitAttributionSettings(BaseConfig):
+    """The `logit_attributions` asset: direct_logit_attribute of every feature."""
+
+    top_k: int = Field(default=10, gt=0)
+    feature_batch_size: int = Field(default=256, gt=0)
+
+
+class InterpretationSettings(BaseConfig):
+    """The `interpretations` asset: auto_interp over an OpenAI-compatible endpoint.
+
+    The endpoint is `auto_interp.base_url`, or `$LM_SAES_LLM_BASE_URL` (and `$LM_SAES_LLM_MODEL`) when set. With
+    neither a base URL nor the API key variable of `auto_interp.api_key_env`, the asset is skipped, not failed."""
+
+    auto_interp: AutoInterpConfig = Field(default_factory=AutoInterpConfig)
+    max_features: int | None = Field(default=100, gt=0)
+    """Interpret at most this many features: the most frequently active among those active on at most 1% of tokens
+    (denser ones are rarely interpretable); None: every active feature."""
+
+
 class PipelineConfig(BaseConfig):
     name: str = Field(pattern=r"^[A-Za-z0-9_]+$")
     """Asset key prefix and group name (letters, digits and underscores)."""
@@ -74,22 +111,64 @@ class PipelineConfig(BaseConfig):
     dictionaries: dict[str, DictionaryItem] = Field(min_length=1)
     evaluation: EvalConfig = Field(default_factory=EvalConfig)
     quality: QualityBounds = Field(default_factory=QualityBounds)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    logit_attribution: LogitAttributionSettings = Field(default_factory=LogitAttributionSettings)
+    interpretation: InterpretationSettings = Field(default_factory=InterpretationSettings)
+    store: RecordStoreConfig | None = None
+    """Record store of the analyses; None: SQLite at `<artefact root>/<pipeline>/records.sqlite`."""
 
     @model_validator(mode="after")
     def _items_use_pipeline_hooks(self) -> "PipelineConfig":
         for name, item in self.dictionaries.items():
-            if not name.replace("-", "").replace("_", "").isalnum():
-                raise ValueError(f"dictionaries.{name}: item names use letters, digits, '-' and '_' only")
-            for hook in item.sae.hook_points:
-                if hook not in self.hook_points:
-                    raise ValueError(
-                        f"dictionaries.{name}.sae: hook point {hook!r} is not one of the pipeline's hook_points "
-                        f"{self.hook_points}"
-                    )
-            if item.sae.is_transcoder:
-                raise ValueError(f"dictionaries.{name}.sae: transcoders are not wired into pipelines yet")
+            problem = item_problem(name, item, self.hook_points)
+            if problem:
+                raise ValueError(f"dictionaries.{name}{problem}")
         return self
+
+
+def item_problem(name: str, item: DictionaryItem, hook_points: list[str]) -> str | None:
+    """Why an item cannot be part of a pipeline with these hook points (".field: reason"), or None."""
+    if not name.replace("-", "").replace("_", "").isalnum():
+        return ": item names use letters, digits, '-' and '_' only"
+    for hook in item.sae.hook_points:
+        if hook not in hook_points:
+            return f".sae: hook point {hook!r} is not one of the pipeline's hook_points {hook_points}"
+    if item.sae.is_transcoder:
+        return ".sae: transcoders are not wired into pipelines yet"
+    return None
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:
     return load_config(PipelineConfig, path)
+
+
+def items_dir(pipeline_file: str | Path) -> Path:
+    """Where extra dictionary items of a pipeline live: `configs/pipelines/<name>.d/<item>.yaml`, one item per file."""
+    path = Path(pipeline_file)
+    return path.with_name(f"{path.stem}.d")
+
+
+def load_item_files(
+    cfg: PipelineConfig, directory: Path, check: Callable[[PipelineConfig, Path], object] | None = None
+) -> tuple[PipelineConfig, dict[Path, str]]:
+    """`cfg` with the items of `directory/*.yaml` added (the file name is the item name), and the errors of the files
+    that do not validate against this pipeline (they are left out; the other items still load). `check(cfg, file)`
+    may refuse an item further (raising ConfigError), e.g. against the model's hook points."""
+    dictionaries, errors = dict(cfg.dictionaries), {}
+    files = sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")]) if directory.is_dir() else []
+    for path in files:
+        if path.stem in cfg.dictionaries:
+            errors[path] = f"invalid settings in {path}: item {path.stem!r} is already defined in the pipeline file"
+            continue
+        try:
+            item = validate_config(DictionaryItem, read_config_file(path), source=str(path))
+            problem = item_problem(path.stem, item, cfg.hook_points)
+            if problem:
+                raise ConfigError(f"invalid settings in {path}:\n  {problem.removeprefix('.').removeprefix(': ')}")
+            if check is not None:
+                check(cfg.model_copy(update={"dictionaries": {path.stem: item}}), path)
+        except ConfigError as exc:
+            errors[path] = str(exc)
+            continue
+        dictionaries[path.stem] = item
+    return cfg.model_copy(update={"dictionaries": dictionaries}), errors

@@ -10,9 +10,10 @@ def small_pipeline(
     training_tokens: int = 512 * 48,
     act_fns: tuple[str, ...] = ("topk", "batchtopk"),
     buffer_size: int = 2048,
+    extra_hooks: tuple[str, ...] = (),
 ) -> dict:
-    """Layer 3, context 64, one tiny dictionary per activation function (each with its own trainer settings),
-    512 evaluated tokens of which 128 are spliced into the model."""
+    """Layer 3 (and `extra_hooks`, cached but without dictionaries), context 64, one tiny dictionary per activation
+    function (each with its own trainer settings), 512 evaluated tokens of which 128 are spliced into the model."""
     sae = {"d_model": 576, "expansion_factor": 2, "hook_point_in": HOOK, "hook_point_out": HOOK, "top_k": 16}
     trainer = {"lr": 4e-3, "lr_warm_up_steps": 0.1, "total_training_tokens": training_tokens,
                "log_frequency": 16, "n_checkpoints": 0}  # fmt: skip
@@ -21,7 +22,7 @@ def small_pipeline(
         "model": {"model_name": "smollm2-135m"},
         "dataset": {"dataset_name_or_path": "python-docs", "split": "train[:90%]", "shuffle_seed": 0},
         "eval_dataset": {"dataset_name_or_path": "python-docs", "split": "train[90%:]"},
-        "hook_points": [HOOK],
+        "hook_points": [HOOK, *extra_hooks],
         "activations": {
             "context_size": 64,
             "total_tokens": cached_tokens,

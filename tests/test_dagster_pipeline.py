@@ -1,7 +1,11 @@
 """The Dagster layer on a real instance: definitions from pipeline files, lineage, an end-to-end materialisation of a
 small pipeline on the real SmolLM2, idempotent re-materialisation, automation and the re-evaluation schedule."""
 
+import json
 import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -10,11 +14,18 @@ import pytest
 import yaml
 from dagster._core.definitions.observe import observe  # not re-exported at the top level in 1.13
 from dagster._utils.test.data_versions import get_stale_status_resolver  # dagster's own staleness resolver setup
+from llm_server import llm_server  # noqa: F401 - the module-scoped server fixture
 from pipeline_fixtures import HOOK, small_pipeline
 
+from lm_saes_core.store import RecordStoreConfig, open_store
+from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV, LLM_MODEL_ENV
 from lm_saes_dagster.definitions import build_definitions
+from lm_saes_dagster.materialize import RANGE_END, RANGE_START, register_items
+from lm_saes_dagster.model_check import check_pipeline_model, local_config_dir
+from lm_saes_dagster.pipeline_config import PipelineConfig, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
+EXTRA_HOOK = "blocks.1.hook_resid_post"
 
 
 def write_pipelines(directory: Path, **pipelines: dict) -> Path:
@@ -36,114 +47,296 @@ def test_shipped_pipelines_load_with_the_expected_lineage(tmp_path):
     assert parents["quickstart/activations"] == {"quickstart/tokens"}
     assert parents["quickstart/dictionary"] == {"quickstart/activations", "quickstart/item_config"}
     assert parents["quickstart/evaluation"] == {"quickstart/dictionary"}
+    assert parents["quickstart/feature_analyses"] == {"quickstart/dictionary", "quickstart/evaluation"}
+    assert parents["quickstart/logit_attributions"] == {"quickstart/feature_analyses"}
+    assert parents["quickstart/interpretations"] == {"quickstart/feature_analyses"}
     checks = {key.name for key in graph.asset_check_keys}
     assert checks == {"tokens_consistent_across_hooks", "explained_variance_above_min", "dead_fraction_below_max",
-                      "l0_within_bounds"}  # fmt: skip
-    sensor = defs.resolve_sensor_def("lm_saes_automation")
-    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
-    assert defs.resolve_schedule_def("quickstart_weekly_reevaluation") is not None
+                      "l0_within_bounds", "features_analysed"}  # fmt: skip
+    for sensor in ("lm_saes_automation", "quickstart_dictionary_items"):
+        assert defs.resolve_sensor_def(sensor).default_status == dg.DefaultSensorStatus.RUNNING
+    schedule = defs.resolve_schedule_def("quickstart_weekly_reanalysis")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    assert {key.path[-1] for key in schedule.job.selection.resolve(graph)} == {
+        "evaluation", "feature_analyses", "logit_attributions", "interpretations"
+    }  # fmt: skip
 
 
-def test_an_invalid_pipeline_is_reported_and_the_others_still_load(tmp_path):
+def test_the_gpu_example_validates_but_is_not_loaded_by_default(tmp_path):
+    """configs/pipelines/examples/ is only loaded when LM_SAES_PIPELINES points there; its hub model is not needed
+    to validate it (hook names are checked when the model is in the local cache, skipped with a note otherwise)."""
+    examples = ROOT / "configs" / "pipelines" / "examples"
+    defs, errors = build_definitions(examples, tmp_path)
+    assert errors == {}
+    assert {key.path[0] for key in defs.resolve_asset_graph().get_all_asset_keys()} == {"gpu_example"}
+    cfg = load_pipeline(examples / "gpu-example.yaml")
+    assert len(cfg.hook_points) == 3 and len(cfg.dictionaries) == 6
+    assert {item.sae.d_model for item in cfg.dictionaries.values()} == {896}  # Qwen2.5-0.5B's width
+    cached = local_config_dir(cfg.model)[0]
+    note = check_pipeline_model(cfg, examples / "gpu-example.yaml")
+    assert (note is None) == (cached is not None)
+    default, _ = build_definitions(ROOT / "configs" / "pipelines", tmp_path)
+    assert {key.path[0] for key in default.resolve_asset_graph().get_all_asset_keys()} == {"quickstart"}
+
+
+def test_an_invalid_pipeline_is_reported_and_the_others_still_load(tmp_path, smollm2_dir):
     bad = small_pipeline("bad")
     bad["dictionaries"]["topk"]["trainer"]["learning_rate"] = 0.1
     other = small_pipeline("other")
     other["dictionaries"]["topk"]["sae"]["hook_point_in"] = "blocks.9.hook_resid_post"
-    directory = write_pipelines(tmp_path / "pipelines", bad=bad, good=small_pipeline("good"), other=other)
+    # Checked against the model's config.json at load: SmolLM2-135M has 30 layers of width 576.
+    deep = small_pipeline("deep")
+    deep["hook_points"] = ["blocks.30.hook_resid_post"]
+    for item in deep["dictionaries"].values():
+        item["sae"]["hook_point_in"] = item["sae"]["hook_point_out"] = "blocks.30.hook_resid_post"
+    typo = small_pipeline("typo")
+    typo["hook_points"] = [HOOK.replace("resid_post", "resid_pots")]
+    for item in typo["dictionaries"].values():
+        item["sae"]["hook_point_in"] = item["sae"]["hook_point_out"] = typo["hook_points"][0]
+    wide = small_pipeline("wide")
+    wide["dictionaries"]["batchtopk"]["sae"]["d_model"] = 512
+    directory = write_pipelines(
+        tmp_path / "pipelines", bad=bad, good=small_pipeline("good"), other=other, deep=deep, typo=typo, wide=wide
+    )
     with pytest.warns(UserWarning, match="was not loaded"):
         defs, errors = build_definitions(directory, tmp_path)
-    assert set(errors) == {directory / "bad.yaml", directory / "other.yaml"}
+    assert set(errors) == {directory / f"{name}.yaml" for name in ("bad", "other", "deep", "typo", "wide")}
     assert "unknown key 'dictionaries.topk.trainer.learning_rate'" in errors[directory / "bad.yaml"]
     assert "'blocks.9.hook_resid_post' is not one of the pipeline's hook_points" in errors[directory / "other.yaml"]
+    assert str(directory / "deep.yaml") in errors[directory / "deep.yaml"]
+    assert (
+        "hook_points.0: model 'smollm2-135m' (30 layers) has no hook point 'blocks.30.hook_resid_post'"
+        in errors[directory / "deep.yaml"]
+    )
+    assert f"closest: {HOOK}" in errors[directory / "typo.yaml"]
+    assert "dictionaries.batchtopk.sae.d_model: 512 does not match the width" in errors[directory / "wide.yaml"]
+    assert "(576)" in errors[directory / "wide.yaml"]
     keys = {key.to_user_string() for key in defs.resolve_asset_graph().get_all_asset_keys()}
-    assert "good/dictionary" in keys and not any(key.startswith(("bad/", "other/")) for key in keys)
+    assert "good/dictionary" in keys and {key.split("/")[0] for key in keys} == {"good"}
+
+
+def test_a_hub_model_missing_from_the_local_cache_loads_with_a_note(tmp_path):
+    """Definition load never downloads: a hub model not in the cache is checked when a step loads it."""
+    pipeline = small_pipeline("hub")
+    pipeline["model"] = {"model_name": "EleutherAI/pythia-160m", "cache_dir": str(tmp_path / "empty-hub-cache")}
+    cfg = PipelineConfig.model_validate(pipeline)
+    note = check_pipeline_model(cfg, "hub.yaml")
+    assert note is not None and "not in the local Hugging Face cache" in note and note.startswith("hub.yaml")
+
+
+def test_item_files_add_dictionary_items_and_bad_ones_are_reported(tmp_path):
+    directory = write_pipelines(tmp_path / "pipelines", small=small_pipeline())
+    (directory / "small.d").mkdir()
+    extra = small_pipeline()["dictionaries"]["topk"] | {"seed": 7}
+    (directory / "small.d" / "extra.yaml").write_text(yaml.safe_dump(extra))
+    (directory / "small.d" / "twice.yaml").write_text(yaml.safe_dump(extra))
+    (directory / "small.d" / "topk.yaml").write_text(yaml.safe_dump(extra))  # already in the pipeline file
+    bad_hook = {**extra, "sae": {**extra["sae"], "hook_point_in": "blocks.1.hook_resid_post"}}
+    (directory / "small.d" / "elsewhere.yaml").write_text(yaml.safe_dump(bad_hook))
+    with pytest.warns(UserWarning, match="dictionary item .* was not loaded"):
+        defs, errors = build_definitions(directory, tmp_path / "home")
+    assert set(errors) == {directory / "small.d" / "topk.yaml", directory / "small.d" / "elsewhere.yaml"}
+    assert "already defined in the pipeline file" in errors[directory / "small.d" / "topk.yaml"]
+    assert (
+        "hook point 'blocks.1.hook_resid_post' is not one of the pipeline's hook_points"
+        in errors[directory / "small.d" / "elsewhere.yaml"]
+    )
+    with dg.instance_for_test() as instance:
+        assert register_items(defs, "small", instance) == ["batchtopk", "topk", "extra", "twice"]  # file order
+
+
+@dataclass
+class SmallRun:
+    """The small pipeline materialised through its analyses on one instance, shared by the slow tests below."""
+
+    defs: dg.Definitions
+    instance: dg.DagsterInstance
+    directory: Path
+    home: Path
+    activations: dg.ExecuteInProcessResult
+    items: dict[str, dg.ExecuteInProcessResult]
+    analyses: dg.ExecuteInProcessResult
+
+    def assets(self, *names: str) -> list[dg.AssetsDefinition]:
+        graph = self.defs.resolve_asset_graph()
+        return [graph.assets_def_for_key(dg.AssetKey(["small", name])) for name in names]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory) -> Iterator[SmallRun]:
+    tmp_path = tmp_path_factory.mktemp("small_run")
+    pipeline = small_pipeline(extra_hooks=(EXTRA_HOOK,))
+    # One feature, short prompts: a real local LLM on 2 CPU cores answers slowly (see test_autointerp).
+    pipeline["interpretation"] = {"max_features": 1, "auto_interp": {
+        "n_activating_examples": 3, "n_non_activating_examples": 4, "max_length": 16, "include_cot": False,
+        "detection_n_examples": 2, "fuzzing_n_correct": 2, "fuzzing_n_incorrect": 1, "max_tokens_explanation": 64,
+        "max_tokens_scoring": 32, "max_concurrent_requests": 1, "request_timeout_s": 120}}  # fmt: skip
+    directory = write_pipelines(tmp_path / "pipelines", small=pipeline)
+    defs, errors = build_definitions(directory, tmp_path / "home")
+    assert errors == {}
+    with dg.instance_for_test() as instance, pytest.MonkeyPatch.context() as env:
+        for variable in (LLM_BASE_URL_ENV, "OPENAI_API_KEY"):
+            env.delenv(variable, raising=False)  # no LLM endpoint: interpretations are skipped
+        run = SmallRun(defs, instance, directory, tmp_path / "home", None, {}, None)
+        assert register_items(defs, "small", instance) == ["batchtopk", "topk"]  # as `make quickstart` does
+        observe(run.assets("item_config"), instance=instance)
+        assert dg.materialize(run.assets("corpus", "tokens"), instance=instance).success
+        # Both hooks in one run (what a UI backfill does under the single-run backfill policy): one forward pass.
+        every_hook = {RANGE_START: HOOK, RANGE_END: EXTRA_HOOK}
+        run.activations = dg.materialize(run.assets("activations"), instance=instance, tags=every_hook)
+        for item in ("topk", "batchtopk"):
+            run.items[item] = dg.materialize(run.assets("dictionary", "evaluation"), partition_key=item,
+                                             instance=instance)  # fmt: skip
+        run.analyses = dg.materialize(
+            run.assets("feature_analyses", "logit_attributions", "interpretations"), partition_key="topk",
+            instance=instance,
+        )  # fmt: skip
+        yield run
+    shutil.rmtree(tmp_path / "home", ignore_errors=True)
 
 
 @pytest.mark.slow
-def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(tmp_path):
-    directory = write_pipelines(tmp_path / "pipelines", small=small_pipeline())
-    defs, errors = build_definitions(directory, tmp_path / "home")
-    assert errors == {}
-    graph = defs.resolve_asset_graph()
-    assets = [graph.assets_def_for_key(key) for key in graph.get_all_asset_keys()]
+def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small_run):
+    defs, instance, directory, tmp_path = small_run.defs, small_run.instance, small_run.directory, small_run.home.parent
+    selected = small_run.assets
     key = lambda name: dg.AssetKey(["small", name])  # noqa: E731
+    assert small_run.activations.success
+    assert {c.passed for c in small_run.activations.get_asset_check_evaluations()} == {True}
+    (cached,) = small_run.activations.get_asset_materialization_events()[:1]
+    assert sorted(e.partition for e in small_run.activations.get_asset_materialization_events()) == [EXTRA_HOOK, HOOK]
+    assert cached.materialization.metadata["hook_points"].value == f"{HOOK}, {EXTRA_HOOK}"
+    assert small_run.activations.get_step_success_events()[0].step_key == "small__activations"  # one step
+    assert cached.materialization.metadata["n_tokens"].value == 64 * 48
+    first_versions = {}
+    for item, run in small_run.items.items():
+        assert run.success
+        events = {e.asset_key.path[-1]: e for e in run.get_asset_materialization_events()}
+        dictionary = events["dictionary"].materialization
+        first_versions[item] = dictionary.tags["dagster/data_version"]
+        assert dictionary.metadata["steps"].value == 48 and dictionary.metadata["reused"].value is False
+        assert Path(dictionary.metadata["path"].value, "sae_weights.safetensors").is_file()
+        evaluation = events["evaluation"].materialization.metadata
+        assert 0.5 < evaluation["explained_variance"].value <= 1.0
+        assert "ce_loss_recovered" in evaluation
+        assert {c.check_name: c.passed for c in run.get_asset_check_evaluations()} == {
+            "explained_variance_above_min": True, "dead_fraction_below_max": True, "l0_within_bounds": True
+        }  # fmt: skip
 
-    with dg.instance_for_test() as instance:
-        observe([graph.assets_def_for_key(key("item_config"))], instance=instance)  # as `make pipeline` does
-        upstream = dg.materialize([a for a in assets if a.key in (key("corpus"), key("tokens"))], instance=instance)
-        assert upstream.success
-        result = dg.materialize(
-            [a for a in assets if a.key == key("activations")], partition_key=HOOK, instance=instance,
-             selection=[key("activations")],
-        )  # fmt: skip
-        assert result.success
-        checks = result.get_asset_check_evaluations()
-        assert [c.passed for c in checks] == [True]
-        first_versions = {}
-        for item in ("topk", "batchtopk"):
-            run = dg.materialize(
-                [a for a in assets if a.key in (key("dictionary"), key("evaluation"))], partition_key=item,
-                instance=instance,
-            )  # fmt: skip
-            assert run.success
-            events = {e.asset_key.path[-1]: e for e in run.get_asset_materialization_events()}
-            dictionary = events["dictionary"].materialization
-            first_versions[item] = dictionary.tags["dagster/data_version"]
-            assert dictionary.metadata["steps"].value == 48 and dictionary.metadata["reused"].value is False
-            assert Path(dictionary.metadata["path"].value, "sae_weights.safetensors").is_file()
-            evaluation = events["evaluation"].materialization.metadata
-            assert 0.5 < evaluation["explained_variance"].value <= 1.0
-            assert "ce_loss_recovered" in evaluation
-            assert {c.check_name: c.passed for c in run.get_asset_check_evaluations()} == {
-                "explained_variance_above_min": True, "dead_fraction_below_max": True, "l0_within_bounds": True
-            }  # fmt: skip
+    # Analyses, logit attributions and (skipped, no endpoint) interpretations of one dictionary.
+    run = small_run.analyses
+    assert run.success
+    events = {e.asset_key.path[-1]: e.materialization.metadata for e in run.get_asset_materialization_events()}
+    assert set(events) == {"feature_analyses", "logit_attributions"}
+    analyses, logits = events["feature_analyses"], events["logit_attributions"]
+    assert analyses["n_features"].value == 1152 and analyses["analysed_fraction"].value == 1.0
+    assert 2800 < analyses["analysed_tokens"].value <= 64 * 48  # every cached window, BOS positions excluded
+    assert 0.5 < analyses["alive_fraction"].value <= 1.0 and analyses["tokens_per_second"].value > 0
+    assert analyses["preview"].value.count("#### Feature") == 3 and "**" in analyses["preview"].value
+    assert [(c.check_name, c.passed) for c in run.get_asset_check_evaluations()] == [("features_analysed", True)]
+    assert logits["n_features"].value == 1152 and "promotes:" in logits["preview"].value
+    skipped = [e.asset_observation_data.asset_observation for e in run.get_asset_observation_events()]
+    assert [o.asset_key.path[-1] for o in skipped] == ["interpretations"]
+    assert "no LLM endpoint configured" in skipped[0].metadata["skipped"].value
+    with open_store(RecordStoreConfig(sqlite_path=str(small_run.home / "pipelines/small/records.sqlite"))) as store:
+        assert store.count_features_with_analysis("topk", "small") == 1152
+        evaluated = small_run.items["topk"].get_asset_materialization_events()[1].materialization.metadata
+        recorded = store.get_dictionary("topk", "small").metrics  # for `lm-saes list`
+        assert recorded["metrics/explained_variance"] == evaluated["explained_variance"].value
+        feature = store.get_feature("topk", "small", 0)
+        assert feature.logits is not None and len(feature.logits.top_positive) == 10
 
-        # Unchanged inputs: the dictionary step reuses the finished run and reports the same data version.
-        again = dg.materialize(
-            [a for a in assets if a.key == key("dictionary")], partition_key="topk", instance=instance,
+    # Unchanged inputs: the dictionary step reuses the finished run and reports the same data version.
+    again = dg.materialize(selected("dictionary"), partition_key="topk", instance=instance)
+    materialization = again.get_asset_materialization_events()[0].materialization
+    assert materialization.metadata["reused"].value is True
+    assert materialization.tags["dagster/data_version"] == first_versions["topk"]
+    reused = dg.materialize(selected("evaluation", "feature_analyses", "logit_attributions"), partition_key="topk",
+                            instance=instance)  # fmt: skip
+    assert all(e.materialization.metadata["reused"].value is True for e in reused.get_asset_materialization_events())
 
-        )  # fmt: skip
-        materialization = again.get_asset_materialization_events()[0].materialization
-        assert materialization.metadata["reused"].value is True
-        assert materialization.tags["dagster/data_version"] == first_versions["topk"]
-        reevaluated = (
-            dg.materialize([a for a in assets if a.key == key("evaluation")], partition_key="topk", instance=instance)
-            .get_asset_materialization_events()[0]
-            .materialization
-        )
-        assert reevaluated.metadata["reused"].value is True  # same weights, same settings: stored metrics
+    # The schedule asks for one re-analysis per materialised dictionary partition.
+    schedule = defs.resolve_schedule_def("small_weekly_reanalysis")
+    context = dg.build_schedule_context(
+        instance=instance,
+        scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=UTC),
+        repository_def=defs.get_repository_def(),
+    )
+    requests = list(schedule.evaluate_tick(context).run_requests)
+    assert sorted(r.partition_key for r in requests) == ["batchtopk", "topk"]
 
-        # The schedule asks for one re-evaluation per materialised dictionary partition.
-        schedule = defs.resolve_schedule_def("small_weekly_reevaluation")
-        context = dg.build_schedule_context(
-            instance=instance,
-            scheduled_execution_time=datetime(2026, 11, 30, 3, tzinfo=UTC),
-            repository_def=defs.get_repository_def(),
-        )
-        requests = list(schedule.evaluate_tick(context).run_requests)
-        assert sorted(r.partition_key for r in requests) == ["batchtopk", "topk"]
+    # Bounds the dictionary fails: the evaluation's blocking check fails, and the analysis refuses to run.
+    strict = small_pipeline(extra_hooks=(EXTRA_HOOK,))
+    strict["quality"]["min_explained_variance"] = 0.999
+    strict_defs = build_definitions(write_pipelines(tmp_path / "strict", small=strict), tmp_path / "home")[0]
+    strict_graph = strict_defs.resolve_asset_graph()
+    strict_assets = lambda *names: [strict_graph.assets_def_for_key(key(n)) for n in names]  # noqa: E731
+    failed = dg.materialize(strict_assets("evaluation"), partition_key="batchtopk", instance=instance,
+                            raise_on_error=False)  # fmt: skip
+    assert not failed.success
+    verdicts = {c.check_name: c.passed for c in failed.get_asset_check_evaluations()}
+    assert verdicts["explained_variance_above_min"] is False
+    blocked = dg.materialize(strict_assets("feature_analyses"), partition_key="batchtopk", instance=instance,
+                             raise_on_error=False)  # fmt: skip
+    assert not blocked.success and not blocked.get_asset_materialization_events()
+    failure = blocked.get_step_failure_events()[0].step_failure_data.error.message
+    assert "fails the pipeline's quality bounds: explained_variance_above_min" in failure
 
-        # Editing one item's settings makes only that item's dictionary stale.
-        changed = small_pipeline()
-        changed["dictionaries"]["topk"]["trainer"]["lr"] = 1e-3
-        new_graph = build_definitions(write_pipelines(directory, small=changed), tmp_path / "home")[
-            0
-        ].resolve_asset_graph()
-        observe([new_graph.assets_def_for_key(key("item_config"))], instance=instance)
-        resolver = get_stale_status_resolver(
-            instance, [new_graph.assets_def_for_key(k) for k in new_graph.get_all_asset_keys()]
-        )
-        assert resolver.get_status(key("dictionary"), "topk").name == "STALE"
-        assert resolver.get_status(key("dictionary"), "batchtopk").name == "FRESH", resolver.get_stale_causes(
-            key("dictionary"), "batchtopk"
-        )
+    # A new item file: the sensor registers it and, its hook's activations being cached, asks to train it.
+    (directory / "small.d").mkdir()
+    extra = small_pipeline(training_tokens=512 * 8)["dictionaries"]["topk"]
+    (directory / "small.d" / "extra.yaml").write_text(yaml.safe_dump(extra))
+    tick = defs.resolve_sensor_def("small_dictionary_items")(
+        dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def())
+    )
+    assert [list(r.partition_keys) for r in tick.dynamic_partitions_requests] == [["extra"]]
+    assert [r.partition_key for r in tick.run_requests] == ["extra"]
+    instance.add_dynamic_partitions("small_dictionaries", ["extra"])
+    trained = dg.materialize(selected("dictionary"), partition_key="extra", instance=instance)  # defs of before
+    assert trained.get_asset_materialization_events()[0].materialization.metadata["steps"].value == 8
+
+    # Editing one item's settings makes only that item's dictionary stale.
+    changed = small_pipeline(extra_hooks=(EXTRA_HOOK,))
+    changed["dictionaries"]["topk"]["trainer"]["lr"] = 1e-3
+    new_graph = build_definitions(write_pipelines(directory, small=changed), tmp_path / "home")[0].resolve_asset_graph()
+    observe([new_graph.assets_def_for_key(key("item_config"))], instance=instance)
+    resolver = get_stale_status_resolver(
+        instance, [new_graph.assets_def_for_key(k) for k in new_graph.get_all_asset_keys()]
+    )
+    assert resolver.get_status(key("dictionary"), "topk").name == "STALE"
+    assert resolver.get_status(key("dictionary"), "batchtopk").name == "FRESH", resolver.get_stale_causes(
+        key("dictionary"), "batchtopk"
+    )
 
     # Automation: a new dictionary partition makes the eager evaluation request itself.
     with dg.instance_for_test() as instance:
+        register_items(defs, "small", instance)
         before = dg.evaluate_automation_conditions(defs=defs, instance=instance)
         assert before.total_requested == 0
         instance.report_runless_asset_event(dg.AssetMaterialization(asset_key=key("dictionary"), partition="topk"))
         evaluated = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
-        requested = evaluated.get_requested_partitions(key("evaluation"))
-        assert requested == {"topk"}
-    shutil.rmtree(tmp_path / "home", ignore_errors=True)
+        assert evaluated.get_requested_partitions(key("evaluation")) == {"topk"}
+        assert evaluated.total_requested == 1  # the analyses wait for the evaluation and its checks
+
+
+@pytest.mark.slow
+def test_interpretations_through_a_real_local_llm(small_run, llm_server, monkeypatch):  # noqa: F811
+    monkeypatch.setenv(LLM_BASE_URL_ENV, llm_server.base_url)
+    monkeypatch.setenv(LLM_MODEL_ENV, "smollm2-135m-instruct")
+    before = llm_server.chat_requests()
+    run = dg.materialize(small_run.assets("interpretations"), partition_key="topk", instance=small_run.instance)
+    assert run.success and not run.get_asset_observation_events()
+    metadata = run.get_asset_materialization_events()[0].materialization.metadata
+    stored = json.loads(Path(metadata["path"].value).read_text())
+    assert metadata["interpreted"].value + metadata["failed"].value == 1, stored  # max_features: the most active
+    assert metadata["llm"].value == "smollm2-135m-instruct" and metadata["endpoint"].value == llm_server.base_url
+    deadline = time.monotonic() + 10  # the access log line may trail the response
+    while llm_server.chat_requests() < before + metadata["requests"].value and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert llm_server.chat_requests() - before == metadata["requests"].value >= 1, stored  # answered by the server
+    (index,) = stored
+    preview = metadata["preview"].value
+    assert f"#### Feature {index}" in preview
+    if stored[index]["explanation"] is not None:  # a tiny model: assert the pipeline, not its wisdom
+        assert metadata["interpreted"].value == 1 and "balanced accuracy:" in preview
+    else:
+        assert "interpretation failed" in preview

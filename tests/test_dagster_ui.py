@@ -25,13 +25,17 @@ NAME = "ui"
 tiny_pipeline = small_pipeline(
     NAME, cached_tokens=64 * 16, training_tokens=512 * 8, act_fns=("topk",), buffer_size=1024
 )
-ASSETS = ("corpus", "tokens", "activations", "dictionary", "evaluation")
+ASSETS = (
+    "corpus", "tokens", "activations", "dictionary", "evaluation", "feature_analyses", "logit_attributions",
+    "interpretations",
+)  # fmt: skip
 SOURCES = ("item_config",)  # observable source: each dictionary item's settings
 CHECKS = {
     "tokens_consistent_across_hooks",
     "explained_variance_above_min",
     "dead_fraction_below_max",
     "l0_within_bounds",
+    "features_analysed",
 }
 # The webserver alone runs no daemon: runs must start at launch, not wait in a queue. The NUX modal would cover
 # the screenshot.
@@ -49,7 +53,7 @@ CHROMIUM_FLAGS = [
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--window-size=1600,1000",
+    "--window-size=2400,1400",
     "--virtual-time-budget=15000",
 ]
 
@@ -218,6 +222,9 @@ def test_webserver_serves_lineage_launches_runs_and_renders_the_graph(webserver,
         f"{NAME}/activations": {f"{NAME}/tokens"},
         f"{NAME}/dictionary": {f"{NAME}/activations", f"{NAME}/item_config"},
         f"{NAME}/evaluation": {f"{NAME}/dictionary"},
+        f"{NAME}/feature_analyses": {f"{NAME}/dictionary", f"{NAME}/evaluation"},
+        f"{NAME}/logit_attributions": {f"{NAME}/feature_analyses"},
+        f"{NAME}/interpretations": {f"{NAME}/feature_analyses"},
         f"{NAME}/item_config": set(),
     }
     checks = {
@@ -226,7 +233,8 @@ def test_webserver_serves_lineage_launches_runs_and_renders_the_graph(webserver,
         if node["assetChecksOrError"]["__typename"] == "AssetChecks"
     }
     assert checks[f"{NAME}/activations"] == {"tokens_consistent_across_hooks"}
-    assert checks[f"{NAME}/evaluation"] == CHECKS - {"tokens_consistent_across_hooks"}
+    assert checks[f"{NAME}/evaluation"] == CHECKS - {"tokens_consistent_across_hooks", "features_analysed"}
+    assert checks[f"{NAME}/feature_analyses"] == {"features_analysed"}
     assert set().union(*checks.values()) == CHECKS
 
     launch_and_wait(webserver, location, ["corpus", "tokens"])
