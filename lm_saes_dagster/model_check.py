@@ -73,9 +73,9 @@ def uses_huggingface_backend(cfg: LanguageModelConfig, shape: ModelShape) -> boo
 
 def huggingface_hook_points(n_layers: int) -> list[str]:
     """The HuggingFace backend's hook names for an `n_layers` model (what its `hook_points` lists once loaded)."""
-    from lm_saes_core.backend.huggingface import _HOOKS  # the backend's own table of hook names
+    from lm_saes_core.backend.huggingface import hook_point_names
 
-    return [f"blocks.{layer}.{suffix}" for layer in range(n_layers) for suffix in _HOOKS]
+    return hook_point_names(n_layers)
 
 
 def check_pipeline_model(cfg: PipelineConfig, source: str | Path) -> str | None:

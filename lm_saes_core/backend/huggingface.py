@@ -70,6 +70,11 @@ _HOOKS: dict[str, tuple[str, str, _Read]] = {
 }
 
 
+def hook_point_names(n_layers: int) -> list[str]:
+    """Every hook point this backend offers on a model of `n_layers` decoder layers."""
+    return [f"blocks.{layer}.{suffix}" for layer in range(n_layers) for suffix in _HOOKS]
+
+
 def first_tensor(value: object) -> torch.Tensor:
     """Decoder layers and attention modules return a tensor or a tuple whose first element is the hidden states."""
     return value[0] if isinstance(value, tuple | list) else value  # type: ignore[return-value]
@@ -102,7 +107,7 @@ class HuggingFaceLanguageModel(LanguageModel):
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.dtype).to(cfg.device).eval()
         self.layers: nn.ModuleList = self.model.get_submodule(self.layout.layers)
-        self._hook_points = [f"blocks.{i}.{suffix}" for i in range(len(self.layers)) for suffix in _HOOKS]
+        self._hook_points = hook_point_names(len(self.layers))
 
     @property
     def hook_points(self) -> list[str]:
