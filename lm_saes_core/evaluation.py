@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field
 
-from lm_saes_core.backend.base import LanguageModel, Replacement
+from lm_saes_core.backend.base import LanguageModel, Observer, Replacement
 from lm_saes_core.config import BaseConfig
 from lm_saes_core.models.sae import SparseAutoEncoder
 
@@ -98,9 +98,8 @@ def splice_replacements(model: SparseAutoEncoder, positions: torch.Tensor) -> di
     hook_in, hook_out = model.cfg.hook_point_in, model.cfg.hook_point_out
     seen: dict[str, torch.Tensor] = {}
 
-    def capture(activation: torch.Tensor) -> torch.Tensor:
+    def capture(activation: torch.Tensor) -> None:
         seen[hook_in] = activation
-        return activation
 
     def splice(activation: torch.Tensor) -> torch.Tensor:
         where = positions.to(activation.device)
@@ -110,7 +109,7 @@ def splice_replacements(model: SparseAutoEncoder, positions: torch.Tensor) -> di
         spliced[where] = model.reconstruct(flat).to(activation.device, activation.dtype)
         return spliced
 
-    return {hook_in: capture, hook_out: splice} if hook_in != hook_out else {hook_out: splice}
+    return {hook_in: Observer(capture), hook_out: splice} if hook_in != hook_out else {hook_out: splice}
 
 
 def zero_ablation(hook_point: str, positions: torch.Tensor) -> dict[str, Replacement]:

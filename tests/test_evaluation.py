@@ -10,7 +10,7 @@ import torch
 
 from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
 from lm_saes_core.activation.factory import ActivationFactory
-from lm_saes_core.backend.base import LanguageModel, LanguageModelConfig, UnreplaceableHookPointError
+from lm_saes_core.backend.base import LanguageModel, LanguageModelConfig, Observer, UnreplaceableHookPointError
 from lm_saes_core.data import DatasetConfig, load_dataset
 from lm_saes_core.evaluation import EvalConfig, Evaluator, limit_mask
 from lm_saes_core.models.config import SAEConfig
@@ -76,6 +76,10 @@ def test_identity_replacement_gives_the_clean_logits_and_zeros_change_them(reque
     assert torch.equal(model.logits_with_replacements(tokens, attention), clean)
     with pytest.raises(UnreplaceableHookPointError, match="only the MLP branch"):
         model.logits_with_replacements(tokens, attention, {"blocks.6.hook_resid_mid": torch.zeros_like})
+    # Reading such a hook is fine (a transcoder spliced in reads its input there): the observer sees the activation.
+    seen = []
+    observed = model.logits_with_replacements(tokens, attention, {"blocks.6.hook_resid_mid": Observer(seen.append)})
+    assert torch.equal(observed, clean) and seen[0].shape == (*tokens.shape, 576)
 
 
 def test_hf_clean_logits_equal_a_direct_transformers_forward(smollm2_hf, batch):
@@ -196,12 +200,12 @@ def test_limit_mask_keeps_the_first_positions_row_major():
 
 
 # ---- downstream on the real SmolLM2 ----
-def real_stream(model: LanguageModel, n_rows: int = 4):
+def real_stream(model: LanguageModel, n_rows: int = 4, hook_points: tuple[str, ...] = (HOOK,)):
     factory = ActivationFactory(
         ActivationFactoryConfig(
             sources=[{"type": "dataset", "name": "docs"}],
             target=ActivationFactoryTarget.ACTIVATIONS_2D,
-            hook_points=[HOOK],
+            hook_points=list(hook_points),
             batch_size=2,
             context_size=CONTEXT,
             model_batch_size=2,
@@ -241,6 +245,27 @@ def test_zero_dictionary_is_zero_ablation(smollm2_hf, hf_batches):
     assert metrics["metrics/kl_div_spliced"] == metrics["metrics/kl_div_zero_ablation"]
     assert metrics["metrics/ce_loss_recovered"] == 0.0
     assert metrics["metrics/explained_variance"] < 0.05
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_transcoder_reading_resid_mid_is_spliced_at_mlp_out(request, backend):
+    """The transcoder's input hook is only read during splicing, so even hook_resid_mid (which cannot be replaced)
+    works; a zero transcoder is exactly the zero ablation of its output hook."""
+    model: LanguageModel = request.getfixturevalue(backend)
+    hook_in, hook_out = "blocks.3.hook_resid_mid", "blocks.3.hook_mlp_out"
+    batches = real_stream(model, hook_points=(hook_in, hook_out))
+    cfg = SAEConfig(
+        d_model=D_MODEL, d_sae=64, hook_point_in=hook_in, hook_point_out=hook_out, norm_activation="inference",
+        sparsity_include_decoder_norm=False,
+    )  # fmt: skip
+    zero = SparseAutoEncoder.from_config(cfg)
+    with torch.no_grad():
+        zero.W_D.zero_()
+        zero.b_D.zero_()
+    metrics = Evaluator(EvalConfig(total_eval_tokens=10_000)).evaluate(zero, batches, model)
+    assert metrics["metrics/ce_loss_spliced"] == metrics["metrics/ce_loss_zero_ablation"]
+    assert metrics["metrics/ce_loss_recovered"] == 0.0
+    assert metrics["metrics/ce_loss_zero_ablation"] > metrics["metrics/ce_loss_clean"]
 
 
 def test_downstream_budget_and_mask_alignment(smollm2_hf, hf_batches):

@@ -11,6 +11,25 @@ import torch
 from lm_saes_core.config import BaseModelConfig
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Observer:
+    """A hook function that only reads its activation and returns it unchanged. It may sit on any hook point,
+    including those whose activation cannot be replaced (e.g. a transcoder reading hook_resid_mid while spliced)."""
+
+    def __init__(self, read: Callable[[torch.Tensor], None]):
+        self.read = read
+
+    def __call__(self, activation: torch.Tensor) -> torch.Tensor:
+        self.read(activation)
+        return activation
+
+
+def replaced_hook_points(replacements: dict[str, Replacement]) -> list[str]:
+    """The hook points whose activation a replacement set changes (observers excluded)."""
+    return [name for name, replace in replacements.items() if not isinstance(replace, Observer)]
+
+
 """Receives the activation at a hook point (B, S, D) and returns what the rest of the model sees instead."""
 
 

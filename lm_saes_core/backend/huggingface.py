@@ -20,6 +20,7 @@ from lm_saes_core.backend.base import (
     Replacement,
     Unembedding,
     check_replaceable,
+    replaced_hook_points,
 )
 
 
@@ -216,7 +217,7 @@ class HuggingFaceLanguageModel(LanguageModel):
         replacements = replacements or {}
         self.validate_hook_points(list(replacements))
         # ln2.hook_normalized is computed from the norm's input (it is no tensor of the HF forward).
-        check_replaceable(list(replacements), ["ln2.hook_normalized"], "huggingface")
+        check_replaceable(replaced_hook_points(replacements), ["ln2.hook_normalized"], "huggingface")
         device = self.model.device
         handles = []
         try:

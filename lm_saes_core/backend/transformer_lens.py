@@ -17,6 +17,7 @@ from lm_saes_core.backend.base import (
     Replacement,
     Unembedding,
     check_replaceable,
+    replaced_hook_points,
 )
 from lm_saes_core.backend.huggingface import config_max_context, first_tensor
 
@@ -111,7 +112,7 @@ class TransformerLensLanguageModel(LanguageModel):
     ) -> torch.Tensor:
         replacements = replacements or {}
         self.validate_hook_points(list(replacements))
-        check_replaceable(list(replacements), [], "transformer_lens")
+        check_replaceable(replaced_hook_points(replacements), [], "transformer_lens")
         device = self.bridge.cfg.device
 
         def hook_for(replace: Replacement) -> Callable[..., torch.Tensor]:
