@@ -104,7 +104,9 @@ def build_analysis_assets(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
     ) -> dg.MaterializeResult:
         """Every feature over the cached activations of its hook point (analyze_sae): activation frequency and
-        histogram, top contexts, samples across activation bands and non-activating contexts."""
+        histogram, top contexts, samples across activation bands and non-activating contexts. A transcoder's features
+        are encoded from hook_point_in, so its contexts are those tokens; the factory still reads hook_point_out too,
+        because the dictionary is prepared from (and checked against) both of its hooks."""
         from lm_saes_core.store import open_store
         from lm_saes_core.store.export import analysis_export_path
 
@@ -121,7 +123,7 @@ def build_analysis_assets(
             "activation_factory": {
                 "sources": [{"type": "activations", "name": "train", "path": str(cache)}],
                 "target": "activations-2d",
-                "hook_points": [item.hook_point],
+                "hook_points": item.hook_points,
                 "batch_size": cfg.analysis.batch_size,
             },
             "model_name": cfg.model.model_name,
@@ -181,16 +183,28 @@ def build_analysis_assets(
         code_version=CODE_VERSION,
         kinds={"torch"},
         pool="gpu",
+        output_required=False,
         automation_condition=GATED,
     )
     def logit_attributions(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
-    ) -> dg.MaterializeResult:
+    ) -> Iterator:
         """The tokens each feature's decoder direction promotes and suppresses through the model's final norm and
-        unembedding (direct_logit_attribute)."""
+        unembedding (direct_logit_attribute). A dictionary whose output hook does not write to the residual stream
+        (e.g. a transcoder into `ln2.hook_out`) has no direct logit effect: the step is skipped (an observation says
+        why), not failed, so the rest of the item's assets still run."""
+        from lm_saes_core.analysis.direct_logit import check_writes_residual_stream
         from lm_saes_core.store import open_store
 
         item_name = context.partition_key
+        item = item_of(item_name)
+        try:
+            check_writes_residual_stream(item.sae)
+        except ValueError as exc:
+            why = f"no direct logit attribution for {item.hook_label}: {exc}"
+            context.log.warning(f"logit_attributions of {name}/{item_name} skipped: {why}")
+            yield dg.AssetObservation(asset_key=logits_key, partition=item_name, metadata={"skipped": why})
+            return
         require_passing_evaluation(artifacts, item_name)
         output = artifacts.dir(name, "logit_attributions", item_name) / "logits.json"
         settings = {
@@ -215,7 +229,7 @@ def build_analysis_assets(
         features = json.loads(output.read_text())["features"].values()
         top = [feature["top_positive"][0]["logit"] for feature in features if feature["top_positive"]]
         markdown, _ = preview(artifacts, item_name, ("logits",))
-        return dg.MaterializeResult(
+        yield dg.MaterializeResult(
             metadata={
                 "n_features": len(top),
                 "mean_top_logit": sum(top) / len(top) if top else 0.0,

@@ -210,7 +210,9 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
     @dg.asset(
         key=dictionary_key,
         # Items are dynamic partitions, which no static mapping can name: each dictionary depends on every hook's
-        # activations (exact for one hook; coarser lineage for several). The item's own hook is what it trains on.
+        # activations (exact for one hook; coarser lineage for several). What it trains on is the item's own hooks:
+        # hook_point_in for an SAE, hook_point_in and hook_point_out for a transcoder (both checked at load to be
+        # cached hooks, and all hooks come from one forward pass, so they are materialised together).
         deps=[item_config_key, dg.AssetDep(activations_key, partition_mapping=dg.AllPartitionMapping())],
         partitions_def=items,
         group_name=name,
@@ -221,7 +223,8 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
     def dictionary(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
     ) -> dg.MaterializeResult:
-        """A sparse dictionary trained on its hook point's cached activations: train_sae run through Dagster Pipes
+        """A sparse dictionary (SAE or transcoder) trained on its hook points' cached activations: train_sae run
+        through Dagster Pipes
         (a subprocess here, `torchrun` when the item asks for several processes, a GPU pod in Kubernetes)."""
         item_name = context.partition_key
         item = item_of(item_name)
@@ -233,7 +236,10 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
             metadata={
                 **reported.metadata,
                 "path": dg.MetadataValue.path(str(output)),
-                "hook_point": item.hook_point,
+                "hook_point": item.hook_label,
+                "hook_point_in": item.sae.hook_point_in,
+                "hook_point_out": item.sae.hook_point_out,
+                "transcoder": item.sae.is_transcoder,
                 "d_sae": item.sae.d_sae,
             },
             data_version=reported.data_version,
@@ -250,7 +256,8 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         check_specs=[dg.AssetCheckSpec(check, asset=evaluation_key, blocking=True) for check in CHECK_NAMES],
     )
     def evaluation(context: dg.AssetExecutionContext, artifacts: ArtifactRoot) -> dg.MaterializeResult:
-        """The dictionary on held-out documents: reconstruction, sparsity and the spliced language-model loss."""
+        """The dictionary on held-out documents: reconstruction, sparsity and the spliced language-model loss (a
+        transcoder's prediction of hook_point_out from hook_point_in, spliced in at hook_point_out)."""
         from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 
         item_name = context.partition_key
@@ -266,7 +273,7 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
                 "activation_factory": {
                     "sources": [{"type": "dataset", "name": "heldout"}],
                     "target": "activations-2d",
-                    "hook_points": [item.hook_point],
+                    "hook_points": item.hook_points,
                     "context_size": cfg.activations.context_size,
                     "model_batch_size": cfg.activations.model_batch_size,
                     "batch_size": cfg.activations.model_batch_size,
@@ -329,7 +336,8 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
     )
     def dictionary_items(context: dg.SensorEvaluationContext):
         """Register new dictionary items (pipeline file or `<pipeline>.d/<item>.yaml`) as partitions, and train those
-        whose hook point's activations are already cached. Invalid item files are logged and left out."""
+        whose hook points' activations (both of a transcoder's) are already cached. Invalid item files are logged and
+        left out."""
         found, errors = item_loader() if item_loader is not None else (dict(cfg.dictionaries), {})
         for path, error in errors.items():
             context.log.error(f"dictionary item {path} was not added:\n{error}")
@@ -341,7 +349,7 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         runs = [
             dg.RunRequest(run_key=f"{item}-{_item_hash(found[item])}", partition_key=item)
             for item in new
-            if found[item].hook_point in cached
+            if all(hook in cached for hook in found[item].hook_points)
         ]
         return dg.SensorResult(dynamic_partitions_requests=[items.build_add_request(new)], run_requests=runs)
 
@@ -370,7 +378,7 @@ def _train_settings(cfg: PipelineConfig, item_name: str, item: DictionaryItem, c
         "activation_factory": {
             "sources": [{"type": "activations", "name": "cache", "path": str(cache), "shuffle_chunks": True}],
             "target": "activations-1d",
-            "hook_points": [item.hook_point],
+            "hook_points": item.hook_points,  # a transcoder trains on pairs (hook_point_in, hook_point_out)
             "batch_size": item.batch_size,
             "buffer_size": item.buffer_size,
             "buffer_shuffle": item.buffer_shuffle.model_dump(mode="json"),

@@ -32,7 +32,9 @@ class ActivationSettings(BaseConfig):
 
 
 class DictionaryItem(BaseConfig):
-    """One dictionary to train on the cached activations of its hook point."""
+    """One dictionary to train on the cached activations of its hook point(s): an SAE reads and reconstructs
+    `sae.hook_point_in`; a transcoder (`hook_point_out` differs) reads `hook_point_in` and predicts `hook_point_out`,
+    so both must be among the pipeline's `hook_points` (the activation cache holds those only)."""
 
     sae: SAEConfig
     initializer: InitializerConfig = Field(
@@ -49,8 +51,14 @@ class DictionaryItem(BaseConfig):
     model_parallel_size: int = Field(default=1, ge=1)
 
     @property
-    def hook_point(self) -> str:
-        return self.sae.hook_point_in
+    def hook_points(self) -> list[str]:
+        """The hooks the item reads from the activation cache: [in] for an SAE, [in, out] for a transcoder."""
+        return self.sae.hook_points
+
+    @property
+    def hook_label(self) -> str:
+        """`in` for an SAE, `in -> out` for a transcoder (metadata, messages)."""
+        return " -> ".join(self.sae.hook_points)
 
     @property
     def n_processes(self) -> int:
@@ -67,7 +75,8 @@ class QualityBounds(BaseConfig):
 
 
 class AnalysisSettings(BaseConfig):
-    """The `feature_analyses` asset: analyze_sae over the cached activations of the dictionary's hook point."""
+    """The `feature_analyses` asset: analyze_sae over the cached activations of the dictionary's hook point (a
+    transcoder's features are encoded from, and their contexts are, the tokens at `hook_point_in`)."""
 
     analyzer: FeatureAnalyzerConfig | None = None
     """None: the analyzer's defaults over every cached token of the hook point."""
@@ -81,7 +90,10 @@ class AnalysisSettings(BaseConfig):
 
 
 class LogitAttributionSettings(BaseConfig):
-    """The `logit_attributions` asset: direct_logit_attribute of every feature."""
+    """The `logit_attributions` asset: direct_logit_attribute of every feature. Only dictionaries whose output hook
+    writes to the residual stream (`blocks.<l>.hook_resid_*`, `hook_attn_out`, `hook_mlp_out`) have direct logit
+    effects; for any other output hook (e.g. a transcoder into `ln2.hook_out`) the asset is skipped with the reason
+    recorded, not failed."""
 
     top_k: int = Field(default=10, gt=0)
     feature_batch_size: int = Field(default=256, gt=0)
@@ -130,11 +142,15 @@ def item_problem(name: str, item: DictionaryItem, hook_points: list[str]) -> str
     """Why an item cannot be part of a pipeline with these hook points (".field: reason"), or None."""
     if not name.replace("-", "").replace("_", "").isalnum():
         return ": item names use letters, digits, '-' and '_' only"
-    for hook in item.sae.hook_points:
+    for field, hook in (("hook_point_in", item.sae.hook_point_in), ("hook_point_out", item.sae.hook_point_out)):
         if hook not in hook_points:
-            return f".sae: hook point {hook!r} is not one of the pipeline's hook_points {hook_points}"
-    if item.sae.is_transcoder:
-        return ".sae: transcoders are not wired into pipelines yet"
+            why = (
+                ": a transcoder reads both of its hooks from the activation cache, which holds the pipeline's "
+                "hook_points only; add it there"
+                if item.sae.is_transcoder
+                else ""
+            )
+            return f".sae.{field}: hook point {hook!r} is not one of the pipeline's hook_points {hook_points}{why}"
     return None
 
 

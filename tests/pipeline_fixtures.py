@@ -1,6 +1,8 @@
 """Pipeline configs for the Dagster tests: the quickstart pipeline shrunk to seconds on the real SmolLM2."""
 
 HOOK = "blocks.3.hook_resid_post"
+TRANSCODER_IN, TRANSCODER_OUT = "blocks.3.hook_mlp_in", "blocks.3.hook_mlp_out"
+"""Layer 3's MLP. Not hook_resid_mid: the evaluation's splice hooks its input, and resid_mid is not replaceable."""
 
 
 def small_pipeline(
@@ -41,3 +43,17 @@ def small_pipeline(
         "evaluation": {"total_eval_tokens": 512, "downstream_tokens": 128},
         "quality": {"min_explained_variance": 0.5, "max_dead_fraction": 1.0, "min_l0": 1, "max_l0": 64},
     }
+
+
+def transcoder_item(
+    hook_in: str = TRANSCODER_IN, hook_out: str = TRANSCODER_OUT, *, training_tokens: int = 512 * 48
+) -> dict:
+    """A tiny TopK transcoder item (layer 3's MLP by default): both hooks must be among the pipeline's hook_points."""
+    return {
+        "sae": {"d_model": 576, "expansion_factor": 2, "hook_point_in": hook_in, "hook_point_out": hook_out,
+                "act_fn": "topk", "top_k": 16},
+        "trainer": {"lr": 4e-3, "lr_warm_up_steps": 0.1, "total_training_tokens": training_tokens,
+                    "log_frequency": 16, "n_checkpoints": 0},
+        "batch_size": 512,
+        "buffer_size": 2048,
+    }  # fmt: skip

@@ -15,7 +15,7 @@ import yaml
 from dagster._core.definitions.observe import observe  # not re-exported at the top level in 1.13
 from dagster._utils.test.data_versions import get_stale_status_resolver  # dagster's own staleness resolver setup
 from llm_server import llm_server  # noqa: F401 - the module-scoped server fixture
-from pipeline_fixtures import HOOK, small_pipeline
+from pipeline_fixtures import HOOK, TRANSCODER_IN, TRANSCODER_OUT, small_pipeline, transcoder_item
 
 from lm_saes_core.store import RecordStoreConfig, open_store
 from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV, LLM_MODEL_ENV
@@ -26,6 +26,17 @@ from lm_saes_dagster.pipeline_config import PipelineConfig, load_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_HOOK = "blocks.1.hook_resid_post"
+CACHED_HOOKS = [HOOK, EXTRA_HOOK, TRANSCODER_IN, TRANSCODER_OUT]
+"""The hooks of the shared small run: its SAEs' hook, one without dictionaries and the transcoder's two."""
+
+
+def small_run_pipeline() -> dict:
+    """The small pipeline with the extra hook and a transcoder item (layer 3's MLP) next to its two SAEs."""
+    pipeline = small_pipeline(extra_hooks=(EXTRA_HOOK, TRANSCODER_IN, TRANSCODER_OUT))
+    pipeline["dictionaries"]["transcoder"] = transcoder_item()
+    # 48 steps over 3072 cached tokens leave the transcoder at EV ~0.15 (SAEs: > 0.5, asserted by their test).
+    pipeline["quality"]["min_explained_variance"] = 0.1
+    return pipeline
 
 
 def write_pipelines(directory: Path, **pipelines: dict) -> Path:
@@ -145,6 +156,47 @@ def test_item_files_add_dictionary_items_and_bad_ones_are_reported(tmp_path):
         assert register_items(defs, "small", instance) == ["batchtopk", "topk", "extra", "twice"]  # file order
 
 
+def test_a_transcoder_needs_both_hooks_cached_and_only_residual_outputs_get_logit_attributions(tmp_path, smollm2_dir):
+    """Both of a transcoder's hooks come from the activation cache, so both must be pipeline hook points (checked at
+    load, naming the file and field); DLA is skipped, not failed, for an output hook off the residual stream."""
+    missing = small_pipeline("missing", act_fns=("topk",), extra_hooks=(TRANSCODER_IN,))
+    missing["dictionaries"]["transcoder"] = transcoder_item()
+    narrow = small_pipeline("narrow", act_fns=("topk",), extra_hooks=(TRANSCODER_IN, TRANSCODER_OUT))
+    narrow["dictionaries"]["transcoder"] = transcoder_item() | {
+        "sae": transcoder_item()["sae"] | {"d_out": 512}
+    }  # fmt: skip
+    ln2_out = "blocks.3.ln2.hook_out"
+    good = small_pipeline("good", act_fns=("topk",), extra_hooks=(TRANSCODER_IN, TRANSCODER_OUT, ln2_out))
+    good["dictionaries"] |= {"transcoder": transcoder_item(), "ln2": transcoder_item(TRANSCODER_IN, ln2_out)}
+    directory = write_pipelines(tmp_path / "pipelines", missing=missing, narrow=narrow, good=good)
+    (directory / "good.d").mkdir()
+    item_file = directory / "good.d" / "late.yaml"
+    item_file.write_text(yaml.safe_dump(transcoder_item(TRANSCODER_IN, "blocks.4.hook_mlp_out")))
+    with pytest.warns(UserWarning, match="was not loaded"):
+        defs, errors = build_definitions(directory, tmp_path / "home")
+    assert set(errors) == {directory / "missing.yaml", directory / "narrow.yaml", item_file}
+    assert str(directory / "missing.yaml") in errors[directory / "missing.yaml"]
+    assert (
+        f"dictionaries.transcoder.sae.hook_point_out: hook point {TRANSCODER_OUT!r} is not one of the pipeline's "
+        "hook_points" in errors[directory / "missing.yaml"]
+    )
+    assert "a transcoder reads both of its hooks from the activation cache" in errors[directory / "missing.yaml"]
+    narrow_error = errors[directory / "narrow.yaml"]
+    assert f"dictionaries.transcoder.sae.d_out: 512 does not match the width of {TRANSCODER_OUT!r}" in narrow_error
+    assert str(item_file) in errors[item_file]
+    assert "sae.hook_point_out: hook point 'blocks.4.hook_mlp_out' is not one of" in errors[item_file]
+    graph = defs.resolve_asset_graph()
+    assert {key.path[0] for key in graph.get_all_asset_keys()} == {"good"}
+    with dg.instance_for_test() as instance:
+        assert register_items(defs, "good", instance) == ["ln2", "topk", "transcoder"]
+        logits = graph.assets_def_for_key(dg.AssetKey(["good", "logit_attributions"]))
+        run = dg.materialize([logits], partition_key="ln2", instance=instance)  # nothing trained: skipped first
+    assert run.success and not run.get_asset_materialization_events()
+    (observation,) = [e.asset_observation_data.asset_observation for e in run.get_asset_observation_events()]
+    why = observation.metadata["skipped"].value
+    assert f"{TRANSCODER_IN} -> {ln2_out}" in why and "not a residual-stream hook" in why
+
+
 @dataclass
 class SmallRun:
     """The small pipeline materialised through its analyses on one instance, shared by the slow tests below."""
@@ -156,6 +208,8 @@ class SmallRun:
     activations: dg.ExecuteInProcessResult
     items: dict[str, dg.ExecuteInProcessResult]
     analyses: dg.ExecuteInProcessResult
+    transcoder: dg.ExecuteInProcessResult | None = None
+    """feature_analyses and logit_attributions of the transcoder item."""
 
     def assets(self, *names: str) -> list[dg.AssetsDefinition]:
         graph = self.defs.resolve_asset_graph()
@@ -165,7 +219,7 @@ class SmallRun:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory) -> Iterator[SmallRun]:
     tmp_path = tmp_path_factory.mktemp("small_run")
-    pipeline = small_pipeline(extra_hooks=(EXTRA_HOOK,))
+    pipeline = small_run_pipeline()
     # One feature, short prompts: a real local LLM on 2 CPU cores answers slowly (see test_autointerp).
     pipeline["interpretation"] = {"max_features": 1, "auto_interp": {
         "n_activating_examples": 3, "n_non_activating_examples": 4, "max_length": 16, "include_cot": False,
@@ -178,19 +232,22 @@ def small_run(tmp_path_factory) -> Iterator[SmallRun]:
         for variable in (LLM_BASE_URL_ENV, "OPENAI_API_KEY"):
             env.delenv(variable, raising=False)  # no LLM endpoint: interpretations are skipped
         run = SmallRun(defs, instance, directory, tmp_path / "home", None, {}, None)
-        assert register_items(defs, "small", instance) == ["batchtopk", "topk"]  # as `make quickstart` does
+        assert register_items(defs, "small", instance) == ["batchtopk", "topk", "transcoder"]  # as `make quickstart`
         observe(run.assets("item_config"), instance=instance)
         assert dg.materialize(run.assets("corpus", "tokens"), instance=instance).success
         # Both hooks in one run (what a UI backfill does under the single-run backfill policy): one forward pass.
-        every_hook = {RANGE_START: HOOK, RANGE_END: EXTRA_HOOK}
+        every_hook = {RANGE_START: CACHED_HOOKS[0], RANGE_END: CACHED_HOOKS[-1]}
         run.activations = dg.materialize(run.assets("activations"), instance=instance, tags=every_hook)
-        for item in ("topk", "batchtopk"):
+        for item in ("topk", "batchtopk", "transcoder"):
             run.items[item] = dg.materialize(run.assets("dictionary", "evaluation"), partition_key=item,
                                              instance=instance)  # fmt: skip
         run.analyses = dg.materialize(
             run.assets("feature_analyses", "logit_attributions", "interpretations"), partition_key="topk",
             instance=instance,
         )  # fmt: skip
+        run.transcoder = dg.materialize(
+            run.assets("feature_analyses", "logit_attributions"), partition_key="transcoder", instance=instance
+        )
         yield run
     shutil.rmtree(tmp_path / "home", ignore_errors=True)
 
@@ -203,12 +260,14 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small
     assert small_run.activations.success
     assert {c.passed for c in small_run.activations.get_asset_check_evaluations()} == {True}
     (cached,) = small_run.activations.get_asset_materialization_events()[:1]
-    assert sorted(e.partition for e in small_run.activations.get_asset_materialization_events()) == [EXTRA_HOOK, HOOK]
-    assert cached.materialization.metadata["hook_points"].value == f"{HOOK}, {EXTRA_HOOK}"
+    assert sorted(e.partition for e in small_run.activations.get_asset_materialization_events()) == sorted(CACHED_HOOKS)
+    assert cached.materialization.metadata["hook_points"].value == ", ".join(CACHED_HOOKS)
     assert small_run.activations.get_step_success_events()[0].step_key == "small__activations"  # one step
     assert cached.materialization.metadata["n_tokens"].value == 64 * 48
     first_versions = {}
     for item, run in small_run.items.items():
+        if item == "transcoder":
+            continue  # test_a_transcoder_item_trains_evaluates_and_is_analysed
         assert run.success
         events = {e.asset_key.path[-1]: e for e in run.get_asset_materialization_events()}
         dictionary = events["dictionary"].materialization
@@ -262,10 +321,10 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small
         repository_def=defs.get_repository_def(),
     )
     requests = list(schedule.evaluate_tick(context).run_requests)
-    assert sorted(r.partition_key for r in requests) == ["batchtopk", "topk"]
+    assert sorted(r.partition_key for r in requests) == ["batchtopk", "topk", "transcoder"]
 
     # Bounds the dictionary fails: the evaluation's blocking check fails, and the analysis refuses to run.
-    strict = small_pipeline(extra_hooks=(EXTRA_HOOK,))
+    strict = small_run_pipeline()
     strict["quality"]["min_explained_variance"] = 0.999
     strict_defs = build_definitions(write_pipelines(tmp_path / "strict", small=strict), tmp_path / "home")[0]
     strict_graph = strict_defs.resolve_asset_graph()
@@ -295,7 +354,7 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small
     assert trained.get_asset_materialization_events()[0].materialization.metadata["steps"].value == 8
 
     # Editing one item's settings makes only that item's dictionary stale.
-    changed = small_pipeline(extra_hooks=(EXTRA_HOOK,))
+    changed = small_run_pipeline()
     changed["dictionaries"]["topk"]["trainer"]["lr"] = 1e-3
     new_graph = build_definitions(write_pipelines(directory, small=changed), tmp_path / "home")[0].resolve_asset_graph()
     observe([new_graph.assets_def_for_key(key("item_config"))], instance=instance)
@@ -316,6 +375,42 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small
         evaluated = dg.evaluate_automation_conditions(defs=defs, instance=instance, cursor=before.cursor)
         assert evaluated.get_requested_partitions(key("evaluation")) == {"topk"}
         assert evaluated.total_requested == 1  # the analyses wait for the evaluation and its checks
+
+
+@pytest.mark.slow
+def test_a_transcoder_item_trains_evaluates_and_is_analysed(small_run):
+    """The transcoder (layer 3: mlp_in -> mlp_out) trains on pairs from the shared cache, is evaluated on held-out
+    text spliced in at hook_mlp_out, and its features are analysed on the tokens of hook_mlp_in."""
+    run = small_run.items["transcoder"]
+    assert run.success
+    events = {e.asset_key.path[-1]: e.materialization.metadata for e in run.get_asset_materialization_events()}
+    dictionary, evaluation = events["dictionary"], events["evaluation"]
+    assert dictionary["hook_point"].value == f"{TRANSCODER_IN} -> {TRANSCODER_OUT}"
+    assert dictionary["transcoder"].value is True and dictionary["hook_point_out"].value == TRANSCODER_OUT
+    assert dictionary["steps"].value == 48
+    assert 0.1 < evaluation["explained_variance"].value <= 1.0, evaluation
+    assert 1 <= evaluation["l0"].value <= 16  # TopK 16
+    # Spliced in for the MLP's output, it keeps most of what ablating the MLP's output loses (measured: 0.78).
+    assert 0.5 < evaluation["ce_loss_recovered"].value <= 1.0 and evaluation["kl_div_spliced"].value < 0.5
+    assert {c.check_name: c.passed for c in run.get_asset_check_evaluations()} == {
+        "explained_variance_above_min": True, "dead_fraction_below_max": True, "l0_within_bounds": True
+    }  # fmt: skip
+
+    analysed = small_run.transcoder
+    assert analysed.success
+    events = {e.asset_key.path[-1]: e.materialization.metadata for e in analysed.get_asset_materialization_events()}
+    analyses, logits = events["feature_analyses"], events["logit_attributions"]  # hook_mlp_out writes the residual
+    assert analyses["n_features"].value == 1152 and analyses["analysed_fraction"].value == 1.0
+    assert 2800 < analyses["analysed_tokens"].value <= 64 * 48
+    assert logits["n_features"].value == 1152 and "promotes:" in logits["preview"].value
+    with open_store(RecordStoreConfig(sqlite_path=str(small_run.home / "pipelines/small/records.sqlite"))) as store:
+        record = store.get_dictionary("transcoder", "small")
+        assert (record.cfg["hook_point_in"], record.cfg["hook_point_out"]) == (TRANSCODER_IN, TRANSCODER_OUT)
+        features = list(store.iter_features("transcoder", "small", with_samples=False))
+    # TopK keeps at most 16 features per token: the analysed activation counts add up to the analysed tokens' L0.
+    tokens = features[0].analyses[0].n_analyzed_tokens
+    per_token = sum(feature.analyses[0].act_times for feature in features) / tokens
+    assert tokens == analyses["analysed_tokens"].value and 8 < per_token <= 16
 
 
 @pytest.mark.slow
