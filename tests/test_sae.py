@@ -165,6 +165,31 @@ def test_jumprelu_threshold_gradient_sums_over_tokens_and_weights_by_upstream():
     torch.testing.assert_close(threshold.grad, tensor([-2.5, -1.0, -3.0]))
 
 
+def test_gated_jumprelu_equals_jumprelu_of_the_gated_scores_in_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(64, 16, dtype=F64)
+    W_D = (torch.rand(16, 8, dtype=F64) + 0.2).requires_grad_()
+    log_threshold = (torch.randn(16, dtype=F64) * 0.3).requires_grad_()
+    upstream = torch.randn(64, 16, dtype=F64)
+    results = []
+    for fused in (True, False):
+        h = x.clone().requires_grad_()
+        norm, threshold = W_D.norm(dim=1), log_threshold.exp()
+        if fused:
+            f = act.gated_jumprelu(h, norm, threshold, window=0.5)
+        else:
+            f = act.jumprelu(h * norm, threshold, window=0.5) / norm
+        W_D.grad = log_threshold.grad = None
+        (f * upstream).sum().backward()
+        results.append((f.detach(), h.grad, log_threshold.grad, W_D.grad))
+    (f_fused, h_fused, t_fused, w_fused), (f_ref, h_ref, t_ref, w_ref) = results
+    torch.testing.assert_close(f_fused, f_ref)
+    torch.testing.assert_close(h_fused, h_ref)
+    torch.testing.assert_close(t_fused, t_ref)
+    assert t_ref.abs().sum() > 0  # some entries were inside the window
+    assert w_fused is None and w_ref.abs().max() < 1e-12  # gating passes no gradient to the decoder in either form
+
+
 # ------------------------------------------------------------------ BatchTopK inference threshold
 
 

@@ -39,6 +39,35 @@ class JumpReLUFunction(torch.autograd.Function):
         return grad_x, grad_threshold, None
 
 
+class GatedJumpReLUFunction(torch.autograd.Function):
+    """f = (s * 1[s > theta]) / n with s = x * n (decoder-norm gating), computed without forming s in the forward.
+
+    Same values and gradients as `jumprelu(x * n, theta) / n`: d/dx is straight-through on the kept entries, no
+    gradient reaches n (through s and through the division the terms cancel exactly), and d/dtheta is the rectangle
+    kernel on s divided by n. With n > 0, s > theta is x > theta / n, so the masks compare x with per-feature bounds.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm: Tensor, threshold: Tensor, window: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, norm, threshold)
+        ctx.window = window
+        return x * (x > threshold / norm)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:  # type: ignore[override]
+        x, norm, threshold = ctx.saved_tensors
+        grad_x = grad_threshold = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_output * (x > threshold / norm)
+        if ctx.needs_input_grad[2]:
+            # |x n - theta| < w / 2 and x n > 0, as bounds on x per feature
+            low, high = (threshold - ctx.window / 2) / norm, (threshold + ctx.window / 2) / norm
+            in_window = (x > low) & (x < high) & (x > 0)
+            weight = -threshold / (ctx.window * norm)  # (d_sae,)
+            grad_threshold = (grad_output * in_window).reshape(-1, x.shape[-1]).sum(0) * weight
+        return grad_x, None, grad_threshold, None
+
+
 class StepFunction(torch.autograd.Function):
     """H(x - theta) = 1[x > theta], the JumpReLU L0 count, with the rectangular-kernel pseudo-derivative for theta:
     d/dtheta = g * (-1 / window) inside |x - theta| < window / 2 (x > 0); no gradient reaches x (the count is
@@ -68,6 +97,12 @@ def step(x: Tensor, threshold: Tensor, window: float) -> Tensor:
 def jumprelu(x: Tensor, threshold: Tensor, window: float) -> Tensor:
     """JumpReLU with per-feature `threshold` (shape (d_sae,)); pass exp(log_threshold) to learn it in log space."""
     return JumpReLUFunction.apply(x, threshold.to(x.dtype), window)
+
+
+def gated_jumprelu(x: Tensor, norm: Tensor, threshold: Tensor, window: float) -> Tensor:
+    """`jumprelu(x * norm, threshold) / norm` (decoder-norm gating) in fewer passes over x; `norm` gets no gradient,
+    as in that composition."""
+    return GatedJumpReLUFunction.apply(x, norm.to(x.dtype), threshold.to(x.dtype), window)
 
 
 def topk(x: Tensor, k: int) -> Tensor:

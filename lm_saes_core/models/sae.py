@@ -238,6 +238,9 @@ class SparseAutoEncoder(nn.Module):
         """Dense feature activations (N, d_sae) from pre-activations."""
         if self.cfg.act_fn == "relu":  # relu(h * n) / n == relu(h) for decoder norms n > 0: gating changes nothing
             return act.relu(hidden_pre)
+        if self.cfg.act_fn == "jumprelu" and self.cfg.sparsity_include_decoder_norm:
+            threshold, window = self.jumprelu_threshold(), self.cfg.jumprelu_threshold_window
+            return act.gated_jumprelu(hidden_pre, self.decoder_norm(), threshold, window)
         scores = self._scores(hidden_pre)
         match self.cfg.act_fn:
             case "relu":
