@@ -7,7 +7,7 @@ the kept entries. The sparse (index, value) forms used by the fast TopK training
 import torch
 from torch import Tensor
 
-from lm_saes_core.models.kernels import select_batch_topk
+from lm_saes_core.models.kernels import batch_topk_threshold
 
 
 def relu(x: Tensor) -> Tensor:
@@ -119,7 +119,7 @@ def batchtopk_threshold(x: Tensor, k: int) -> Tensor:
     0-d tensor; 0 when fewer than k * n_rows entries are positive (then every positive entry is kept).
     """
     with torch.no_grad():
-        return select_batch_topk(x, k)[1]
+        return batch_topk_threshold(x, k)
 
 
 def threshold_activation(x: Tensor, threshold: Tensor | float, inclusive: bool = False) -> Tensor:

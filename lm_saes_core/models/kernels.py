@@ -54,30 +54,45 @@ def kth_largest(values: Tensor, n: int) -> Tensor:
     return values.reshape(-1).topk(min(n, values.numel()), sorted=False).values.min().clamp(min=0)
 
 
-def select_batch_topk(scores: Tensor, k: int) -> tuple[Selection, Tensor]:
-    """BatchTopK over scores (N, d_sae): the k * N largest positive entries of the whole batch, and the threshold
-    (the smallest kept value).
+def _batch_topk_search(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The BatchTopK threshold of scores (N, d_sae), and the candidates it was searched among: each row's 4k largest
+    (values, indices) and the rows that were searched in full (`saturated`).
 
     The batch's top entries are searched among each row's 4k largest. That is exact except for rows whose 4k
     candidates all clear the threshold ("saturated": they may hold more); those rows alone are searched in full,
     which can only raise the threshold, so every other row's candidates still contain all of its kept entries.
     """
     n_rows, d_sae = scores.shape
-    if n_rows == 0:
-        return select_above(scores, 0.0), scores.new_zeros(())
     width = min(4 * k, d_sae)
     values, indices = scores.topk(width, dim=-1, sorted=False)
     threshold = kth_largest(values, k * n_rows)
     saturated = values.min(-1).values >= threshold if width < d_sae else values.new_zeros(n_rows, dtype=torch.bool)
-    full_rows = saturated.nonzero().squeeze(-1)
-    if full_rows.numel():
-        full_scores = scores[full_rows]
-        candidates = torch.cat([values[~saturated].reshape(-1), full_scores.reshape(-1)])
+    if saturated.any():
+        candidates = torch.cat([values[~saturated].reshape(-1), scores[saturated].reshape(-1)])
         threshold = kth_largest(candidates, k * n_rows)
+    return threshold, values, indices, saturated
+
+
+def batch_topk_threshold(scores: Tensor, k: int) -> Tensor:
+    """The smallest value BatchTopK keeps: the (k * N)-th largest positive entry of scores (N, d_sae), else 0."""
+    if scores.shape[0] == 0:
+        return scores.new_zeros(())
+    return _batch_topk_search(scores, k)[0]
+
+
+def select_batch_topk(scores: Tensor, k: int) -> tuple[Selection, Tensor]:
+    """BatchTopK over scores (N, d_sae): the k * N largest positive entries of the whole batch, and the threshold
+    (the smallest kept value); see `_batch_topk_search` for how the search stays exact."""
+    n_rows = scores.shape[0]
+    if n_rows == 0:
+        return select_above(scores, 0.0), scores.new_zeros(())
+    threshold, values, indices, saturated = _batch_topk_search(scores, k)
     keep = (values >= threshold) & (values > 0) & ~saturated[:, None]
     rows, slots = keep.nonzero(as_tuple=True)
     cols = indices[rows, slots]
+    full_rows = saturated.nonzero().squeeze(-1)
     if full_rows.numel():
+        full_scores = scores[full_rows]
         full_row, full_col = ((full_scores >= threshold) & (full_scores > 0)).nonzero(as_tuple=True)
         rows, cols = torch.cat([rows, full_rows[full_row]]), torch.cat([cols, full_col])
         order = rows.argsort(stable=True)
