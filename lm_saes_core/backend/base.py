@@ -205,6 +205,13 @@ class LanguageModel(ABC):
                 return candidate
         return 0
 
+    def check_replacements(
+        self, replacements: dict[str, Replacement], unsupported: Sequence[str], backend: str
+    ) -> None:
+        """Replacement hooks must exist, and those that change their activation must be replaceable here."""
+        self.validate_hook_points(list(replacements))
+        check_replaceable(replaced_hook_points(replacements), unsupported, backend)
+
     def validate_hook_points(self, hook_points: Sequence[str]) -> None:
         valid = set(self.hook_points)
         for name in hook_points:

@@ -19,8 +19,6 @@ from lm_saes_core.backend.base import (
     LanguageModelConfig,
     Replacement,
     Unembedding,
-    check_replaceable,
-    replaced_hook_points,
 )
 
 
@@ -215,9 +213,8 @@ class HuggingFaceLanguageModel(LanguageModel):
         replacements: dict[str, Replacement] | None = None,
     ) -> torch.Tensor:
         replacements = replacements or {}
-        self.validate_hook_points(list(replacements))
         # ln2.hook_normalized is computed from the norm's input (it is no tensor of the HF forward).
-        check_replaceable(replaced_hook_points(replacements), ["ln2.hook_normalized"], "huggingface")
+        self.check_replacements(replacements, ["ln2.hook_normalized"], "huggingface")
         device = self.model.device
         handles = []
         try:

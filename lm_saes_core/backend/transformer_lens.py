@@ -16,8 +16,6 @@ from lm_saes_core.backend.base import (
     LanguageModelConfig,
     Replacement,
     Unembedding,
-    check_replaceable,
-    replaced_hook_points,
 )
 from lm_saes_core.backend.huggingface import config_max_context, first_tensor
 
@@ -111,8 +109,7 @@ class TransformerLensLanguageModel(LanguageModel):
         replacements: dict[str, Replacement] | None = None,
     ) -> torch.Tensor:
         replacements = replacements or {}
-        self.validate_hook_points(list(replacements))
-        check_replaceable(replaced_hook_points(replacements), [], "transformer_lens")
+        self.check_replacements(replacements, [], "transformer_lens")
         device = self.bridge.cfg.device
 
         def hook_for(replace: Replacement) -> Callable[..., torch.Tensor]:
