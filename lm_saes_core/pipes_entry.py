@@ -25,15 +25,17 @@ from lm_saes_core.io import file_sha256
 
 logger = logging.getLogger(__name__)
 
-USAGE = "usage: python -m lm_saes_core.pipes_entry {train|evaluate|generate|analyze|dla} SETTINGS_FILE"
+USAGE = "usage: python -m lm_saes_core.pipes_entry {train|sweep|evaluate|generate|analyze|dla} SETTINGS_FILE"
 
 
 @dataclass
 class StepReport:
-    """What rank 0 tells Dagster: small metadata and the file whose content hash is the data version."""
+    """What rank 0 tells Dagster: small metadata and the file whose content hash is the data version (a step with
+    several main files, a sweep, gives the version itself)."""
 
     metadata: dict[str, Any]
-    main_file: Path
+    main_file: Path | None
+    data_version: str | None = None
 
 
 def _numbers(values: dict[str, float], keys: list[str] | None = None) -> dict[str, float]:
@@ -50,19 +52,47 @@ def _path(value: Path | str) -> dict[str, Any]:
     return {"raw_value": str(value), "type": "path"}
 
 
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def _train_summary(result) -> dict[str, Any]:
+    metrics = _numbers(result.last_metrics, ["metrics/explained_variance", "metrics/l0", "losses/mse_loss"])
+    return {"steps": result.steps, "n_tokens": result.n_tokens, "reused": result.reused, **metrics}
+
+
 def _run_train(settings: BaseConfig) -> StepReport:
     from lm_saes_core.runners.train import train_sae
 
     result = train_sae(settings)
-    metrics = _numbers(result.last_metrics, ["metrics/explained_variance", "metrics/l0", "losses/mse_loss"])
+    metadata = {**_train_summary(result), "output_path": _path(result.output_path)}
+    return StepReport(metadata, Path(settings.trainer.exp_result_path) / WEIGHTS_FILE)
+
+
+def _run_sweep(settings: BaseConfig) -> StepReport:
+    """Per item (by `sae_name`) its summary and the sha256 of its weights, as one JSON value; the data version is the
+    hash of the items' weight hashes in item order."""
+    import hashlib
+
+    from lm_saes_core.runners.train import sweep_sae
+
+    results = sweep_sae(settings)
+    items = {}
+    for item, result in zip(settings.items, results, strict=True):
+        weights = Path(item.trainer.exp_result_path) / WEIGHTS_FILE
+        if not weights.is_file():
+            raise FileNotFoundError(f"sweep item {item.sae_name!r} finished but {weights} does not exist")
+        items[item.sae_name] = {
+            **_train_summary(result),
+            "weights_sha256": file_sha256(weights),
+            "output_path": str(result.output_path),
+        }
+    version = hashlib.sha256("".join(entry["weights_sha256"] for entry in items.values()).encode()).hexdigest()
     metadata = {
-        "steps": result.steps,
-        "n_tokens": result.n_tokens,
-        "reused": result.reused,
-        **metrics,
-        "output_path": _path(result.output_path),
+        "n_items": len(items),
+        "trained": sum(not entry["reused"] for entry in items.values()),
+        "items": {"raw_value": items, "type": "json"},
     }
-    return StepReport(metadata, Path(settings.trainer.exp_result_path) / "sae_weights.safetensors")
+    return StepReport(metadata, None, data_version=version)
 
 
 def _run_evaluate(settings: BaseConfig) -> StepReport:
@@ -131,6 +161,10 @@ def _settings_class(runner: str) -> type[BaseConfig]:
         from lm_saes_core.runners.train import TrainSAESettings
 
         return TrainSAESettings
+    if runner == "sweep":
+        from lm_saes_core.runners.train import SweepSAESettings
+
+        return SweepSAESettings
     if runner == "evaluate":
         from lm_saes_core.runners.evaluate import EvaluateSAESettings
 
@@ -150,6 +184,7 @@ def _settings_class(runner: str) -> type[BaseConfig]:
 
 RUNNERS: dict[str, Callable[[BaseConfig], StepReport]] = {
     "train": _run_train,
+    "sweep": _run_sweep,
     "evaluate": _run_evaluate,
     "generate": _run_generate,
     "analyze": _run_analyze,
@@ -167,13 +202,12 @@ def run_step(runner: str, settings_file: str | Path, pipes: PipesContext | None 
         raise ConfigError(f"runner {runner!r} is unknown; choose one of {sorted(RUNNERS)}")
     settings = load_config(_settings_class(runner), settings_file)
     report = RUNNERS[runner](settings)
-    if not report.main_file.is_file():
+    if report.main_file is not None and not report.main_file.is_file():
         raise FileNotFoundError(f"{runner} finished but its main output {report.main_file} does not exist")
     if pipes is not None:
         asset_key = pipes.extras.get("asset_key") if pipes.extras else None
-        pipes.report_asset_materialization(
-            metadata=report.metadata, data_version=file_sha256(report.main_file), asset_key=asset_key
-        )
+        version = report.data_version or file_sha256(report.main_file)
+        pipes.report_asset_materialization(metadata=report.metadata, data_version=version, asset_key=asset_key)
     return report
 
 

@@ -17,7 +17,7 @@ from dagster._core.pipes.client import PipesClientCompletedInvocation
 
 from lm_saes_core.io import atomic_write_text
 
-RUNNERS = ("train", "evaluate", "generate", "analyze", "dla")
+RUNNERS = ("train", "sweep", "evaluate", "generate", "analyze", "dla")
 ENTRYPOINT = "lm_saes_core.pipes_entry"
 DSHM_VOLUME = "dshm"
 DEFAULT_GPU_TOLERATIONS: list[dict[str, Any]] = [

@@ -32,6 +32,8 @@ class ItemOutcome:
     skipped: dict[str, str] = field(default_factory=dict)
     success: bool = True
     seconds: float = 0.0
+    """Wall time of the item's steps, its share of a shared training run included."""
+    training_seconds: float = 0.0
 
 
 def _assets_of(defs: dg.Definitions, name: str) -> dict[str, dg.AssetsDefinition]:
@@ -55,8 +57,9 @@ def register_items(defs: dg.Definitions, name: str, instance: dg.DagsterInstance
 def materialize_pipeline(
     defs: dg.Definitions, name: str, instance: dg.DagsterInstance, items: list[str] | None = None
 ) -> dict[str, ItemOutcome]:
-    """Every asset of the pipeline `name`: corpus and tokens, each hook's activations, then one run per dictionary
-    item through its evaluation, analyses and interpretations (a failed blocking check skips what follows)."""
+    """Every asset of the pipeline `name`: corpus and tokens, each hook's activations (one run), the dictionaries
+    (one run: items sharing a hook's stream train together), then one run per item through its evaluation, analyses
+    and interpretations (a failed blocking check skips what follows)."""
     assets = _assets_of(defs, name)
     registered = register_items(defs, name, instance)
     unknown = sorted(set(items or ()) - set(registered))
@@ -69,17 +72,39 @@ def materialize_pipeline(
     every_hook = {RANGE_START: hooks[0], RANGE_END: hooks[-1]}  # one run, one forward pass (single-run backfill)
     if not dg.materialize([assets["activations"]], instance=instance, tags=every_hook, run_config=QUIET).success:
         raise SystemExit(f"activations of {hooks} failed")
-    outcomes = {}
-    for item in items or registered:
+    selected = [item for item in registered if item in set(items or registered)]
+    outcomes = {item: ItemOutcome() for item in selected}
+    for block in contiguous_blocks(selected, registered):
+        # One run per contiguous range of items: those sharing a hook's stream train together (a sweep).
+        started = time.perf_counter()
+        tags = {RANGE_START: block[0], RANGE_END: block[-1]} if len(block) > 1 else {}
+        run = dg.materialize(
+            [assets["dictionary"]],
+            partition_key=None if tags else block[0],
+            tags=tags,
+            instance=instance,
+            raise_on_error=False,
+            run_config=QUIET,
+        )
+        for event in run.get_asset_materialization_events():
+            metadata = {k: v.value for k, v in event.materialization.metadata.items()}
+            outcomes[event.partition].metadata["dictionary"] = metadata
+        for item in block:
+            outcomes[item].training_seconds = (time.perf_counter() - started) / len(block)
+    for item in selected:
+        outcome = outcomes[item]
+        if "dictionary" not in outcome.metadata:
+            outcome.success = False
+            continue
         started = time.perf_counter()
         run = dg.materialize(
-            [assets[a] for a in ITEM_ASSETS],
+            [assets[a] for a in ITEM_ASSETS if a != "dictionary"],
             partition_key=item,
             instance=instance,
             raise_on_error=False,
             run_config=QUIET,
         )
-        outcome = ItemOutcome(success=run.success, seconds=time.perf_counter() - started)
+        outcome.success, outcome.seconds = run.success, time.perf_counter() - started + outcome.training_seconds
         for event in run.get_asset_materialization_events():
             metadata = event.materialization.metadata
             outcome.metadata[event.asset_key.path[-1]] = {k: v.value for k, v in metadata.items()}
@@ -88,8 +113,22 @@ def materialize_pipeline(
             if skipped is not None:
                 outcome.skipped[event.asset_key.path[-1]] = skipped.value
         outcome.checks = {check.check_name: check.passed for check in run.get_asset_check_evaluations()}
-        outcomes[item] = outcome
     return outcomes
+
+
+def contiguous_blocks(selected: list[str], registered: list[str]) -> list[list[str]]:
+    """`selected` (in registration order) cut where a registered item not selected lies between two selected ones,
+    since a run covers a contiguous partition range."""
+    blocks: list[list[str]] = []
+    previous = None
+    for item in selected:
+        position = registered.index(item)
+        if blocks and previous is not None and position == previous + 1:
+            blocks[-1].append(item)
+        else:
+            blocks.append([item])
+        previous = position
+    return blocks
 
 
 def _number(metadata: dict[str, object], key: str, spec: str = ".3f") -> str:
@@ -111,6 +150,11 @@ def summary(name: str, outcomes: dict[str, ItemOutcome]) -> str:
             f"{_number(analyses, 'alive_fraction', '.2f'):>6} {outcome.seconds:>5.0f}s  {verdict}"
             + (f"; FAILED: {', '.join(failed)}" if failed else "")
         )
+    shared = [
+        item for item, outcome in outcomes.items() if outcome.metadata.get("dictionary", {}).get("shared_stream_with")
+    ]
+    if shared:
+        lines.append(f"trained together from one activation stream (sweep): {', '.join(shared)}")
     reasons: dict[str, list[str]] = {}
     for item, outcome in outcomes.items():
         interpretations = outcome.metadata.get("interpretations")

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import dagster as dg
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG as RANGE_END_TAG
+from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG as RANGE_START_TAG
 
 from lm_saes_core.io import atomic_write_text, file_sha256
 from lm_saes_dagster.analysis_assets import build_analysis_assets
@@ -27,6 +29,7 @@ from lm_saes_dagster.artifacts import ArtifactRoot, InputsStamp
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
 from lm_saes_dagster.quality import CHECK_NAMES, quality_checks
+from lm_saes_dagster.training import stream_groups, sweep_settings, train_settings
 
 ItemLoader = Callable[[], tuple[dict[str, DictionaryItem], dict[Path, str]]]
 """Re-reads a pipeline's items (file + `.d` directory): {item: settings} and {file: error} of the invalid files."""
@@ -219,31 +222,54 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         code_version=CODE_VERSION,
         kinds={"torch"},
         pool="gpu",
+        # A backfill (or "materialize all") of several items is one run, so items sharing a stream train together.
+        backfill_policy=dg.BackfillPolicy.single_run(),
     )
     def dictionary(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
     ) -> dg.MaterializeResult:
-        """A sparse dictionary (SAE or transcoder) trained on its hook points' cached activations: train_sae run
-        through Dagster Pipes
-        (a subprocess here, `torchrun` when the item asks for several processes, a GPU pod in Kubernetes)."""
-        item_name = context.partition_key
-        item = item_of(item_name)
-        output = artifacts.dir(name, "dictionary", item_name)
-        settings = _train_settings(cfg, item_name, item, artifacts.activation_cache(name), output)
-        invocation = launcher.run(context, "train", settings, nproc=item.n_processes, workdir=output)
-        reported = invocation.get_materialize_result()
+        """Sparse dictionaries (SAEs or transcoders) trained on their hook points' cached activations through Dagster
+        Pipes (a subprocess here, `torchrun` when an item asks for several processes, a GPU pod in Kubernetes).
+
+        One item: `train_sae`, and the data version is the hash of its weights. Several items (one run over a
+        partition range): the items that read the same stream (same hooks and batching) train together with
+        `sweep_sae`, one read of the cache feeding all of them; each partition gets its own metadata (steps,
+        metrics, `weights_sha256`), while Dagster gives a run's partitions one data version: the hash of every
+        trained item's weights."""
+        cache = artifacts.activation_cache(name)
+        selected = {key: item_of(key) for key in context.partition_keys}
+        outputs = {key: artifacts.dir(name, "dictionary", key) for key in selected}
+        if len(selected) == 1:
+            ((item_name, item),) = selected.items()
+            settings = train_settings(cfg, item_name, item, cache, outputs[item_name])
+            invocation = launcher.run(context, "train", settings, nproc=item.n_processes, workdir=outputs[item_name])
+            reported = invocation.get_materialize_result()
+            return dg.MaterializeResult(
+                metadata={**reported.metadata, **_dictionary_metadata(item, outputs[item_name])},
+                data_version=reported.data_version,
+            )
+        trained: dict[str, dict] = {}
+        groups = stream_groups(selected)
+        for index, group in enumerate(groups):
+            context.log.info(f"stream {index + 1}/{len(groups)}: {', '.join(group)} on {selected[group[0]].hook_label}")
+            members = {key: selected[key] for key in group}
+            settings = sweep_settings(cfg, members, cache, outputs)
+            workdir = artifacts.dir(name, "dictionary-sweeps", _group_id(group))
+            invocation = launcher.run(context, "sweep", settings, nproc=selected[group[0]].n_processes, workdir=workdir)
+            trained.update(invocation.get_materialize_result().metadata["items"].value)
+        for key, item in selected.items():
+            summary = {k: v for k, v in trained[key].items() if k != "output_path"}
+            context.add_asset_metadata(
+                {**summary, "shared_stream_with": len(next(g for g in groups if key in g)) - 1,
+                 **_dictionary_metadata(item, outputs[key])},
+                partition_key=key,
+            )  # fmt: skip
+        combined = hashlib.sha256("".join(trained[key]["weights_sha256"] for key in sorted(selected)).encode())
         return dg.MaterializeResult(
-            metadata={
-                **reported.metadata,
-                "path": dg.MetadataValue.path(str(output)),
-                "hook_point": item.hook_label,
-                "hook_point_in": item.sae.hook_point_in,
-                "hook_point_out": item.sae.hook_point_out,
-                "transcoder": item.sae.is_transcoder,
-                "d_sae": item.sae.d_sae,
-            },
-            data_version=reported.data_version,
-        )
+            metadata={"n_items": len(selected), "n_streams": len(groups),
+                      "trained": sum(not entry["reused"] for entry in trained.values())},
+            data_version=dg.DataVersion(combined.hexdigest()[:16]),
+        )  # fmt: skip
 
     @dg.asset(
         key=evaluation_key,
@@ -346,11 +372,14 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         if not new:
             return dg.SkipReason(f"no new dictionary items ({len(registered)} registered, {len(errors)} invalid)")
         cached = context.instance.get_materialized_partitions(activations_key)
-        runs = [
-            dg.RunRequest(run_key=f"{item}-{_item_hash(found[item])}", partition_key=item)
-            for item in new
-            if all(hook in cached for hook in found[item].hook_points)
-        ]
+        ready = [item for item in new if all(hook in cached for hook in found[item].hook_points)]
+        if len(ready) > 1 and ready == new:
+            # The new partitions are appended in this order: one run over their range, so those sharing a hook's
+            # stream train together (a whole `.d` directory of sweep items dropped in at once).
+            key = hashlib.sha256("".join(f"{item}-{_item_hash(found[item])}" for item in new).encode()).hexdigest()
+            runs = [dg.RunRequest(run_key=key[:32], tags={RANGE_START_TAG: new[0], RANGE_END_TAG: new[-1]})]
+        else:
+            runs = [dg.RunRequest(run_key=f"{item}-{_item_hash(found[item])}", partition_key=item) for item in ready]
         return dg.SensorResult(dynamic_partitions_requests=[items.build_add_request(new)], run_requests=runs)
 
     return dg.Definitions(
@@ -367,22 +396,18 @@ def _item_hash(item: DictionaryItem) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _train_settings(cfg: PipelineConfig, item_name: str, item: DictionaryItem, cache: Path, output: Path) -> dict:
+def _dictionary_metadata(item: DictionaryItem, output: Path) -> dict:
     return {
-        "sae": item.sae.model_dump(mode="json"),
-        "sae_name": item_name,
-        "sae_series": cfg.name,
-        "initializer": item.initializer.model_dump(mode="json"),
-        "trainer": {**item.trainer.model_dump(mode="json"), "exp_result_path": str(output)},
-        "seed": item.seed,
-        "activation_factory": {
-            "sources": [{"type": "activations", "name": "cache", "path": str(cache), "shuffle_chunks": True}],
-            "target": "activations-1d",
-            "hook_points": item.hook_points,  # a transcoder trains on pairs (hook_point_in, hook_point_out)
-            "batch_size": item.batch_size,
-            "buffer_size": item.buffer_size,
-            "buffer_shuffle": item.buffer_shuffle.model_dump(mode="json"),
-        },
-        "data_parallel_size": item.data_parallel_size,
-        "model_parallel_size": item.model_parallel_size,
+        "path": dg.MetadataValue.path(str(output)),
+        "hook_point": item.hook_label,
+        "hook_point_in": item.sae.hook_point_in,
+        "hook_point_out": item.sae.hook_point_out,
+        "transcoder": item.sae.is_transcoder,
+        "d_sae": item.sae.d_sae,
     }
+
+
+def _group_id(group: list[str]) -> str:
+    """A sweep's working directory name (its settings file): readable for a few items, a hash beyond."""
+    joined = "+".join(group)
+    return joined if len(joined) <= 80 else hashlib.sha256(joined.encode()).hexdigest()[:16]

@@ -207,7 +207,10 @@ class SmallRun:
     home: Path
     activations: dg.ExecuteInProcessResult
     items: dict[str, dg.ExecuteInProcessResult]
+    """Each item's evaluation."""
     analyses: dg.ExecuteInProcessResult
+    dictionaries: dg.ExecuteInProcessResult | None = None
+    """Every item's dictionary, trained in one run."""
     transcoder: dg.ExecuteInProcessResult | None = None
     """feature_analyses and logit_attributions of the transcoder item."""
 
@@ -238,9 +241,12 @@ def small_run(tmp_path_factory) -> Iterator[SmallRun]:
         # Both hooks in one run (what a UI backfill does under the single-run backfill policy): one forward pass.
         every_hook = {RANGE_START: CACHED_HOOKS[0], RANGE_END: CACHED_HOOKS[-1]}
         run.activations = dg.materialize(run.assets("activations"), instance=instance, tags=every_hook)
+        # Every item in one run (what a UI backfill or `make quickstart` does): the two SAEs share layer 3's stream
+        # and train as one sweep; the transcoder reads other hooks and trains from its own stream.
+        every_item = {RANGE_START: "batchtopk", RANGE_END: "transcoder"}
+        run.dictionaries = dg.materialize(run.assets("dictionary"), instance=instance, tags=every_item)
         for item in ("topk", "batchtopk", "transcoder"):
-            run.items[item] = dg.materialize(run.assets("dictionary", "evaluation"), partition_key=item,
-                                             instance=instance)  # fmt: skip
+            run.items[item] = dg.materialize(run.assets("evaluation"), partition_key=item, instance=instance)
         run.analyses = dg.materialize(
             run.assets("feature_analyses", "logit_attributions", "interpretations"), partition_key="topk",
             instance=instance,
@@ -264,17 +270,26 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small
     assert cached.materialization.metadata["hook_points"].value == ", ".join(CACHED_HOOKS)
     assert small_run.activations.get_step_success_events()[0].step_key == "small__activations"  # one step
     assert cached.materialization.metadata["n_tokens"].value == 64 * 48
-    first_versions = {}
+    # One run trained every item: one step, two streams (the SAE pair as a sweep, the transcoder alone), metadata
+    # per partition, one data version for the range (Dagster's rule for a run over several partitions).
+    trained = small_run.dictionaries
+    assert trained.success and [e.step_key for e in trained.get_step_success_events()] == ["small__dictionary"]
+    dictionaries = {e.partition: e.materialization for e in trained.get_asset_materialization_events()}
+    assert sorted(dictionaries) == ["batchtopk", "topk", "transcoder"]
+    assert len({m.tags["dagster/data_version"] for m in dictionaries.values()}) == 1
+    for item, materialization in dictionaries.items():
+        metadata = {k: v.value for k, v in materialization.metadata.items()}
+        assert metadata["steps"] == 48 and metadata["reused"] is False and metadata["n_streams"] == 2, metadata
+        assert metadata["shared_stream_with"] == (0 if item == "transcoder" else 1)
+        assert Path(metadata["path"], "sae_weights.safetensors").is_file()
+        assert len(metadata["weights_sha256"]) == 64
+    assert dictionaries["topk"].metadata["d_sae"].value == 1152
+    assert dictionaries["topk"].metadata["l0"].value != dictionaries["batchtopk"].metadata["l0"].value
     for item, run in small_run.items.items():
         if item == "transcoder":
             continue  # test_a_transcoder_item_trains_evaluates_and_is_analysed
         assert run.success
-        events = {e.asset_key.path[-1]: e for e in run.get_asset_materialization_events()}
-        dictionary = events["dictionary"].materialization
-        first_versions[item] = dictionary.tags["dagster/data_version"]
-        assert dictionary.metadata["steps"].value == 48 and dictionary.metadata["reused"].value is False
-        assert Path(dictionary.metadata["path"].value, "sae_weights.safetensors").is_file()
-        evaluation = events["evaluation"].materialization.metadata
+        evaluation = run.get_asset_materialization_events()[0].materialization.metadata
         assert 0.5 < evaluation["explained_variance"].value <= 1.0
         assert "ce_loss_recovered" in evaluation
         assert {c.check_name: c.passed for c in run.get_asset_check_evaluations()} == {
@@ -298,17 +313,22 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small
     assert "no LLM endpoint configured" in skipped[0].metadata["skipped"].value
     with open_store(RecordStoreConfig(sqlite_path=str(small_run.home / "pipelines/small/records.sqlite"))) as store:
         assert store.count_features_with_analysis("topk", "small") == 1152
-        evaluated = small_run.items["topk"].get_asset_materialization_events()[1].materialization.metadata
+        evaluated = small_run.items["topk"].get_asset_materialization_events()[0].materialization.metadata
         recorded = store.get_dictionary("topk", "small").metrics  # for `lm-saes list`
         assert recorded["metrics/explained_variance"] == evaluated["explained_variance"].value
         feature = store.get_feature("topk", "small", 0)
         assert feature.logits is not None and len(feature.logits.top_positive) == 10
 
-    # Unchanged inputs: the dictionary step reuses the finished run and reports the same data version.
+    # Unchanged inputs: one item alone finds the sweep's run finished (its settings are the single run's) and reports
+    # its weights' hash as the data version; the same range again trains nothing and keeps the range's version.
     again = dg.materialize(selected("dictionary"), partition_key="topk", instance=instance)
     materialization = again.get_asset_materialization_events()[0].materialization
     assert materialization.metadata["reused"].value is True
-    assert materialization.tags["dagster/data_version"] == first_versions["topk"]
+    assert materialization.tags["dagster/data_version"] == dictionaries["topk"].metadata["weights_sha256"].value
+    both = dg.materialize(selected("dictionary"), instance=instance, tags={RANGE_START: "batchtopk", RANGE_END: "topk"})
+    repeated = {e.partition: e.materialization for e in both.get_asset_materialization_events()}
+    assert {item: m.metadata["reused"].value for item, m in repeated.items()} == {"batchtopk": True, "topk": True}
+    assert repeated["topk"].metadata["weights_sha256"] == dictionaries["topk"].metadata["weights_sha256"]
     reused = dg.materialize(selected("evaluation", "feature_analyses", "logit_attributions"), partition_key="topk",
                             instance=instance)  # fmt: skip
     assert all(e.materialization.metadata["reused"].value is True for e in reused.get_asset_materialization_events())
@@ -340,18 +360,26 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small
     failure = blocked.get_step_failure_events()[0].step_failure_data.error.message
     assert "fails the pipeline's quality bounds: explained_variance_above_min" in failure
 
-    # A new item file: the sensor registers it and, its hook's activations being cached, asks to train it.
+    # New item files (a sweep dropped in): the sensor registers them and, their hook's activations being cached, asks
+    # for one run over their range, in which they train together from one stream.
     (directory / "small.d").mkdir()
     extra = small_pipeline(training_tokens=512 * 8)["dictionaries"]["topk"]
     (directory / "small.d" / "extra.yaml").write_text(yaml.safe_dump(extra))
+    (directory / "small.d" / "extra-k8.yaml").write_text(yaml.safe_dump({**extra, "sae": {**extra["sae"], "top_k": 8}}))
     tick = defs.resolve_sensor_def("small_dictionary_items")(
         dg.build_sensor_context(instance=instance, repository_def=defs.get_repository_def())
     )
-    assert [list(r.partition_keys) for r in tick.dynamic_partitions_requests] == [["extra"]]
-    assert [r.partition_key for r in tick.run_requests] == ["extra"]
-    instance.add_dynamic_partitions("small_dictionaries", ["extra"])
-    trained = dg.materialize(selected("dictionary"), partition_key="extra", instance=instance)  # defs of before
-    assert trained.get_asset_materialization_events()[0].materialization.metadata["steps"].value == 8
+    (added,) = [list(r.partition_keys) for r in tick.dynamic_partitions_requests]
+    assert sorted(added) == ["extra", "extra-k8"]
+    (request,) = tick.run_requests
+    assert (request.partition_key_range.start, request.partition_key_range.end) == (added[0], added[-1])
+    instance.add_dynamic_partitions("small_dictionaries", added)
+    trained = dg.materialize(selected("dictionary"), instance=instance, tags=request.tags)  # defs of before
+    events = {e.partition: e.materialization.metadata for e in trained.get_asset_materialization_events()}
+    assert {item: (m["steps"].value, m["shared_stream_with"].value) for item, m in events.items()} == {
+        "extra": (8, 1), "extra-k8": (8, 1)
+    }  # fmt: skip
+    assert events["extra-k8"]["l0"].value <= 8 < events["extra"]["l0"].value
 
     # Editing one item's settings makes only that item's dictionary stale.
     changed = small_run_pipeline()
@@ -383,8 +411,12 @@ def test_a_transcoder_item_trains_evaluates_and_is_analysed(small_run):
     text spliced in at hook_mlp_out, and its features are analysed on the tokens of hook_mlp_in."""
     run = small_run.items["transcoder"]
     assert run.success
-    events = {e.asset_key.path[-1]: e.materialization.metadata for e in run.get_asset_materialization_events()}
-    dictionary, evaluation = events["dictionary"], events["evaluation"]
+    (dictionary,) = [
+        e.materialization.metadata
+        for e in small_run.dictionaries.get_asset_materialization_events()
+        if e.partition == "transcoder"
+    ]
+    evaluation = run.get_asset_materialization_events()[0].materialization.metadata
     assert dictionary["hook_point"].value == f"{TRANSCODER_IN} -> {TRANSCODER_OUT}"
     assert dictionary["transcoder"].value is True and dictionary["hook_point_out"].value == TRANSCODER_OUT
     assert dictionary["steps"].value == 48

@@ -159,7 +159,11 @@ def test_sweep_of_two_equals_two_single_runs(caches, tmp_path):
         item = settings_dict(train_cache, tmp_path / f"sweep-{name}", **short)
         item["sae"]["top_k"] = k
         items.append({key: item[key] for key in ("sae", "initializer", "trainer")} | {"sae_name": name})
-    sweep_sae(SweepSAESettings.model_validate({"activation_factory": base["activation_factory"], "items": items}))
+    sweep = SweepSAESettings.model_validate({"activation_factory": base["activation_factory"], "items": items})
+    assert [result.reused for result in sweep_sae(sweep)] == [False, False]
+    # Each item's directory records the settings of the single run that would train it: both ways, nothing retrains.
+    assert [result.reused for result in sweep_sae(sweep)] == [True, True]
+    assert train_sae(sweep.item_settings(1)).reused
     for item in items:
         single = {**base, **item, "trainer": {**item["trainer"], "exp_result_path": str(tmp_path / "single")}}
         train_sae(TrainSAESettings.model_validate(single))

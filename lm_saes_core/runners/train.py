@@ -94,6 +94,12 @@ class TrainSAESettings(SweepingItem, _SourceSettings):
 class SweepSAESettings(_SourceSettings):
     items: list[SweepingItem] = Field(min_length=1)
 
+    def item_settings(self, index: int) -> TrainSAESettings:
+        """Item `index` as the `train_sae` settings that would train it alone: what its output directory records,
+        so a dictionary trained in a sweep is recognised (and reused) by a single run, and the other way round."""
+        source = self.model_dump(exclude={"items"})
+        return TrainSAESettings.model_validate({**source, **self.items[index].model_dump()})
+
     @model_validator(mode="after")
     def _distinct_outputs(self) -> "SweepSAESettings":
         paths = [item.trainer.exp_result_path for item in self.items]
@@ -211,6 +217,8 @@ def _broadcast(stream: Iterator[Item], queues: list[queue.Queue], stop: threadin
     """Feed every batch of `stream` to every queue (bounded, so a slow trainer holds the others back)."""
     try:
         for batch in stream:
+            if all(isinstance(q, _DiscardQueue) for q in queues):
+                return  # every trainer has finished
             for q in queues:
                 while not stop.is_set():
                     try:
@@ -239,38 +247,48 @@ def _drain(q: queue.Queue) -> Iterator[Item]:
 
 
 def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
-    """Train every item on one shared activation stream (one forward pass of the model feeds all of them).
+    """Train every item on one shared activation stream (one forward pass of the model, or one read of the cache,
+    feeds all of them).
 
     Items are initialised one after the other in this thread, each from the same first batches of the stream and
-    its own seed, then trained concurrently, one thread each, so each item is the run `train_sae` would make."""
+    its own seed, then trained concurrently, one thread each, so each item is the run `train_sae` would make. An item
+    whose output directory holds a finished run with the same settings is reused, not trained (`reused=True`); when
+    all are, no stream is opened."""
     setup_logging()
-    loaded = [_dictionary_config(item.sae) for item in settings.items]
-    stream = _prepare_stream(settings, [cfg for cfg, _ in loaded])
-    n_init = max((item.initializer or InitializerConfig()).norm_estimation_batches for item in settings.items) + 1
+    dumps = [settings.item_settings(index).model_dump(mode="json") for index in range(len(settings.items))]
+    results: list[TrainResult | BaseException | None] = [
+        finished_run(Path(item.trainer.exp_result_path), dump) for item, dump in zip(settings.items, dumps, strict=True)
+    ]
+    pending = [index for index, result in enumerate(results) if result is None]
+    for result in results:
+        if result is not None:
+            logger.info("%s already holds a finished run with these settings; not trained again", result.output_path)
+    if not pending:
+        return results  # type: ignore[return-value]
+    loaded = {index: _dictionary_config(settings.items[index].sae) for index in pending}
+    stream = _prepare_stream(settings, [cfg for cfg, _ in loaded.values()])
+    n_init = max((settings.items[i].initializer or InitializerConfig()).norm_estimation_batches for i in pending) + 1
     head = list(itertools.islice(stream, n_init))
-    queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _ in settings.items]
-    item_streams = []
-    models = []
-    for index, item in enumerate(settings.items):
-        model, initial = _initialize(item, iter(head), loaded[index][1], None)
+    queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _ in pending]  # queues[slot] feeds items[pending[slot]]
+    item_streams, models = [], []
+    for slot, index in enumerate(pending):
+        model, initial = _initialize(settings.items[index], iter(head), loaded[index][1], None)
         models.append(model)
-        item_streams.append(itertools.chain(initial, _drain(queues[index])))
+        item_streams.append(itertools.chain(initial, _drain(queues[slot])))
     stop = threading.Event()
-    results: list[TrainResult | BaseException | None] = [None] * len(settings.items)
-    dump = settings.model_dump(mode="json")
 
-    def run(index: int) -> None:
+    def run(slot: int) -> None:
+        index = pending[slot]
         try:
-            item_dump = {**dump, "items": [dump["items"][index]]}
-            results[index] = _fit(settings.items[index], models[index], item_streams[index], None, item_dump)
+            results[index] = _fit(settings.items[index], models[slot], item_streams[slot], None, dumps[index])
         except BaseException as exc:
             results[index] = exc
         finally:
-            finished, queues[index] = queues[index], _DiscardQueue()  # unblock the feeder: stop listening
+            finished, queues[slot] = queues[slot], _DiscardQueue()  # unblock the feeder: stop listening
             while not finished.empty():
                 finished.get_nowait()
 
-    workers = [threading.Thread(target=run, args=(i,), name=f"sweep-{i}") for i in range(len(settings.items))]
+    workers = [threading.Thread(target=run, args=(slot,), name=f"sweep-{slot}") for slot in range(len(pending))]
     for worker in workers:
         worker.start()
     feeder = threading.Thread(target=_broadcast, args=(stream, queues, stop), name="sweep-feeder", daemon=True)
@@ -278,6 +296,9 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
     for worker in workers:
         worker.join()
     stop.set()
+    feeder.join()  # it returns after the batch in hand; a thread still streaming at exit aborts the interpreter
+    if hasattr(stream, "close"):
+        stream.close()  # release the stream's readers (and workers) now, not at garbage collection
     failures = [(settings.items[i].sae_name, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
     if failures:
         name, error = failures[0]
