@@ -178,6 +178,7 @@ def _fit(
     stream: Iterator[Item],
     resume_from: Path | None,
     settings_dump: dict,
+    line: int = 0,
 ) -> TrainResult:
     output = Path(item.trainer.exp_result_path)
     output.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,9 @@ def _fit(
     atomic_write_text(output / SETTINGS_FILE, json.dumps(settings_dump, indent=2))
     wandb_run = start_wandb_run(item.wandb, config=settings_dump) if item.wandb else None
     try:
-        result = Trainer(item.trainer).fit(model, stream, wandb_run=wandb_run, resume_from=resume_from)
+        result = Trainer(item.trainer).fit(
+            model, stream, wandb_run=wandb_run, resume_from=resume_from, progress_bar=(item.sae_name, line)
+        )
     finally:
         if wandb_run is not None:
             wandb_run.finish()
@@ -280,7 +283,7 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
     def run(slot: int) -> None:
         index = pending[slot]
         try:
-            results[index] = _fit(settings.items[index], models[slot], item_streams[slot], None, dumps[index])
+            results[index] = _fit(settings.items[index], models[slot], item_streams[slot], None, dumps[index], slot)
         except BaseException as exc:
             results[index] = exc
         finally:

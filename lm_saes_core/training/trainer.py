@@ -78,7 +78,9 @@ class Trainer:
         *,
         wandb_run: Any = None,
         resume_from: str | Path | None = None,
+        progress_bar: tuple[str, int] = ("training", 0),
     ) -> TrainResult:
+        """`progress_bar`: the progress bar's label and line (a sweep gives each item its own)."""
         self.check_model(model)
         cfg = self.cfg
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
@@ -92,7 +94,8 @@ class Trainer:
         saves = [s for s in planned if s > progress.step]
         window = MetricWindow(model.cfg.d_sae, model.cfg.device)
         result = TrainResult(progress.step, T, progress.n_tokens, False, Path(cfg.exp_result_path))
-        with tqdm(total=T, initial=progress.step, desc="training", unit="step", dynamic_ncols=True) as bar:
+        label, line = progress_bar
+        with tqdm(total=T, initial=progress.step, desc=label, position=line, unit="step", dynamic_ncols=True) as bar:
             while progress.step < T:
                 batch = next(batches, None)
                 if batch is None:
