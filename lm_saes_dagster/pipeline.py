@@ -235,32 +235,42 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         partition range): the items that read the same stream (same hooks and batching) train together with
         `sweep_sae`, one read of the cache feeding all of them; each partition gets its own metadata (steps,
         metrics, `weights_sha256`), while Dagster gives a run's partitions one data version: the hash of every
-        trained item's weights."""
+        trained item's weights. Data-parallel items (`data_parallel_size` > 1) train one at a time under torchrun."""
         cache = artifacts.activation_cache(name)
         selected = {key: item_of(key) for key in context.partition_keys}
         outputs = {key: artifacts.dir(name, "dictionary", key) for key in selected}
+
+        def train_alone(key: str) -> dg.MaterializeResult:
+            settings = train_settings(cfg, key, selected[key], cache, outputs[key])
+            nproc = selected[key].n_processes  # torchrun for a data-parallel item
+            return launcher.run(context, "train", settings, nproc=nproc, workdir=outputs[key]).get_materialize_result()
+
         if len(selected) == 1:
-            ((item_name, item),) = selected.items()
-            settings = train_settings(cfg, item_name, item, cache, outputs[item_name])
-            invocation = launcher.run(context, "train", settings, nproc=item.n_processes, workdir=outputs[item_name])
-            reported = invocation.get_materialize_result()
+            (key,) = selected
+            reported = train_alone(key)
             return dg.MaterializeResult(
-                metadata={**reported.metadata, **_dictionary_metadata(item, outputs[item_name])},
+                metadata={**reported.metadata, **_dictionary_metadata(selected[key], outputs[key])},
                 data_version=reported.data_version,
             )
         trained: dict[str, dict] = {}
         groups = stream_groups(selected)
         for index, group in enumerate(groups):
             context.log.info(f"stream {index + 1}/{len(groups)}: {', '.join(group)} on {selected[group[0]].hook_label}")
-            members = {key: selected[key] for key in group}
-            settings = sweep_settings(cfg, members, cache, outputs)
+            if len(group) == 1 or selected[group[0]].n_processes > 1:  # a sweep runs in one process
+                for key in group:
+                    reported = train_alone(key)
+                    values = {k: v.value for k, v in reported.metadata.items()}
+                    trained[key] = {**values, "weights_sha256": reported.data_version.value}
+                continue
+            settings = sweep_settings(cfg, {key: selected[key] for key in group}, cache, outputs)
             workdir = artifacts.dir(name, "dictionary-sweeps", _group_id(group))
-            invocation = launcher.run(context, "sweep", settings, nproc=selected[group[0]].n_processes, workdir=workdir)
-            trained.update(invocation.get_materialize_result().metadata["items"].value)
+            reported = launcher.run(context, "sweep", settings, workdir=workdir).get_materialize_result()
+            trained.update(reported.metadata["items"].value)
         for key, item in selected.items():
             summary = {k: v for k, v in trained[key].items() if k != "output_path"}
+            shared = len(next(g for g in groups if key in g)) - 1 if item.n_processes == 1 else 0
             context.add_asset_metadata(
-                {**summary, "shared_stream_with": len(next(g for g in groups if key in g)) - 1,
+                {**summary, "shared_stream_with": shared,
                  **_dictionary_metadata(item, outputs[key])},
                 partition_key=key,
             )  # fmt: skip

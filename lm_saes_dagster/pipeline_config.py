@@ -48,7 +48,17 @@ class DictionaryItem(BaseConfig):
     buffer_shuffle: BufferShuffleConfig = Field(default_factory=BufferShuffleConfig)
     seed: int = 42
     data_parallel_size: int = Field(default=1, ge=1)
-    model_parallel_size: int = Field(default=1, ge=1)
+    """Processes (GPUs) training one replica each on a slice of every batch: the step runs under torchrun."""
+    model_parallel_size: int = Field(default=1, le=1, ge=1)
+    """Model parallelism is not available: 1."""
+
+    @model_validator(mode="after")
+    def _batch_splits(self) -> "DictionaryItem":
+        if self.batch_size % self.data_parallel_size:
+            raise ValueError(
+                f"batch_size={self.batch_size} does not split evenly over data_parallel_size={self.data_parallel_size}"
+            )
+        return self
 
     @property
     def hook_points(self) -> list[str]:

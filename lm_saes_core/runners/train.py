@@ -33,6 +33,7 @@ from lm_saes_core.runners.common import (
 )
 from lm_saes_core.training.checkpoint import find_latest_checkpoint
 from lm_saes_core.training.config import TrainerConfig
+from lm_saes_core.training.data_parallel import DataParallel, init_data_parallel
 from lm_saes_core.training.initializer import Initializer, InitializerConfig
 from lm_saes_core.training.trainer import Trainer, TrainResult
 from lm_saes_core.wandb_logging import WandbConfig, start_wandb_run
@@ -66,8 +67,11 @@ class _SourceSettings(BaseConfig):
     def _supported(self) -> "_SourceSettings":
         if self.mongo is not None:
             raise ValueError("mongo: the MongoDB record store is not available yet; give configs inline")
-        if self.data_parallel_size * self.model_parallel_size > 1:
-            raise ValueError("data_parallel_size/model_parallel_size > 1: distributed training is not available yet")
+        if self.model_parallel_size > 1:
+            raise ValueError(
+                "model_parallel_size > 1: model parallelism is not available; use data_parallel_size (one replica of "
+                "the dictionary per process, under torchrun)"
+            )
         check_sources_configured(self.activation_factory, self.model, self.datasets)
         return self
 
@@ -105,6 +109,11 @@ class SweepSAESettings(_SourceSettings):
         paths = [item.trainer.exp_result_path for item in self.items]
         if len(set(paths)) != len(paths):
             raise ValueError(f"items must write to distinct trainer.exp_result_path, got {paths}")
+        if self.data_parallel_size > 1:
+            raise ValueError(
+                "data_parallel_size > 1: a sweep trains its items in threads of one process; train data-parallel "
+                "items one at a time with train_sae"
+            )
         return self
 
 
@@ -179,20 +188,24 @@ def _fit(
     resume_from: Path | None,
     settings_dump: dict,
     line: int = 0,
+    data_parallel: DataParallel | None = None,
 ) -> TrainResult:
+    """Train and record the run in its output directory (rank 0 of a data-parallel launch writes; the others train)."""
+    main = data_parallel is None or data_parallel.is_main
     output = Path(item.trainer.exp_result_path)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / RESULT_FILE).unlink(missing_ok=True)  # a run in progress is not a finished one
-    atomic_write_text(output / SETTINGS_FILE, json.dumps(settings_dump, indent=2))
-    wandb_run = start_wandb_run(item.wandb, config=settings_dump) if item.wandb else None
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / RESULT_FILE).unlink(missing_ok=True)  # a run in progress is not a finished one
+        atomic_write_text(output / SETTINGS_FILE, json.dumps(settings_dump, indent=2))
+    wandb_run = start_wandb_run(item.wandb, config=settings_dump) if item.wandb and main else None
     try:
-        result = Trainer(item.trainer).fit(
+        result = Trainer(item.trainer, data_parallel).fit(
             model, stream, wandb_run=wandb_run, resume_from=resume_from, progress_bar=(item.sae_name, line)
         )
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-    if not result.stream_exhausted:
+    if not result.stream_exhausted and main:
         summary = {key: value for key, value in vars(result).items() if key not in ("checkpoints", "reused")}
         atomic_write_text(output / RESULT_FILE, json.dumps({**summary, "output_path": str(result.output_path)}))
     logger.info("%s/%s: saved to %s", item.sae_series, item.sae_name, result.output_path)
@@ -202,7 +215,10 @@ def _fit(
 def train_sae(settings: TrainSAESettings) -> TrainResult:
     """Train one dictionary. A finished run with identical settings in `trainer.exp_result_path` is reused."""
     setup_logging()
+    data_parallel = init_data_parallel(settings.data_parallel_size, _device_of(settings.sae))
     previous = finished_run(Path(settings.trainer.exp_result_path), settings.model_dump(mode="json"))
+    if data_parallel is not None:
+        data_parallel.barrier()  # every rank has looked before rank 0 starts rewriting the directory
     if previous is not None and settings.resume_from is None:
         logger.info("%s already holds a finished run with these settings; nothing to train", previous.output_path)
         return previous
@@ -210,7 +226,11 @@ def train_sae(settings: TrainSAESettings) -> TrainResult:
     cfg, preloaded = _dictionary_config(settings.sae)
     stream = _prepare_stream(settings, [cfg])
     model, stream = _initialize(settings, stream, preloaded, resume_from)
-    return _fit(settings, model, stream, resume_from, settings.model_dump(mode="json"))
+    return _fit(settings, model, stream, resume_from, settings.model_dump(mode="json"), 0, data_parallel)
+
+
+def _device_of(spec: SAEConfig | PretrainedSAE) -> str:
+    return str(spec.device)
 
 
 _END = object()

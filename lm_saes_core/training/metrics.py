@@ -3,6 +3,8 @@
 Window values stay on the device as tensors and are read back once per report, so logging costs one sync.
 """
 
+from collections.abc import Callable
+
 import torch
 
 FREQUENCY_BOUNDS = {"above_1e-1": 1e-1, "above_1e-2": 1e-2, "below_1e-5": 1e-5, "below_1e-6": 1e-6, "below_1e-7": 1e-7}
@@ -19,8 +21,16 @@ class DeadLatentStatistics:
     def is_dead(self) -> torch.Tensor:
         return self.tokens_since_last_activation >= self.dead_threshold
 
-    def update(self, feature_acts: torch.Tensor, n_tokens: int) -> None:
+    def update(
+        self,
+        feature_acts: torch.Tensor,
+        n_tokens: int,
+        combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        """`combine` ORs the fired flags over data-parallel ranks, whose `feature_acts` are slices of one batch."""
         fired = (feature_acts.reshape(-1, feature_acts.shape[-1]) > 0).any(dim=0)
+        if combine is not None:
+            fired = combine(fired)
         counter = self.tokens_since_last_activation
         self.tokens_since_last_activation = torch.where(fired, torch.zeros_like(counter), counter + n_tokens)
 

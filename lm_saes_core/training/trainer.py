@@ -30,6 +30,7 @@ from lm_saes_core.training.checkpoint import (
     save_checkpoint,
 )
 from lm_saes_core.training.config import TrainerConfig
+from lm_saes_core.training.data_parallel import DataParallel
 from lm_saes_core.training.metrics import DeadLatentStatistics, MetricWindow
 from lm_saes_core.training.optim import build_optimizer, build_scheduler, clip_rms_grad_norm_
 from lm_saes_core.training.schedules import annealed_k, checkpoint_steps, resolve_steps, warmup_factor
@@ -68,8 +69,11 @@ class _Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig):
+    def __init__(self, cfg: TrainerConfig, data_parallel: DataParallel | None = None):
+        """`data_parallel`: this process's place in a torchrun launch (see `training.data_parallel`); None alone."""
         self.cfg = cfg
+        self.dp = data_parallel
+        self.is_main = data_parallel is None or data_parallel.is_main
 
     def fit(
         self,
@@ -83,6 +87,8 @@ class Trainer:
         """`progress_bar`: the progress bar's label and line (a sweep gives each item its own)."""
         self.check_model(model)
         cfg = self.cfg
+        if self.dp is not None:
+            self.dp.broadcast_parameters(model)
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
         dead = DeadLatentStatistics(model.cfg.d_sae, cfg.dead_threshold, model.cfg.device)
         if resume_from is None:
@@ -95,7 +101,9 @@ class Trainer:
         window = MetricWindow(model.cfg.d_sae, model.cfg.device)
         result = TrainResult(progress.step, T, progress.n_tokens, False, Path(cfg.exp_result_path))
         label, line = progress_bar
-        with tqdm(total=T, initial=progress.step, desc=label, position=line, unit="step", dynamic_ncols=True) as bar:
+        bar = tqdm(total=T, initial=progress.step, desc=label, position=line, unit="step", dynamic_ncols=True,
+                   disable=not self.is_main)  # fmt: skip
+        with bar:
             while progress.step < T:
                 batch = next(batches, None)
                 if batch is None:
@@ -103,9 +111,12 @@ class Trainer:
                     logger.warning("the activation stream ended at step %d of %d", progress.step, T)
                     break
                 progress.batches_consumed += 1
-                out, loss, lr, coefficients = self._step(model, batch, progress, optimizer, scheduler, dead, window)
+                n_tokens = count_tokens(batch, model.cfg.hook_point_in)  # the whole batch, every rank's share
+                out, loss, lr, coefficients = self._step(
+                    model, batch, n_tokens, progress, optimizer, scheduler, dead, window
+                )
                 progress.step += 1
-                progress.n_tokens += int(out.n_tokens)
+                progress.n_tokens += n_tokens
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
 
@@ -119,26 +130,32 @@ class Trainer:
                             **{f"details/{name}": value for name, value in coefficients.items()},
                         }
                     )
-                    _log_console(progress.step, T, result.last_metrics)
+                    if self.is_main:
+                        _log_console(progress.step, T, result.last_metrics)
                     if wandb_run is not None:
                         wandb_run.log(result.last_metrics, step=progress.step)
                 if saves and progress.step >= saves[0]:
                     saves.pop(0)
-                    state = self._state(progress, optimizer, scheduler, dead, wandb_run)
-                    result.checkpoints.append(save_checkpoint(cfg.exp_result_path, progress.step, model, state))
+                    if self.is_main:
+                        state = self._state(progress, optimizer, scheduler, dead, wandb_run)
+                        result.checkpoints.append(save_checkpoint(cfg.exp_result_path, progress.step, model, state))
 
         result.steps, result.n_tokens = progress.step, progress.n_tokens
-        model.save_pretrained(result.output_path, fold_activation_scale=self._fold_on_save(model))
-        logger.info(
-            "saved the dictionary to %s after %d steps (%d tokens)", result.output_path, result.steps, result.n_tokens
-        )
+        if self.is_main:
+            model.save_pretrained(result.output_path, fold_activation_scale=self._fold_on_save(model))
+            path, steps, tokens = result.output_path, result.steps, result.n_tokens
+            logger.info("saved the dictionary to %s after %d steps (%d tokens)", path, steps, tokens)
+        if self.dp is not None:
+            self.dp.barrier()  # the weights exist when any rank returns
         return result
 
-    def _step(self, model, batch, progress: _Progress, optimizer, scheduler, dead, window):
+    def _step(self, model, batch, n_tokens: int, progress: _Progress, optimizer, scheduler, dead, window):
         """Forward, backward, clip, check, update; returns the loss output and value, the LR used, the coefficients.
 
         Aux-K sees the latents that were dead before this batch (the statistics are updated after the step)."""
         cfg, step = self.cfg, progress.step
+        if self.dp is not None:
+            batch = self.dp.shard(batch)
         batch = to_device(batch, model.cfg.device)
         model.train()
         model.current_k = self._k_at(step, progress.total_steps, model)
@@ -155,6 +172,8 @@ class Trainer:
                 **coefficients,
             )
         out.loss.backward()
+        if self.dp is not None:
+            self.dp.average_gradients(model.parameters())
         grad_norm, clipped_norm = clip_rms_grad_norm_(self._clipped_parameters(model), cfg.clip_grad_norm)
         loss_value, grad_value = torch.stack([out.loss.detach().float(), grad_norm.float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
@@ -167,7 +186,7 @@ class Trainer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        dead.update(out.feature_acts, out.n_tokens)
+        dead.update(out.feature_acts, n_tokens, combine=self.dp.any if self.dp is not None else None)
         window.update(out, grad_norm, clipped_norm)
         return out, loss_value, lr, coefficients
 
