@@ -20,9 +20,10 @@ from pipeline_fixtures import HOOK, TRANSCODER_IN, TRANSCODER_OUT, small_pipelin
 from lm_saes_core.store import RecordStoreConfig, open_store
 from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV, LLM_MODEL_ENV
 from lm_saes_dagster.definitions import build_definitions
-from lm_saes_dagster.materialize import RANGE_END, RANGE_START, register_items
+from lm_saes_dagster.materialize import RANGE_END, RANGE_START, contiguous_blocks, register_items
 from lm_saes_dagster.model_check import check_pipeline_model, local_config_dir
-from lm_saes_dagster.pipeline_config import PipelineConfig, load_pipeline
+from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig, load_pipeline
+from lm_saes_dagster.training import stream_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_HOOK = "blocks.1.hook_resid_post"
@@ -133,6 +134,19 @@ def test_a_hub_model_missing_from_the_local_cache_loads_with_a_note(tmp_path):
     cfg = PipelineConfig.model_validate(pipeline)
     note = check_pipeline_model(cfg, "hub.yaml")
     assert note is not None and "not in the local Hugging Face cache" in note and note.startswith("hub.yaml")
+
+
+def test_items_group_by_the_stream_they_read_and_runs_cover_contiguous_ranges():
+    items = {name: DictionaryItem.model_validate(spec) for name, spec in small_pipeline()["dictionaries"].items()}
+    items["transcoder"] = DictionaryItem.model_validate(transcoder_item())
+    topk = small_pipeline()["dictionaries"]["topk"]
+    items["big-batch"] = DictionaryItem.model_validate({**topk, "batch_size": 1024})
+    items["two-gpus"] = DictionaryItem.model_validate({**topk, "data_parallel_size": 2})
+    assert stream_groups(items) == [["topk", "batchtopk"], ["transcoder"], ["big-batch"], ["two-gpus"]]
+    registered = ["a", "b", "c", "d", "e"]
+    assert contiguous_blocks(["a", "b", "d", "e"], registered) == [["a", "b"], ["d", "e"]]
+    assert contiguous_blocks(["c"], registered) == [["c"]]
+    assert contiguous_blocks(registered, registered) == [registered]
 
 
 def test_item_files_add_dictionary_items_and_bad_ones_are_reported(tmp_path):
