@@ -1,6 +1,8 @@
 """The `lm-saes` command line: `lm-saes <runner> CONFIG [--set key=value ...]`, and views of the record store
 (`lm-saes show feature NAME INDEX`, `lm-saes list`)."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -15,8 +17,15 @@ Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a s
 
 
 def _load(cls, config: Path, overrides: list[str] | None):
-    try:
+    with _config_errors():
         return load_config(cls, config, overrides)
+
+
+@contextmanager
+def _config_errors() -> Iterator[None]:
+    """A settings problem found on the way (file or run time) is a red message and exit status 2, not a traceback."""
+    try:
+        yield
     except ConfigError as exc:
         typer.secho(str(exc), fg="red", err=True)
         raise typer.Exit(2) from None
@@ -40,8 +49,10 @@ def train(config: ConfigPath, overrides: Overrides = None) -> None:
     """Train a sparse dictionary (SAE or transcoder) on an activation stream."""
     from lm_saes_core.runners.train import TrainSAESettings, train_sae
 
-    result = train_sae(_load(TrainSAESettings, config, overrides))
-    typer.echo(f"dictionary: {result.output_path} ({result.steps} steps, {result.n_tokens} tokens)")
+    settings = _load(TrainSAESettings, config, overrides)
+    with _config_errors():  # e.g. data_parallel_size without torchrun
+        result = train_sae(settings)
+    typer.echo(_trained(result))
 
 
 @app.command()
@@ -50,7 +61,12 @@ def sweep(config: ConfigPath, overrides: Overrides = None) -> None:
     from lm_saes_core.runners.train import SweepSAESettings, sweep_sae
 
     for result in sweep_sae(_load(SweepSAESettings, config, overrides)):
-        typer.echo(f"dictionary: {result.output_path} ({result.steps} steps, {result.n_tokens} tokens)")
+        typer.echo(_trained(result))
+
+
+def _trained(result) -> str:
+    done = "a finished run with these settings, reused" if result.reused else "trained"
+    return f"dictionary: {result.output_path} ({result.steps} steps, {result.n_tokens} tokens; {done})"
 
 
 @app.command()

@@ -2,14 +2,17 @@
 Pipes as a pipeline item with data_parallel_size 2 is, only rank 0 reports, and the result equals the single-process
 run with the same batch; misuse fails with errors naming the field."""
 
+import json
 import os
 from pathlib import Path
 
 import dagster as dg
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from lm_saes_core import DatasetConfig, GenerateActivationsSettings, LanguageModelConfig, generate_activations
+from lm_saes_core.cli import app
 from lm_saes_core.config import ConfigError
 from lm_saes_core.io import file_sha256
 from lm_saes_core.models import SparseAutoEncoder
@@ -87,6 +90,10 @@ def test_misuse_is_a_named_error(cache, tmp_path):
     os.environ.pop("WORLD_SIZE", None)
     with pytest.raises(ConfigError, match=r"data_parallel_size=2 needs as many processes, this launch has 1"):
         train_sae(TrainSAESettings.model_validate(settings(cache, tmp_path / "x", data_parallel_size=2)))
+    settings_file = tmp_path / "dp.json"
+    settings_file.write_text(json.dumps(settings(cache, tmp_path / "x", data_parallel_size=2)))
+    done = CliRunner().invoke(app, ["train", str(settings_file)])
+    assert done.exit_code == 2 and "torchrun --nproc-per-node 2 -m lm_saes_core.cli train" in done.output
     sweep = settings(cache, tmp_path / "y", data_parallel_size=2)
     items = [{key: sweep[key] for key in ("sae", "sae_name", "trainer")}]
     with pytest.raises(ValueError, match="a sweep trains its items in threads of one process"):
