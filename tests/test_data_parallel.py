@@ -1,9 +1,12 @@
-"""Data-parallel training under torchrun (2 CPU processes, gloo) on real SmolLM2 activations: launched by Dagster
-Pipes as a pipeline item with data_parallel_size 2 is, only rank 0 reports, and the result equals the single-process
-run with the same batch; misuse fails with errors naming the field."""
+"""Data-parallel training under torchrun (2 CPU processes, gloo) on real SmolLM2 activations: the ranks stream
+disjoint parts of the data that together are the whole; a data-parallel step equals the one-process step on the union
+of the ranks' batches and keeps the replicas identical; launched by Dagster Pipes as a pipeline item with
+data_parallel_size 2 is, only rank 0 reports; misuse fails with errors naming the field."""
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import dagster as dg
@@ -12,11 +15,16 @@ import torch
 from typer.testing import CliRunner
 
 from lm_saes_core import DatasetConfig, GenerateActivationsSettings, LanguageModelConfig, generate_activations
+from lm_saes_core.activation.config import ActivationFactoryConfig
+from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.backend import load_model
 from lm_saes_core.cli import app
 from lm_saes_core.config import ConfigError
+from lm_saes_core.data import load_dataset
 from lm_saes_core.io import file_sha256
-from lm_saes_core.models import SparseAutoEncoder
+from lm_saes_core.models import SAEConfig, SparseAutoEncoder
 from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, train_sae
+from lm_saes_core.training import Trainer, TrainerConfig
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem
 
@@ -57,7 +65,76 @@ def settings(cache: Path, out: Path, data_parallel_size: int = 1) -> dict:
     }  # fmt: skip
 
 
-def test_two_processes_through_pipes_equal_one_process(cache, tmp_path, monkeypatch):
+def _positions(stream) -> list[tuple[int, int]]:
+    pairs = []
+    for batch in stream:
+        pairs += list(zip(batch["doc_index"].tolist(), batch["doc_position"].tolist(), strict=True))
+    return pairs
+
+
+def test_ranks_stream_disjoint_parts_that_make_up_the_whole(cache):
+    factory = ActivationFactory(
+        ActivationFactoryConfig(
+            sources=[{"type": "activations", "name": "c", "path": str(cache), "shuffle_chunks": True}],
+            target="activations-1d", hook_points=[HOOK], batch_size=256, buffer_size=1024,
+        )
+    )  # fmt: skip
+    whole = _positions(factory.process())
+    parts = [_positions(factory.process(shard=(rank, 2))) for rank in range(2)]
+    assert len(whole) == len(set(whole)) > 0
+    assert not set(parts[0]) & set(parts[1]) and set(parts[0]) | set(parts[1]) == set(whole)
+    assert abs(len(parts[0]) - len(parts[1])) <= 0.2 * len(whole)  # whole chunks each
+
+    # A dataset source: every other document each, the tokens of the whole pass between them.
+    model = load_model(LanguageModelConfig(model_name="smollm2-135m"))
+    tokens = ActivationFactory(
+        ActivationFactoryConfig(sources=[{"type": "dataset", "name": "d"}], target="tokens", hook_points=[HOOK],
+                                batch_size=8, context_size=64)
+    )  # fmt: skip
+    dataset = {"d": load_dataset(DatasetConfig(dataset_name_or_path="python-docs", split="train[:12]"))}
+    documents = []
+    for rank in range(2):
+        windows = tokens.process(model=model, datasets=dataset, shard=(rank, 2))
+        documents.append({int(d) for batch in windows for d in batch["doc_index"][:, 0]})
+    assert documents == [set(range(0, 12, 2)), set(range(1, 12, 2))]
+
+
+def test_a_data_parallel_step_is_the_one_process_step_on_the_union(cache, tmp_path):
+    """The trainer's own code path under torchrun (tests/dp_worker.py): rank r trains on half r of the same batches
+    a one-process trainer sees whole; rank 1's different initialisation is replaced by rank 0's."""
+    stream = ActivationFactory(
+        ActivationFactoryConfig(
+            sources=[{"type": "activations", "name": "c", "path": str(cache)}],
+            target="activations-1d", hook_points=[HOOK], batch_size=512, buffer_size=4096,
+        )
+    ).process()  # fmt: skip
+    batches = [next(stream) for _ in range(8)]
+    sae = settings(cache, tmp_path)["sae"]
+    trainer = {**settings(cache, tmp_path / "parallel")["trainer"], "total_training_tokens": 512 * 8}
+    norm = float(batches[0][HOOK].norm(dim=-1).mean())
+    payload = {"batches": batches, "hook": HOOK, "sae": sae, "trainer": trainer, "norm": norm}
+    torch.save(payload, tmp_path / "batches.pt")
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+         str(Path(__file__).parent / "dp_worker.py"), str(tmp_path / "batches.pt"), str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (rank0, norms0), (rank1, norms1) = (torch.load(tmp_path / f"rank{rank}.pt").values() for rank in range(2))
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # identical replicas
+    assert norms0 == norms1 == {HOOK: norm}  # rank 0's input norm (rank 1 started from norm + 1)
+
+    torch.manual_seed(0)  # rank 0's initialisation
+    alone = SparseAutoEncoder.from_config(SAEConfig.model_validate(sae))
+    alone.set_dataset_average_activation_norm({HOOK: norm})
+    alone_trainer = TrainerConfig.model_validate({**trainer, "exp_result_path": str(tmp_path / "alone")})
+    Trainer(alone_trainer).fit(alone, iter(batches))
+    for name, value in alone.state_dict().items():
+        # The same steps; only the order of float sums differs (each rank sums half the batch).
+        assert torch.allclose(value, rank0[name], atol=5e-5, rtol=1e-5), (name, (value - rank0[name]).abs().max())
+
+
+def test_an_item_launched_on_two_processes_through_pipes(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two ranks on two cores
     parallel = settings(cache, tmp_path / "parallel", data_parallel_size=2)
 
@@ -71,19 +148,14 @@ def test_two_processes_through_pipes_equal_one_process(cache, tmp_path, monkeypa
     assert result.success
     (event,) = result.get_asset_materialization_events()  # rank 0 alone reports
     metadata = event.materialization.metadata
-    assert metadata["steps"].value == 12 and metadata["n_tokens"].value == 512 * 12  # whole batches, both halves
+    assert metadata["steps"].value == 12 and metadata["n_tokens"].value == 512 * 12  # both ranks' halves counted
     weights = tmp_path / "parallel" / "sae_weights.safetensors"
     assert event.materialization.tags["dagster/data_version"] == file_sha256(weights)
-
+    # Trained on the same data split differently over the steps: as good as the one-process run.
     alone = train_sae(TrainSAESettings.model_validate(settings(cache, tmp_path / "alone")))
-    assert alone.steps == 12
-    one = SparseAutoEncoder.from_pretrained(tmp_path / "alone").state_dict()
-    two = SparseAutoEncoder.from_pretrained(tmp_path / "parallel").state_dict()
-    for name, value in one.items():
-        # Same steps; only the order of float sums differs (each rank sums half the batch, then halves are averaged).
-        assert torch.allclose(value, two[name], atol=5e-5, rtol=1e-5), (name, (value - two[name]).abs().max())
-    explained = alone.last_metrics["metrics/explained_variance"]  # rank 0's metrics cover its half of each batch
-    assert metadata["explained_variance"].value == pytest.approx(explained, abs=0.02)
+    explained = alone.last_metrics["metrics/explained_variance"]  # rank 0's metrics cover its part of each step
+    print(f"explained variance: 2 processes {metadata['explained_variance'].value:.4f}, one {explained:.4f}")
+    assert metadata["explained_variance"].value == pytest.approx(explained, abs=0.05)  # measured 0.449 vs 0.428
 
 
 def test_misuse_is_a_named_error(cache, tmp_path):

@@ -63,9 +63,13 @@ class ActivationFactory:
         model_name: str | None = None,
         datasets: Mapping[str, DatasetInput] | None = None,
         epoch: int = 0,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Item]:
         """One pass over the sources. `epoch` re-seeds the shuffle buffer, the chunk order of cached sources and the
-        source interleaving, so epoch e of a run is the same wherever it is replayed (exact resume)."""
+        source interleaving, so epoch e of a run is the same wherever it is replayed (exact resume).
+
+        `shard=(rank, world)`: this data-parallel rank's disjoint part of every source (every world-th document of a
+        dataset, every world-th chunk of a cache, from the rank-th); the ranks' parts together are the whole pass."""
         chains = []
         for source_idx, source in enumerate(self.cfg.sources):
             if isinstance(source, ActivationFactoryDatasetSource):
@@ -73,9 +77,9 @@ class ActivationFactory:
                     raise KeyError(f"dataset {source.name!r} of the activation factory was not provided")
                 if model is None and self.target != ActivationFactoryTarget.TOKENS:
                     raise ValueError(f"a language model is needed to compute activations for source {source.name!r}")
-                chains.append(self._dataset_chain(source_idx, source, datasets[source.name], model))
+                chains.append(self._dataset_chain(source_idx, source, datasets[source.name], model, shard))
             else:
-                chains.append(self._activations_chain(source_idx, source, epoch))
+                chains.append(self._activations_chain(source_idx, source, epoch, shard))
         weights = [source.sample_weights for source in self.cfg.sources]
         items = self._interleave(chains, weights, self._seed + epoch)
         shuffle = BufferShuffleConfig(
@@ -90,7 +94,12 @@ class ActivationFactory:
 
     # ---- sources ----
     def _dataset_chain(
-        self, source_idx: int, source: ActivationFactoryDatasetSource, dataset: DatasetInput, model: LanguageModel
+        self,
+        source_idx: int,
+        source: ActivationFactoryDatasetSource,
+        dataset: DatasetInput,
+        model: LanguageModel,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Item]:
         dataset, meta = dataset if isinstance(dataset, tuple) else (dataset, {})
         text_field = meta.get("text_field", "text")
@@ -98,6 +107,9 @@ class ActivationFactory:
         tokenizer = model.tokenizer
         bos = model.bos_token_id if model.cfg.prepend_bos else None
         texts = _iter_texts(dataset, text_field, doc_offset, desc=f"documents of {source.name}")
+        if shard is not None:
+            rank, world = shard
+            texts = ((index, text) for index, text in texts if (index - doc_offset) % world == rank)
         windows = iter_window_batches(
             texts,
             tokenizer,
@@ -121,7 +133,11 @@ class ActivationFactory:
             yield flatten_tokens(item) if self.target == ActivationFactoryTarget.ACTIVATIONS_1D else item
 
     def _activations_chain(
-        self, source_idx: int, source: ActivationFactoryActivationsSource, epoch: int
+        self,
+        source_idx: int,
+        source: ActivationFactoryActivationsSource,
+        epoch: int,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Item]:
         cache = CachedActivations(source.path, hook_points=self.cfg.hook_points)
         if cache.layout == "1d" and self.target == ActivationFactoryTarget.ACTIVATIONS_2D:
@@ -134,6 +150,7 @@ class ActivationFactory:
             prefetch=source.prefetch,
             shuffle_seed=self._seed if source.shuffle_chunks else None,
             epoch=epoch,
+            shard=shard,
         ):
             if "tokens" in item:  # the cache recorded its generator's source index; this factory's index names it here
                 item["source_idx"] = torch.full_like(item["tokens"], source_idx)

@@ -192,9 +192,16 @@ class CachedActivations:
         prefetch: int | None = 4,
         shuffle_seed: int | None = None,
         epoch: int = 0,
+        shard: tuple[int, int] | None = None,
     ) -> Iterator[Item]:
-        """Yield chunks in stored order (or a per-epoch seeded permutation), `prefetch` chunks loading ahead."""
+        """Yield chunks in stored order (or a per-epoch seeded permutation), `prefetch` chunks loading ahead.
+        `shard=(rank, world)`: every world-th chunk of that order from the rank-th (data-parallel ranks read apart)."""
         order = self.chunk_order(shuffle_seed, epoch)
+        if shard is not None:
+            rank, world = shard
+            if len(order) < world:
+                raise ValueError(f"cache {self.root} has {len(order)} chunks, fewer than the {world} ranks reading it")
+            order = order[rank::world]
 
         def finish(item: Item) -> Item:
             out = {}

@@ -67,6 +67,11 @@ class _SourceSettings(BaseConfig):
     def _supported(self) -> "_SourceSettings":
         if self.mongo is not None:
             raise ValueError("mongo: the MongoDB record store is not available yet; give configs inline")
+        if self.activation_factory.batch_size % self.data_parallel_size:
+            raise ValueError(
+                f"activation_factory.batch_size={self.activation_factory.batch_size} does not split evenly over "
+                f"data_parallel_size={self.data_parallel_size}"
+            )
         if self.model_parallel_size > 1:
             raise ValueError(
                 "model_parallel_size > 1: model parallelism is not available; use data_parallel_size (one replica of "
@@ -117,17 +122,24 @@ class SweepSAESettings(_SourceSettings):
         return self
 
 
-def _prepare_stream(settings: _SourceSettings, sae_configs: list[SAEConfig]) -> Iterator[Item]:
-    """Check every dictionary fits the stream (cheap checks first), then load the model and start streaming."""
+def _prepare_stream(
+    settings: _SourceSettings, sae_configs: list[SAEConfig], data_parallel: DataParallel | None = None
+) -> Iterator[Item]:
+    """Check every dictionary fits the stream (cheap checks first), then load the model and start streaming (a
+    data-parallel rank streams its own part of the data, in batches of batch_size / N)."""
     for cfg in sae_configs:
         check_dictionary_fits(cfg, settings.activation_factory)
     model, datasets = load_language_model_and_datasets(settings.activation_factory, settings.model, settings.datasets)
-    factory = ActivationFactory(settings.activation_factory)
+    factory_cfg, shard = settings.activation_factory, None
+    if data_parallel is not None:
+        per_rank = factory_cfg.batch_size // data_parallel.world_size
+        factory_cfg, shard = factory_cfg.model_copy(update={"batch_size": per_rank}), data_parallel.shard_of_data
+    factory = ActivationFactory(factory_cfg)
     factory.validate(model)
     for cfg in sae_configs:
         check_dictionary_fits(cfg, settings.activation_factory, model)
     model_name = settings.model_name or (settings.model.model_name if settings.model else None)
-    return activation_epochs(factory, model=model, model_name=model_name, datasets=datasets)
+    return activation_epochs(factory, model=model, model_name=model_name, datasets=datasets, shard=shard)
 
 
 def _resolve_resume(resume_from: str | None, trainer: TrainerConfig) -> Path | None:
@@ -224,7 +236,7 @@ def train_sae(settings: TrainSAESettings) -> TrainResult:
         return previous
     resume_from = _resolve_resume(settings.resume_from, settings.trainer)
     cfg, preloaded = _dictionary_config(settings.sae)
-    stream = _prepare_stream(settings, [cfg])
+    stream = _prepare_stream(settings, [cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
     return _fit(settings, model, stream, resume_from, settings.model_dump(mode="json"), 0, data_parallel)
 

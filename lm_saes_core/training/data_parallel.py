@@ -1,13 +1,14 @@
 """Data-parallel training under `torchrun`: N processes, one dictionary replica each, every step's batch split N ways.
 
-Every rank reads the same activation stream (the same seeded shuffles) and trains on its 1/N slice of each batch;
-gradients are averaged across ranks before clipping, so the replicas take identical steps and a run equals the
-single-process run with the same batch (TopK/ReLU/JumpReLU: up to the order of float sums). Which latents fired is
-combined across ranks, so the dead-latent statistics (and Aux-K) see the whole batch. Rank 0 alone writes
-checkpoints, the final weights, the run's record files and W&B logs.
+Each rank streams its own part of the data (every N-th document of a dataset source, every N-th chunk of a cache; see
+`ActivationFactory.process(shard=...)`) in batches of batch_size / N, so reading and the language model's forward
+passes are split too. Gradients are averaged across ranks before clipping, so the replicas take identical steps: a
+step is the one-process step on the union of the ranks' batches (TopK/ReLU/JumpReLU: up to the order of float sums).
+Which latents fired is combined across ranks, so the dead-latent statistics (and Aux-K) see the whole batch. Rank 0
+alone writes checkpoints, the final weights, the run's record files and W&B logs (its metrics cover its own part).
 
-Not split: the stream itself (each rank reads or computes all of it) and BatchTopK's batch-wide threshold, which
-each rank takes over its own slice. Model parallelism (`model_parallel_size > 1`) is not available.
+Not combined: BatchTopK's batch-wide threshold, which each rank takes over its own part. Model parallelism
+(`model_parallel_size > 1`) is not available.
 """
 
 import os
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lm_saes_core.config import ConfigError
+from lm_saes_core.models.sae import SparseAutoEncoder
 
 
 @dataclass(frozen=True)
@@ -29,20 +31,10 @@ class DataParallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This rank's contiguous 1/N of every tensor's first dimension (tokens, or sequences of a 2-D batch)."""
-        sizes = {value.shape[0] for value in batch.values() if isinstance(value, torch.Tensor) and value.dim() > 0}
-        if len(sizes) != 1:
-            raise ValueError(f"cannot split a batch whose tensors disagree on their first dimension: {sorted(sizes)}")
-        (size,) = sizes
-        if size % self.world_size:
-            raise ConfigError(
-                f"batch_size: a batch of {size} rows does not split evenly over data_parallel_size={self.world_size} "
-                "processes; choose a multiple"
-            )
-        per_rank = size // self.world_size
-        rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
-        return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+    @property
+    def shard_of_data(self) -> tuple[int, int]:
+        """(rank, world): which part of every data source this rank streams."""
+        return self.rank, self.world_size
 
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
         """All-reduce every gradient as one flat buffer and divide by N (the mean of the ranks' mean losses)."""
@@ -63,10 +55,15 @@ class DataParallel:
         dist.all_reduce(combined, op=dist.ReduceOp.MAX)
         return combined.bool()
 
-    def broadcast_parameters(self, module: torch.nn.Module) -> None:
-        """Rank 0's weights and buffers everywhere (replicas start identical whatever their initialisation did)."""
-        for tensor in [*module.parameters(), *module.buffers()]:
+    def broadcast_model(self, model: SparseAutoEncoder) -> None:
+        """Rank 0's weights, buffers and dataset-wise input norms everywhere: the ranks initialised from their own
+        parts of the data, and the replicas must start identical."""
+        for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
+        norms = [model.cfg.dataset_average_activation_norm]
+        dist.broadcast_object_list(norms, src=0)
+        if norms[0] is not None:
+            model.set_dataset_average_activation_norm(norms[0])
 
     def barrier(self) -> None:
         dist.barrier()

@@ -74,6 +74,8 @@ class Trainer:
         self.cfg = cfg
         self.dp = data_parallel
         self.is_main = data_parallel is None or data_parallel.is_main
+        self.world_size = 1 if data_parallel is None else data_parallel.world_size
+        """Batches are this rank's part: a step trains on world_size times as many tokens."""
 
     def fit(
         self,
@@ -88,7 +90,7 @@ class Trainer:
         self.check_model(model)
         cfg = self.cfg
         if self.dp is not None:
-            self.dp.broadcast_parameters(model)
+            self.dp.broadcast_model(model)
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
         dead = DeadLatentStatistics(model.cfg.d_sae, cfg.dead_threshold, model.cfg.device)
         if resume_from is None:
@@ -111,7 +113,7 @@ class Trainer:
                     logger.warning("the activation stream ended at step %d of %d", progress.step, T)
                     break
                 progress.batches_consumed += 1
-                n_tokens = count_tokens(batch, model.cfg.hook_point_in)  # the whole batch, every rank's share
+                n_tokens = count_tokens(batch, model.cfg.hook_point_in) * self.world_size  # every rank's part
                 out, loss, lr, coefficients = self._step(
                     model, batch, n_tokens, progress, optimizer, scheduler, dead, window
                 )
@@ -154,8 +156,6 @@ class Trainer:
 
         Aux-K sees the latents that were dead before this batch (the statistics are updated after the step)."""
         cfg, step = self.cfg, progress.step
-        if self.dp is not None:
-            batch = self.dp.shard(batch)
         batch = to_device(batch, model.cfg.device)
         model.train()
         model.current_k = self._k_at(step, progress.total_steps, model)
@@ -195,7 +195,7 @@ class Trainer:
         first = next(batches, None)
         if first is None:
             raise ValueError("the activation stream is empty: nothing to train on")
-        tokens_per_batch = count_tokens(first, model.cfg.hook_point_in)
+        tokens_per_batch = count_tokens(first, model.cfg.hook_point_in) * self.world_size
         total_steps = self.cfg.total_training_tokens // max(tokens_per_batch, 1)
         if total_steps == 0:
             raise ValueError(
