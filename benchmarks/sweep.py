@@ -20,30 +20,14 @@ from lm_saes_core.models import SparseAutoEncoder
 from lm_saes_core.runners import GenerateActivationsSettings, generate_activations
 from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, sweep_sae, train_sae
 from lm_saes_dagster.pipeline_config import load_pipeline
-from lm_saes_dagster.training import stream_groups, sweep_settings, train_settings
+from lm_saes_dagster.training import generate_settings, stream_groups, sweep_settings, train_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cache_for(cfg, root: Path) -> Path:
     """The pipeline's activation cache as the Dagster asset makes it (reused when its settings match)."""
-    settings = cfg.activations
-    result = generate_activations(
-        GenerateActivationsSettings.model_validate(
-            {
-                "model": cfg.model.model_dump(mode="json"),
-                "dataset": cfg.dataset.model_dump(mode="json"),
-                "hook_points": cfg.hook_points,
-                "output_dir": str(root),
-                "context_size": settings.context_size,
-                "total_tokens": settings.total_tokens,
-                "model_batch_size": settings.model_batch_size,
-                "batch_size": settings.model_batch_size,
-                "n_samples_per_chunk": settings.n_samples_per_chunk,
-            }
-        )
-    )
-    return result.output_dir
+    return generate_activations(GenerateActivationsSettings.model_validate(generate_settings(cfg, root))).output_dir
 
 
 def main() -> None:

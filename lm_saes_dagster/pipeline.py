@@ -29,7 +29,7 @@ from lm_saes_dagster.artifacts import ArtifactRoot, InputsStamp
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
 from lm_saes_dagster.quality import CHECK_NAMES, quality_checks
-from lm_saes_dagster.training import stream_groups, sweep_settings, train_settings
+from lm_saes_dagster.training import generate_settings, stream_groups, sweep_settings, train_settings
 
 ItemLoader = Callable[[], tuple[dict[str, DictionaryItem], dict[Path, str]]]
 """Re-reads a pipeline's items (file + `.d` directory): {item: settings} and {file: error} of the invalid files."""
@@ -173,21 +173,8 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         never depends on the selection and a later partition reuses it."""
         from lm_saes_core.runners import CheckActivationConsistencySettings, check_activation_consistency
 
-        settings = cfg.activations
         output = artifacts.activation_cache(name)
-        generate = {
-            "model": cfg.model.model_dump(mode="json"),
-            "dataset": cfg.dataset.model_dump(mode="json"),
-            "hook_points": cfg.hook_points,
-            "output_dir": str(output),
-            "context_size": settings.context_size,
-            "total_tokens": settings.total_tokens,
-            "model_batch_size": settings.model_batch_size,
-            "batch_size": settings.model_batch_size,
-            "n_samples_per_chunk": settings.n_samples_per_chunk,
-            "num_workers": settings.num_workers,
-            "overwrite": True,  # only reached when the settings differ from the cached ones
-        }
+        generate = generate_settings(cfg, output, overwrite=True)  # only reached when the settings differ
         reported = launcher.run(context, "generate", generate, workdir=output.parent)
         report = check_activation_consistency(CheckActivationConsistencySettings(path=str(output)))
         manifest = json.loads((output / "manifest.json").read_text())

@@ -1,5 +1,6 @@
-"""What the `dictionary` asset hands the training runners: one item's `train_sae` settings, and for a run over several
-item partitions, the groups of items that can share one activation stream (`sweep_sae`).
+"""What the `activations` and `dictionary` assets hand the core runners: the pipeline's `generate_activations`
+settings, one item's `train_sae` settings, and for a run over several item partitions, the groups of items that can
+share one activation stream (`sweep_sae`).
 
 Items share a stream when they read the same hooks of the cache in the same batches: same hook points, batch size,
 buffer, shuffling and process count. Their own dictionary, initialiser, trainer and seed may differ; a sweep item is
@@ -11,6 +12,24 @@ import json
 from pathlib import Path
 
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
+
+
+def generate_settings(cfg: PipelineConfig, output: Path, *, overwrite: bool = False) -> dict:
+    """`generate_activations` settings caching every hook of the pipeline into `output` in one forward pass."""
+    settings = cfg.activations
+    return {
+        "model": cfg.model.model_dump(mode="json"),
+        "dataset": cfg.dataset.model_dump(mode="json"),
+        "hook_points": cfg.hook_points,
+        "output_dir": str(output),
+        "context_size": settings.context_size,
+        "total_tokens": settings.total_tokens,
+        "model_batch_size": settings.model_batch_size,
+        "batch_size": settings.model_batch_size,
+        "n_samples_per_chunk": settings.n_samples_per_chunk,
+        "num_workers": settings.num_workers,
+        "overwrite": overwrite,
+    }
 
 
 def _stream_fields(item: DictionaryItem) -> dict:
