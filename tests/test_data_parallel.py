@@ -158,6 +158,31 @@ def test_an_item_launched_on_two_processes_through_pipes(cache, tmp_path, monkey
     assert metadata["explained_variance"].value == pytest.approx(explained, abs=0.05)  # measured 0.449 vs 0.428
 
 
+def _torchrun_train(settings_file: Path) -> None:
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
+         "-m", "lm_saes_core.pipes_entry", "train", str(settings_file)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_resumed_data_parallel_run_equals_the_uninterrupted_one(cache, tmp_path):
+    """Every rank resumes from rank 0's checkpoint and skips the batches of its own part it had trained on."""
+    full = settings(cache, tmp_path / "run", data_parallel_size=2)
+    full["trainer"]["checkpoint_every_steps"] = 4
+    (tmp_path / "full.json").write_text(json.dumps(full))
+    _torchrun_train(tmp_path / "full.json")
+    uninterrupted = SparseAutoEncoder.from_pretrained(tmp_path / "run").state_dict()
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_8"
+    assert checkpoint.is_dir()
+    (tmp_path / "resumed.json").write_text(json.dumps({**full, "resume_from": str(checkpoint)}))
+    _torchrun_train(tmp_path / "resumed.json")
+    resumed = SparseAutoEncoder.from_pretrained(tmp_path / "run").state_dict()
+    for name, value in uninterrupted.items():
+        assert torch.equal(value, resumed[name]), name
+
+
 def test_misuse_is_a_named_error(cache, tmp_path):
     os.environ.pop("WORLD_SIZE", None)
     with pytest.raises(ConfigError, match=r"data_parallel_size=2 needs as many processes, this launch has 1"):
