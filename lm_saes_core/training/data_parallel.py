@@ -37,17 +37,14 @@ class DataParallel:
         return self.rank, self.world_size
 
     def average_gradients(self, parameters: Iterable[torch.nn.Parameter]) -> None:
-        """All-reduce every gradient as one flat buffer and divide by N (the mean of the ranks' mean losses)."""
+        """All-reduce every gradient in place and divide by N (the mean of the ranks' mean losses). One collective per
+        tensor, all in flight at once: a dictionary has a handful of large tensors, so a flat copy would only double
+        the memory of the gradients."""
         grads = [p.grad for p in parameters if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world_size
-        offset = 0
+        for work in [dist.all_reduce(grad, async_op=True) for grad in grads]:
+            work.wait()
         for grad in grads:
-            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
-            offset += grad.numel()
+            grad.div_(self.world_size)
 
     def any(self, flags: torch.Tensor) -> torch.Tensor:
         """Element-wise OR of a boolean tensor over ranks."""
