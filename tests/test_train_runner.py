@@ -171,3 +171,18 @@ def test_sweep_of_two_equals_two_single_runs(caches, tmp_path):
         alone = SparseAutoEncoder.from_pretrained(tmp_path / "single")
         for name, value in alone.state_dict().items():
             assert torch.equal(value, from_sweep.state_dict()[name]), (item["sae_name"], name)
+
+
+def test_a_failing_sweep_item_is_named_and_the_others_finish(caches, tmp_path):
+    train_cache, _ = caches
+    base = settings_dict(train_cache, tmp_path / "unused", total_training_tokens=1024 * 6)
+    items = []
+    for name, tokens in (("fine", 1024 * 6), ("too-short", 100)):  # fewer tokens than one batch: no step to take
+        item = settings_dict(train_cache, tmp_path / name, total_training_tokens=tokens)
+        items.append({key: item[key] for key in ("sae", "initializer", "trainer")} | {"sae_name": name})
+    sweep = SweepSAESettings.model_validate({"activation_factory": base["activation_factory"], "items": items})
+    with pytest.raises(RuntimeError, match="sweep item 'too-short' failed: total_training_tokens=100"):
+        sweep_sae(sweep)
+    assert not (tmp_path / "too-short" / "sae_weights.safetensors").exists()
+    # Nothing the good item trained is lost: the next run finds it finished and trains only what is missing.
+    assert train_sae(sweep.item_settings(0)).reused
