@@ -99,9 +99,11 @@ def test_ranks_stream_disjoint_parts_that_make_up_the_whole(cache):
     assert documents == [set(range(0, 12, 2)), set(range(1, 12, 2))]
 
 
-def test_a_data_parallel_step_is_the_one_process_step_on_the_union(cache, tmp_path):
+@pytest.mark.parametrize("act_fn", ["topk", "batchtopk"])
+def test_a_data_parallel_step_is_the_one_process_step_on_the_union(cache, tmp_path, act_fn):
     """The trainer's own code path under torchrun (tests/dp_worker.py): rank r trains on half r of the same batches
-    a one-process trainer sees whole; rank 1's different initialisation is replaced by rank 0's."""
+    a one-process trainer sees whole; rank 1's different initialisation is replaced by rank 0's. BatchTopK keeps the
+    top of the whole distributed batch, so it matches too (and its inference threshold is the same on both ranks)."""
     stream = ActivationFactory(
         ActivationFactoryConfig(
             sources=[{"type": "activations", "name": "c", "path": str(cache)}],
@@ -109,7 +111,7 @@ def test_a_data_parallel_step_is_the_one_process_step_on_the_union(cache, tmp_pa
         )
     ).process()  # fmt: skip
     batches = [next(stream) for _ in range(8)]
-    sae = settings(cache, tmp_path)["sae"]
+    sae = {**settings(cache, tmp_path)["sae"], "act_fn": act_fn}
     trainer = {**settings(cache, tmp_path / "parallel")["trainer"], "total_training_tokens": 512 * 8}
     norm = float(batches[0][HOOK].norm(dim=-1).mean())
     payload = {"batches": batches, "hook": HOOK, "sae": sae, "trainer": trainer, "norm": norm}

@@ -7,7 +7,7 @@ the kept entries. The sparse (index, value) forms used by the fast TopK training
 import torch
 from torch import Tensor
 
-from lm_saes_core.models.kernels import batch_topk_threshold
+from lm_saes_core.models.kernels import KthLargest, batch_topk_threshold
 
 
 def relu(x: Tensor) -> Tensor:
@@ -113,13 +113,14 @@ def topk(x: Tensor, k: int) -> Tensor:
     return x * mask
 
 
-def batchtopk_threshold(x: Tensor, k: int) -> Tensor:
-    """The smallest value kept when keeping the k * n_rows largest positive entries of x (n_rows, d_sae) overall.
+def batchtopk_threshold(x: Tensor, k: int, kth: KthLargest | None = None) -> Tensor:
+    """The smallest value kept when keeping the k * n_rows largest positive entries of x (n_rows, d_sae) overall
+    (of every data-parallel rank's rows with a group's `kth`).
 
     0-d tensor; 0 when fewer than k * n_rows entries are positive (then every positive entry is kept).
     """
     with torch.no_grad():
-        return batch_topk_threshold(x, k)
+        return batch_topk_threshold(x, k, kth)
 
 
 def threshold_activation(x: Tensor, threshold: Tensor | float, inclusive: bool = False) -> Tensor:

@@ -10,6 +10,7 @@ high-norm tokens hundreds of features and most tokens a handful, and a flat list
 A pair may carry the value 0 (TopK keeps exactly k slots per row even when fewer scores are positive).
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -54,39 +55,46 @@ def kth_largest(values: Tensor, n: int) -> Tensor:
     return values.reshape(-1).topk(min(n, values.numel()), sorted=False).values.min().clamp(min=0)
 
 
-def _batch_topk_search(scores: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+KthLargest = Callable[[Tensor, int], Tensor]
+"""(values, n) -> the n-th largest entry clamped at 0: `kth_largest` within this process; a data-parallel group's
+version (`DataParallel.kth_largest`) takes n per rank and searches every rank's values, so BatchTopK keeps the top
+of the whole distributed batch."""
+
+
+def _batch_topk_search(scores: Tensor, k: int, kth: KthLargest | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The BatchTopK threshold of scores (N, d_sae), and the candidates it was searched among: each row's 4k largest
     (values, indices) and the rows that were searched in full (`saturated`).
 
     The batch's top entries are searched among each row's 4k largest. That is exact except for rows whose 4k
     candidates all clear the threshold ("saturated": they may hold more); those rows alone are searched in full,
     which can only raise the threshold, so every other row's candidates still contain all of its kept entries.
+    With a group's `kth`, every rank takes the second search (a collective all must join), saturated rows or not.
     """
     n_rows, d_sae = scores.shape
     width = min(4 * k, d_sae)
     values, indices = scores.topk(width, dim=-1, sorted=False)
-    threshold = kth_largest(values, k * n_rows)
+    threshold = (kth or kth_largest)(values, k * n_rows)
     saturated = values.min(-1).values >= threshold if width < d_sae else values.new_zeros(n_rows, dtype=torch.bool)
-    if saturated.any():
+    if kth is not None or saturated.any():
         candidates = torch.cat([values[~saturated].reshape(-1), scores[saturated].reshape(-1)])
-        threshold = kth_largest(candidates, k * n_rows)
+        threshold = (kth or kth_largest)(candidates, k * n_rows)
     return threshold, values, indices, saturated
 
 
-def batch_topk_threshold(scores: Tensor, k: int) -> Tensor:
+def batch_topk_threshold(scores: Tensor, k: int, kth: KthLargest | None = None) -> Tensor:
     """The smallest value BatchTopK keeps: the (k * N)-th largest positive entry of scores (N, d_sae), else 0."""
-    if scores.shape[0] == 0:
+    if scores.shape[0] == 0 and kth is None:
         return scores.new_zeros(())
-    return _batch_topk_search(scores, k)[0]
+    return _batch_topk_search(scores, k, kth)[0]
 
 
-def select_batch_topk(scores: Tensor, k: int) -> tuple[Selection, Tensor]:
+def select_batch_topk(scores: Tensor, k: int, kth: KthLargest | None = None) -> tuple[Selection, Tensor]:
     """BatchTopK over scores (N, d_sae): the k * N largest positive entries of the whole batch, and the threshold
     (the smallest kept value); see `_batch_topk_search` for how the search stays exact."""
     n_rows = scores.shape[0]
-    if n_rows == 0:
+    if n_rows == 0 and kth is None:
         return select_above(scores, 0.0), scores.new_zeros(())
-    threshold, values, indices, saturated = _batch_topk_search(scores, k)
+    threshold, values, indices, saturated = _batch_topk_search(scores, k, kth)
     keep = (values >= threshold) & (values > 0) & ~saturated[:, None]
     rows, slots = keep.nonzero(as_tuple=True)
     cols = indices[rows, slots]

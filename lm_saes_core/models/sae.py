@@ -70,6 +70,9 @@ class SparseAutoEncoder(nn.Module):
         self.sparse_kernels: bool | None = None
         """True/False forces the sparse/dense TopK path; None picks sparse when k <= d_sae / 8 (measured break-even
         on CPU is near d_sae / 4)."""
+        self.batch_kth: kernels.KthLargest | None = None
+        """How training-mode BatchTopK finds its threshold: None within this batch; a data-parallel trainer sets its
+        group's search, so the threshold is that of the whole distributed batch and the replicas stay identical."""
 
     @classmethod
     def from_config(cls, cfg: SAEConfig) -> "SparseAutoEncoder":
@@ -229,7 +232,7 @@ class SparseAutoEncoder(nn.Module):
         """BatchTopK threshold and whether it is inclusive: the batch's k-th value in training, the EMA in eval."""
         if not self.training:
             return self.topk_threshold, False
-        threshold = act.batchtopk_threshold(scores, k)
+        threshold = act.batchtopk_threshold(scores, k, self.batch_kth)
         if update_threshold and scores.shape[0] > 0:
             self._update_topk_threshold(threshold)
         return threshold, True
@@ -266,7 +269,7 @@ class SparseAutoEncoder(nn.Module):
             if self.cfg.act_fn == "topk":
                 selection, keep = kernels.select_topk(scores, k)
             elif self.training:
-                selection, threshold = kernels.select_batch_topk(scores, k)
+                selection, threshold = kernels.select_batch_topk(scores, k, self.batch_kth)
                 if update_threshold and scores.shape[0] > 0:
                     self._update_topk_threshold(threshold)
             else:

@@ -3,12 +3,12 @@
 Each rank streams its own part of the data (every N-th document of a dataset source, every N-th chunk of a cache; see
 `ActivationFactory.process(shard=...)`) in batches of batch_size / N, so reading and the language model's forward
 passes are split too. Gradients are averaged across ranks before clipping, so the replicas take identical steps: a
-step is the one-process step on the union of the ranks' batches (TopK/ReLU/JumpReLU: up to the order of float sums).
+step is the one-process step on the union of the ranks' batches (up to the order of float sums).
 Which latents fired is combined across ranks, so the dead-latent statistics (and Aux-K) see the whole batch. Rank 0
 alone writes checkpoints, the final weights, the run's record files and W&B logs (its metrics cover its own part).
 
-Not combined: BatchTopK's batch-wide threshold, which each rank takes over its own part. Model parallelism
-(`model_parallel_size > 1`) is not available.
+BatchTopK's threshold is that of the whole distributed batch (`kth_largest`: two all-gathers of candidates per
+step). Model parallelism (`model_parallel_size > 1`) is not available.
 """
 
 import os
@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from lm_saes_core.config import ConfigError
+from lm_saes_core.models import kernels
 from lm_saes_core.models.sae import SparseAutoEncoder
 
 
@@ -51,6 +52,18 @@ class DataParallel:
         combined = flags.to(torch.int32)
         dist.all_reduce(combined, op=dist.ReduceOp.MAX)
         return combined.bool()
+
+    def kth_largest(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """The (n x N)-th largest entry of every rank's `values` together (n per rank), clamped at 0: each rank sends
+        its n x N largest (padded with -inf), which hold every entry of the global top."""
+        total = n * self.world_size
+        flat = values.reshape(-1)
+        top = flat.topk(min(total, flat.numel()), sorted=False).values
+        padded = torch.full((total,), float("-inf"), dtype=flat.dtype, device=flat.device)
+        padded[: top.numel()] = top
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        return kernels.kth_largest(torch.cat(gathered), total)
 
     def broadcast_model(self, model: SparseAutoEncoder) -> None:
         """Rank 0's weights, buffers and dataset-wise input norms everywhere: the ranks initialised from their own

@@ -91,6 +91,7 @@ class Trainer:
         cfg = self.cfg
         if self.dp is not None:
             self.dp.broadcast_model(model)
+            model.batch_kth = self.dp.kth_largest
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
         dead = DeadLatentStatistics(model.cfg.d_sae, cfg.dead_threshold, model.cfg.device)
         if resume_from is None:
@@ -143,6 +144,7 @@ class Trainer:
                         result.checkpoints.append(save_checkpoint(cfg.exp_result_path, progress.step, model, state))
 
         result.steps, result.n_tokens = progress.step, progress.n_tokens
+        model.batch_kth = None  # the process group's search is for training steps only
         if self.is_main:
             model.save_pretrained(result.output_path, fold_activation_scale=self._fold_on_save(model))
             path, steps, tokens = result.output_path, result.steps, result.n_tokens
