@@ -21,8 +21,9 @@ def main(batches_file: str, out: str) -> None:
     torch.manual_seed(data_parallel.rank)  # different initialisations: rank 0's must reach every replica
     model = SparseAutoEncoder.from_config(SAEConfig.model_validate(payload["sae"]))
     model.set_dataset_average_activation_norm({payload["hook"]: payload["norm"] + data_parallel.rank})
-    Trainer(TrainerConfig.model_validate(payload["trainer"]), data_parallel).fit(model, iter(local))
-    state = {"weights": model.state_dict(), "norms": model.cfg.dataset_average_activation_norm}
+    result = Trainer(TrainerConfig.model_validate(payload["trainer"]), data_parallel).fit(model, iter(local))
+    state = {"weights": model.state_dict(), "norms": model.cfg.dataset_average_activation_norm,
+             "metrics": result.last_metrics}  # fmt: skip
     torch.save(state, Path(out) / f"rank{data_parallel.rank}.pt")
 
 

@@ -5,7 +5,7 @@ Each rank streams its own part of the data (every N-th document of a dataset sou
 passes are split too. Gradients are averaged across ranks before clipping, so the replicas take identical steps: a
 step is the one-process step on the union of the ranks' batches (up to the order of float sums).
 Which latents fired is combined across ranks, so the dead-latent statistics (and Aux-K) see the whole batch. Rank 0
-alone writes checkpoints, the final weights, the run's record files and W&B logs (its metrics cover its own part).
+alone writes checkpoints, the final weights, the run's record files and W&B logs; the logged metrics are the group's.
 
 BatchTopK's threshold is that of the whole distributed batch (`kth_largest`: two all-gathers of candidates per
 step). Model parallelism (`model_parallel_size > 1`) is not available.
@@ -46,6 +46,10 @@ class DataParallel:
             work.wait()
         for grad in grads:
             grad.div_(self.world_size)
+
+    def sum_(self, tensor: torch.Tensor) -> None:
+        """In place: the sum of `tensor` over ranks."""
+        dist.all_reduce(tensor)
 
     def any(self, flags: torch.Tensor) -> torch.Tensor:
         """Element-wise OR of a boolean tensor over ranks."""

@@ -95,6 +95,17 @@ class MetricWindow:
         self._max("metrics/gradient_norm_per_param", grad_norm_after)
         self._max("metrics/gradient_norm_before_clipping", grad_norm_before)
 
+    def combine_ranks(self, all_reduce_sum: Callable[[torch.Tensor], None], world_size: int) -> None:
+        """Make this window the data-parallel group's (every rank calls it at the same step): per-step means averaged
+        over the ranks' equal parts, activation and token counts summed. Gradient norms are already the group's."""
+        if self.sums:
+            keys = list(self.sums)
+            stacked = torch.stack([self.sums[key].reshape(()) for key in keys])
+            all_reduce_sum(stacked)
+            self.sums = dict(zip(keys, (stacked / world_size).unbind(), strict=True))
+        all_reduce_sum(self.active_counts)
+        all_reduce_sum(self.tokens)
+
     def report(self) -> dict[str, float]:
         if self.steps == 0:
             return {}

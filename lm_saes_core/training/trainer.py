@@ -124,6 +124,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
 
                 if progress.step % cfg.log_frequency == 0 or progress.step == T:
+                    if self.dp is not None:
+                        window.combine_ranks(self.dp.sum_, self.world_size)
                     result.last_metrics = (
                         window.report()
                         | model.log_statistics()
