@@ -33,7 +33,6 @@ class ItemOutcome:
     success: bool = True
     seconds: float = 0.0
     """Wall time of the item's steps, its share of a shared training run included."""
-    training_seconds: float = 0.0
 
 
 def _assets_of(defs: dg.Definitions, name: str) -> dict[str, dg.AssetsDefinition]:
@@ -90,7 +89,7 @@ def materialize_pipeline(
             metadata = {k: v.value for k, v in event.materialization.metadata.items()}
             outcomes[event.partition].metadata["dictionary"] = metadata
         for item in block:
-            outcomes[item].training_seconds = (time.perf_counter() - started) / len(block)
+            outcomes[item].seconds = (time.perf_counter() - started) / len(block)
     for item in selected:
         outcome = outcomes[item]
         if "dictionary" not in outcome.metadata:
@@ -104,7 +103,8 @@ def materialize_pipeline(
             raise_on_error=False,
             run_config=QUIET,
         )
-        outcome.success, outcome.seconds = run.success, time.perf_counter() - started + outcome.training_seconds
+        outcome.success = run.success
+        outcome.seconds += time.perf_counter() - started
         for event in run.get_asset_materialization_events():
             metadata = event.materialization.metadata
             outcome.metadata[event.asset_key.path[-1]] = {k: v.value for k, v in metadata.items()}
@@ -123,7 +123,7 @@ def contiguous_blocks(selected: list[str], registered: list[str]) -> list[list[s
     previous = None
     for item in selected:
         position = registered.index(item)
-        if blocks and previous is not None and position == previous + 1:
+        if blocks and position == previous + 1:
             blocks[-1].append(item)
         else:
             blocks.append([item])

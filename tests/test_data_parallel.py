@@ -25,7 +25,7 @@ from lm_saes_core.io import file_sha256
 from lm_saes_core.models import SAEConfig, SparseAutoEncoder
 from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, train_sae
 from lm_saes_core.training import Trainer, TrainerConfig
-from lm_saes_dagster.launch import HeavyStepLauncher
+from lm_saes_dagster.launch import HeavyStepLauncher, torchrun_command
 from lm_saes_dagster.pipeline_config import DictionaryItem
 
 HOOK = "blocks.3.hook_resid_post"
@@ -166,8 +166,7 @@ def test_an_item_launched_on_two_processes_through_pipes(cache, tmp_path, monkey
 
 def _torchrun_train(settings_file: Path) -> None:
     done = subprocess.run(
-        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2",
-         "-m", "lm_saes_core.pipes_entry", "train", str(settings_file)],
+        torchrun_command("train", settings_file, 2),
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]

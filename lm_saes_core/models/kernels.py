@@ -71,13 +71,14 @@ def _batch_topk_search(scores: Tensor, k: int, kth: KthLargest | None = None) ->
     With a group's `kth`, every rank takes the second search (a collective all must join), saturated rows or not.
     """
     n_rows, d_sae = scores.shape
+    search = kth or kth_largest
     width = min(4 * k, d_sae)
     values, indices = scores.topk(width, dim=-1, sorted=False)
-    threshold = (kth or kth_largest)(values, k * n_rows)
+    threshold = search(values, k * n_rows)
     saturated = values.min(-1).values >= threshold if width < d_sae else values.new_zeros(n_rows, dtype=torch.bool)
     if kth is not None or saturated.any():
         candidates = torch.cat([values[~saturated].reshape(-1), scores[saturated].reshape(-1)])
-        threshold = (kth or kth_largest)(candidates, k * n_rows)
+        threshold = search(candidates, k * n_rows)
     return threshold, values, indices, saturated
 
 

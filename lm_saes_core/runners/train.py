@@ -227,7 +227,7 @@ def _fit(
 def train_sae(settings: TrainSAESettings) -> TrainResult:
     """Train one dictionary. A finished run with identical settings in `trainer.exp_result_path` is reused."""
     setup_logging()
-    data_parallel = init_data_parallel(settings.data_parallel_size, _device_of(settings.sae))
+    data_parallel = init_data_parallel(settings.data_parallel_size, str(settings.sae.device))
     previous = finished_run(Path(settings.trainer.exp_result_path), settings.model_dump(mode="json"))
     if data_parallel is not None:
         data_parallel.barrier()  # every rank has looked before rank 0 starts rewriting the directory
@@ -239,10 +239,6 @@ def train_sae(settings: TrainSAESettings) -> TrainResult:
     stream = _prepare_stream(settings, [cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
     return _fit(settings, model, stream, resume_from, settings.model_dump(mode="json"), 0, data_parallel)
-
-
-def _device_of(spec: SAEConfig | PretrainedSAE) -> str:
-    return str(spec.device)
 
 
 _END = object()
