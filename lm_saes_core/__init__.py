@@ -23,7 +23,15 @@ from lm_saes_core.config import MongoDBConfig, load_config
 from lm_saes_core.data import DatasetConfig, load_dataset
 from lm_saes_core.evaluation import EvalConfig, Evaluator
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models import PretrainedSAE, SAEConfig, SparseAutoEncoder, load_sparse_dictionary
+from lm_saes_core.models import (
+    LossConfig,
+    PretrainedSAE,
+    SAEConfig,
+    SparseAutoEncoder,
+    SparseDictionary,
+    SparseDictionaryConfig,
+    load_sparse_dictionary,
+)
 from lm_saes_core.runners import (
     AnalyzeSAESettings,
     AutoInterpSettings,
@@ -69,6 +77,9 @@ __all__ = [
     "PretrainedSAE",
     "SAEConfig",
     "SparseAutoEncoder",
+    "SparseDictionary",
+    "SparseDictionaryConfig",
+    "LossConfig",
     "SweepSAESettings",
     "SweepingItem",
     "TrainSAESettings",

@@ -13,7 +13,15 @@ from typing import Annotated, Any, TypeVar
 
 import torch
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, PlainSerializer, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    PlainSerializer,
+    ValidationError,
+    ValidationInfo,
+)
 
 # One table of accepted spellings; the first name of each dtype is its canonical (saved) spelling.
 _DTYPE_NAMES: dict[torch.dtype, tuple[str, ...]] = {
@@ -48,6 +56,21 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 DType = Annotated[torch.dtype, BeforeValidator(parse_dtype), PlainSerializer(dtype_name, return_type=str)]
+
+
+def _step_count(value: int | float, info: ValidationInfo) -> int | float:
+    if isinstance(value, float) and not 0.0 <= value <= 1.0:
+        raise ValueError(
+            f"{info.field_name}={value}: a float is a fraction of the total steps and must lie in [0, 1]; give an "
+            "int for an absolute number of steps"
+        )
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{info.field_name}={value} must not be negative")
+    return value
+
+
+StepCount = Annotated[int | float, AfterValidator(_step_count)]
+"""An int is a number of steps; a float in [0, 1] is a fraction of the total number of training steps."""
 
 
 class BaseConfig(BaseModel):

@@ -23,8 +23,7 @@ from lm_saes_core.analysis.autointerp.parsing import find_json_object
 from lm_saes_core.analysis.autointerp.score import binary_metrics, misplaced_highlights, parse_answers
 from lm_saes_core.backend import LanguageModelConfig
 from lm_saes_core.data import DatasetConfig, load_dataset
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
 from lm_saes_core.runners.autointerp import AutoInterpSettings, auto_interp
 from lm_saes_core.store import (

@@ -15,7 +15,7 @@ from test_training import (
     trainer_config,
 )
 
-from lm_saes_core.models import SAEConfig, SparseAutoEncoder
+from lm_saes_core.models import LossConfig, SAEConfig, SparseAutoEncoder
 from lm_saes_core.training import Trainer, find_latest_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
@@ -37,7 +37,7 @@ def test_sparse_kernels_equal_the_dense_path_on_cuda(act_fn):
     for sparse in (True, False):
         model.sparse_kernels = sparse
         model.zero_grad()
-        out = model.compute_loss(batch, auxk_coefficient=0.5, k_aux=32, dead_latents=dead)
+        out = model.compute_loss(batch, LossConfig(auxk_coefficient=0.5, k_aux=32).coefficients(), dead)
         out.loss.backward()
         results[sparse] = (out, {name: p.grad.clone() for name, p in model.named_parameters()})
     (sparse_out, sparse_grads), (dense_out, dense_grads) = results[True], results[False]
@@ -66,7 +66,8 @@ def test_training_on_cuda_learns_and_saves_a_model_that_loads_on_cpu(tmp_path, a
     assert explained_variance(on_cpu, held_out) > min_ev
     model.eval()
     on_gpu = {HOOK: held_out[0][HOOK].cuda()}
-    torch.testing.assert_close(on_cpu.reconstruct(held_out[0]), model.reconstruct(on_gpu).cpu(), rtol=1e-4, atol=1e-4)
+    on_gpu_reconstruction = {hook: value.cpu() for hook, value in model.reconstruct(on_gpu).items()}
+    torch.testing.assert_close(on_cpu.reconstruct(held_out[0]), on_gpu_reconstruction, rtol=1e-4, atol=1e-4)
 
 
 def test_resumed_run_on_cuda_equals_the_uninterrupted_run(tmp_path):

@@ -13,8 +13,7 @@ from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.backend.base import LanguageModel, LanguageModelConfig, Observer, UnreplaceableHookPointError
 from lm_saes_core.data import DatasetConfig, load_dataset
 from lm_saes_core.evaluation import EvalConfig, Evaluator, limit_mask
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.generate import GenerateActivationsSettings, generate_activations
 

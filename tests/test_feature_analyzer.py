@@ -20,8 +20,7 @@ from lm_saes_core.analysis.feature_analyzer import (
 )
 from lm_saes_core.backend.base import LanguageModelConfig
 from lm_saes_core.data import DatasetConfig, load_dataset
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
 from lm_saes_core.store import RecordStoreConfig, StoreUnavailableError, open_store
 from lm_saes_core.store.export import read_analysis_export

@@ -20,8 +20,7 @@ from lm_saes_core.interop import (
     sparsify_hook_points,
     sparsify_hookpoint,
 )
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 
 D_IN, D_OUT, D_SAE, N_TOKENS = 16, 12, 64, 96
 HOOK = "blocks.3.hook_resid_post"
@@ -159,9 +158,9 @@ def make_model(
         with torch.no_grad():
             if act_fn == "jumprelu":
                 thresholds = [midpoint_quantile(gated[:, i], 0.8) for i in range(D_SAE)]
-                model.log_jumprelu_threshold.copy_(torch.stack(thresholds).clamp_min(1e-3).log())
+                model.activation_function.log_jumprelu_threshold.copy_(torch.stack(thresholds).clamp_min(1e-3).log())
             else:
-                model.topk_threshold.fill_(float(midpoint_quantile(gated[gated > 0], 0.3)))
+                model.activation_function.topk_threshold.fill_(float(midpoint_quantile(gated[gated > 0], 0.3)))
     return model.eval()
 
 
@@ -178,6 +177,12 @@ def folded(model: SparseAutoEncoder) -> SparseAutoEncoder:
     if copied.cfg.norm_activation == "dataset-wise":
         copied.fold_activation_scale()
     return copied
+
+
+def reconstruction(model: SparseAutoEncoder, x: torch.Tensor) -> torch.Tensor:
+    """The raw-scale reconstruction of the dictionary's one output hook."""
+    (value,) = model.reconstruct(x).values()
+    return value
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float64) -> None:
@@ -215,7 +220,7 @@ def test_saelens_export_matches_peer_forward_and_round_trips(tmp_path: Path, var
     model = make_model(**kwargs)
     dtype = model.cfg.dtype
     x = raw_inputs(dtype=dtype)
-    expected = model.reconstruct(x)
+    expected = reconstruction(model, x)
 
     directory = export_saelens(model, tmp_path / "sae", model_name="smollm2-135m")
     cfg = json.loads((directory / "cfg.json").read_text())
@@ -243,7 +248,7 @@ def test_saelens_export_matches_peer_forward_and_round_trips(tmp_path: Path, var
         model.cfg.hook_point_out,
     )
     assert imported.W_E.dtype == dtype
-    assert_close(imported.reconstruct(x), expected, dtype)
+    assert_close(reconstruction(imported, x), expected, dtype)
     reference = folded(model)
     for name in ("W_E", "b_E", "W_D", "b_D") + (("W_skip",) if model.cfg.use_skip_connection else ()):
         assert torch.equal(getattr(imported, name), getattr(reference, name)), name
@@ -257,12 +262,12 @@ def test_saelens_jumprelu_threshold_is_divided_by_decoder_norm(tmp_path: Path) -
     """Our gate h * n > theta is SAELens's h > theta / n; the saved threshold must say so, not theta itself."""
     model = make_model("jumprelu", norm_activation="inference")
     threshold = load_file(export_saelens(model, tmp_path / "sae") / "sae_weights.safetensors")["threshold"]
-    theta = model.log_jumprelu_threshold.detach().exp()
+    theta = model.activation_function.log_jumprelu_threshold.detach().exp()
     assert_close(threshold * model.decoder_norm().detach(), theta)
     x = raw_inputs()
     weights = load_file(tmp_path / "sae" / "sae_weights.safetensors")
     naive = saelens_forward({**weights, "threshold": theta}, x, architecture="jumprelu", apply_b_dec_to_input=False)
-    assert (naive - model.reconstruct(x)).abs().max() > 1e-2  # the test data would catch the naive mapping
+    assert (naive - reconstruction(model, x)).abs().max() > 1e-2  # the test data would catch the naive mapping
 
 
 def test_export_leaves_the_model_untouched(tmp_path: Path) -> None:
@@ -290,7 +295,7 @@ def test_sparsify_export_matches_peer_forward_and_round_trips(tmp_path: Path, va
     model = make_model(**SPARSIFY_VARIANTS[variant])
     dtype = model.cfg.dtype
     x = raw_inputs(dtype=dtype)
-    expected = model.reconstruct(x)
+    expected = reconstruction(model, x)
 
     directory = export_sparsify(model, tmp_path / sparsify_hookpoint(model.cfg))
     cfg = json.loads((directory / "cfg.json").read_text())
@@ -311,7 +316,7 @@ def test_sparsify_export_matches_peer_forward_and_round_trips(tmp_path: Path, va
         model.cfg.hook_point_out,
     )
     assert imported.cfg.top_k == 6 and imported.W_E.dtype == dtype
-    assert_close(imported.reconstruct(x), expected, dtype)
+    assert_close(reconstruction(imported, x), expected, dtype)
     if not model.cfg.sparsity_include_decoder_norm:
         reference = folded(model)
         for name in ("W_E", "b_E", "W_D", "b_D"):
@@ -360,7 +365,7 @@ def test_saelens_standard_with_apply_b_dec_to_input(tmp_path: Path) -> None:
     model = import_saelens(write_saelens(tmp_path / "sae", cfg, weights), dtype=torch.float64)
     x = raw_inputs()
     expected = saelens_forward(weights, x, architecture="standard", apply_b_dec_to_input=True)
-    assert_close(model.reconstruct(x), expected)
+    assert_close(reconstruction(model, x), expected)
     without_fold = saelens_forward(weights, x, architecture="standard", apply_b_dec_to_input=False)
     assert (without_fold - expected).abs().max() > 1e-2
     assert (model.cfg.act_fn, model.cfg.hook_point_in, model.W_E.dtype) == ("relu", HOOK, torch.float64)
@@ -383,7 +388,7 @@ def test_saelens_topk_rescaled_by_decoder_norm(tmp_path: Path) -> None:
     x = raw_inputs()
     kwargs = {"architecture": "topk", "apply_b_dec_to_input": True, "k": 5}
     expected = saelens_forward(weights, x, **kwargs, rescale_acts_by_decoder_norm=True)
-    assert_close(model.reconstruct(x), expected)
+    assert_close(reconstruction(model, x), expected)
     assert (saelens_forward(weights, x, **kwargs) - expected).abs().max() > 1e-2
     assert (model.cfg.top_k, model.cfg.sparsity_include_decoder_norm) == (5, True)
 
@@ -415,7 +420,9 @@ def test_saelens_pre_6_topk_config_is_upgraded(tmp_path: Path) -> None:
     assert model.cfg.sparsity_include_decoder_norm is False
     x = raw_inputs()
     weights.pop("scaling_factor")
-    assert_close(model.reconstruct(x), saelens_forward(weights, x, architecture="topk", apply_b_dec_to_input=True, k=7))
+    assert_close(
+        reconstruction(model, x), saelens_forward(weights, x, architecture="topk", apply_b_dec_to_input=True, k=7)
+    )
 
 
 def test_saelens_pre_6_finetuning_scaling_factor_is_folded(tmp_path: Path) -> None:
@@ -426,7 +433,7 @@ def test_saelens_pre_6_finetuning_scaling_factor_is_folded(tmp_path: Path) -> No
     expected = saelens_forward(
         weights, x, architecture="standard", apply_b_dec_to_input=True, finetuning_scaling_factor=True
     )
-    assert_close(model.reconstruct(x), expected)
+    assert_close(reconstruction(model, x), expected)
 
 
 def test_saelens_jumprelu_training_save_with_log_threshold(tmp_path: Path) -> None:
@@ -443,10 +450,10 @@ def test_saelens_jumprelu_training_save_with_log_threshold(tmp_path: Path) -> No
     }
     model = import_saelens(write_saelens(tmp_path / "sae", cfg, weights), dtype=torch.float64)
     assert (model.cfg.act_fn, model.cfg.sparsity_include_decoder_norm) == ("jumprelu", False)
-    assert_close(model.log_jumprelu_threshold.detach(), weights["log_threshold"])
+    assert_close(model.activation_function.log_jumprelu_threshold.detach(), weights["log_threshold"])
     x = raw_inputs()
     expected = saelens_forward(weights, x, architecture="jumprelu", apply_b_dec_to_input=False)
-    assert_close(model.reconstruct(x), expected)
+    assert_close(reconstruction(model, x), expected)
     relu_only = saelens_forward(weights, x, architecture="standard", apply_b_dec_to_input=False)
     assert (relu_only - expected).abs().max() > 1e-2
 
@@ -473,7 +480,7 @@ def test_saelens_jumprelu_skip_transcoder(tmp_path: Path) -> None:
     assert (model.cfg.is_transcoder, model.cfg.use_skip_connection, model.cfg.d_output) == (True, True, D_OUT)
     x = raw_inputs()
     expected = saelens_forward(weights, x, architecture="jumprelu_skip_transcoder", apply_b_dec_to_input=False)
-    assert_close(model.reconstruct(x), expected)
+    assert_close(reconstruction(model, x), expected)
 
 
 @pytest.mark.parametrize(
@@ -539,7 +546,7 @@ def test_sparsify_hand_written_sae(tmp_path: Path) -> None:
     assert (model.cfg.d_sae, model.cfg.top_k, model.cfg.hook_point_in) == (D_SAE, 5, HOOK)
     x = raw_inputs()
     expected = sparsify_forward(weights, x, k=5, transcode=False)
-    assert_close(model.reconstruct(x), expected)
+    assert_close(reconstruction(model, x), expected)
     # The b_dec subtraction matters for these weights (so the fold is really tested).
     assert (sparsify_forward(weights, x, k=5, transcode=True) - expected).abs().max() > 1e-2
 
@@ -553,7 +560,7 @@ def test_sparsify_bf16_weights_load_in_their_dtype(tmp_path: Path) -> None:
     assert torch.equal(model.W_D.detach(), weights["W_dec"])
     upcast = import_sparsify(directory, dtype="float64")
     x = raw_inputs()
-    assert_close(upcast.reconstruct(x), sparsify_forward(weights, x, k=5, transcode=False))
+    assert_close(reconstruction(upcast, x), sparsify_forward(weights, x, k=5, transcode=False))
 
 
 def test_sparsify_hand_written_skip_transcoder(tmp_path: Path) -> None:
@@ -562,7 +569,7 @@ def test_sparsify_hand_written_skip_transcoder(tmp_path: Path) -> None:
     model = import_sparsify(write_sparsify(tmp_path / "layers.2.mlp", cfg, weights), dtype=torch.float64)
     assert (model.cfg.hook_point_in, model.cfg.hook_point_out) == ("blocks.2.mlp.hook_in", "blocks.2.hook_mlp_out")
     x = raw_inputs()
-    assert_close(model.reconstruct(x), sparsify_forward(weights, x, k=5, transcode=True))
+    assert_close(reconstruction(model, x), sparsify_forward(weights, x, k=5, transcode=True))
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,14 @@ import torch
 from pydantic import ValidationError
 
 from lm_saes_core.config import ConfigError
-from lm_saes_core.models import PretrainedSAE, SAEConfig, SparseAutoEncoder, kernels, load_sparse_dictionary
+from lm_saes_core.models import (
+    LossConfig,
+    PretrainedSAE,
+    SAEConfig,
+    SparseAutoEncoder,
+    kernels,
+    load_sparse_dictionary,
+)
 from lm_saes_core.models import activation_functions as act
 
 F64 = torch.float64
@@ -43,12 +50,17 @@ def fixed_sae(act_fn: str = "relu", **kwargs) -> SparseAutoEncoder:
         model.W_D.copy_(torch.tensor(W_D))
         model.b_D.copy_(torch.tensor(B_D))
         if act_fn == "jumprelu":
-            model.log_jumprelu_threshold.copy_(tensor([10.0, 10.0, 30.0, 40.0]).log())
+            model.activation_function.log_jumprelu_threshold.copy_(tensor([10.0, 10.0, 30.0, 40.0]).log())
     return model
 
 
 def tensor(values) -> torch.Tensor:
     return torch.tensor(values, dtype=F64)
+
+
+def loss(**fields):
+    """The coefficients of a loss config at full strength (no warm-up), as `compute_loss` takes them."""
+    return LossConfig(**fields).coefficients()
 
 
 # ------------------------------------------------------------------ exact forward values
@@ -91,12 +103,12 @@ def test_batchtopk_training_sets_threshold_and_eval_uses_it():
     model = fixed_sae("batchtopk", top_k=2)
     model(tensor(X))
     # The first batch sets the threshold to its smallest kept score, 4 * sqrt(80).
-    assert model.topk_threshold.item() == pytest.approx(4 * math.sqrt(80))
+    assert model.activation_function.topk_threshold.item() == pytest.approx(4 * math.sqrt(80))
     model(tensor(X))  # EMA of two equal batch thresholds stays put
-    assert model.topk_threshold.item() == pytest.approx(4 * math.sqrt(80))
+    assert model.activation_function.topk_threshold.item() == pytest.approx(4 * math.sqrt(80))
     model.eval()
     with torch.no_grad():
-        model.topk_threshold.fill_(36.0)
+        model.activation_function.topk_threshold.fill_(36.0)
     for sparse in (True, False):
         model.sparse_kernels = sparse
         # Eval mode compares every token with 36 on its own: token 0 keeps nothing, token 1 features 1..3.
@@ -107,10 +119,10 @@ def test_batchtopk_training_sets_threshold_and_eval_uses_it():
 def test_batchtopk_threshold_is_an_ema():
     model = fixed_sae("batchtopk", top_k=2)
     with torch.no_grad():
-        model.topk_threshold.fill_(10.0)
+        model.activation_function.topk_threshold.fill_(10.0)
     model(tensor(X))
     expected = 0.99 * 10.0 + 0.01 * 4 * math.sqrt(80)
-    assert model.topk_threshold.item() == pytest.approx(expected)
+    assert model.activation_function.topk_threshold.item() == pytest.approx(expected)
 
 
 def test_scale_factors_worked_check():
@@ -278,11 +290,7 @@ def test_sparsity_losses(loss_type, p, expected):
     model = fixed_sae("relu")
     out = model.compute_loss(
         masked_batch(),
-        sparsity_loss_type=loss_type,
-        l1_coefficient=0.5,
-        p=p,
-        tanh_stretch_coefficient=0.01,
-        frequency_scale=0.5,
+        loss(sparsity_loss_type=loss_type, l1_coefficient=0.5, p=p, tanh_stretch_coefficient=0.01, frequency_scale=0.5),
     )
     by_hand = expected(contributions()).item()
     if loss_type == "power" and p == 1:
@@ -298,7 +306,7 @@ def test_sparsity_losses(loss_type, p, expected):
 
 def test_jumprelu_lp_loss():
     model = fixed_sae("jumprelu")
-    out = model.compute_loss(masked_batch(), lp_coefficient=0.1)
+    out = model.compute_loss(masked_batch(), loss(lp_coefficient=0.1))
     # theta = [10, 10, 30, 40]: sum_i relu(theta_i - h_i) * n_i per token.
     token0 = 7.75 * NORMS[0] + 8.5 * NORMS[1] + 27.25 * NORMS[2] + 36 * NORMS[3]
     token1 = 3 * NORMS[0] + 4 * NORMS[1] + 23 * NORMS[2] + 32 * NORMS[3]
@@ -307,23 +315,23 @@ def test_jumprelu_lp_loss():
     assert out.l_rec.item() == (2.75**2 + 13.5**2 + 74**2 + 185**2) / 2
     assert out.loss.item() == pytest.approx(out.l_rec.item() + out.l_lp.item(), rel=1e-12)
     with pytest.raises(ValueError, match="jumprelu"):
-        fixed_sae("relu").compute_loss(masked_batch(), lp_coefficient=0.1)
+        fixed_sae("relu").compute_loss(masked_batch(), loss(lp_coefficient=0.1))
 
 
 def test_auxk_loss_relu_by_hand():
     model = fixed_sae("relu")
     dead = torch.tensor([True, False, False, True])
-    out = model.compute_loss(masked_batch(), auxk_coefficient=0.25, dead_latents=dead)
+    out = model.compute_loss(masked_batch(), loss(auxk_coefficient=0.25), dead)
     # e = y - y_hat: [-30, -73.75] and [-74, -185]; the dead latents 0, 3 reconstruct 2.25 W_D0 + 4 W_D3 =
     # [18.25, 43.25] and 7 W_D0 + 8 W_D3 = [39, 99].
     token0 = (-30 - 18.25) ** 2 + (-73.75 - 43.25) ** 2
     token1 = (-74 - 39) ** 2 + (-185 - 99) ** 2
     assert out.l_aux.item() == 0.25 * (token0 + token1) / 2
     assert out.loss.item() == out.l_rec.item() + out.l_aux.item()
-    none_dead = model.compute_loss(masked_batch(), auxk_coefficient=0.25, dead_latents=torch.zeros(4, dtype=torch.bool))
+    none_dead = model.compute_loss(masked_batch(), loss(auxk_coefficient=0.25), torch.zeros(4, dtype=torch.bool))
     assert none_dead.l_aux.item() == 0.0
     with pytest.raises(ValueError, match="dead_latents"):
-        model.compute_loss(masked_batch(), auxk_coefficient=0.25)
+        model.compute_loss(masked_batch(), loss(auxk_coefficient=0.25))
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -331,7 +339,7 @@ def test_auxk_loss_topk_keeps_top_dead_latents(sparse):
     model = fixed_sae("topk", top_k=2)
     model.sparse_kernels = sparse
     out = model.compute_loss(
-        masked_batch(), auxk_coefficient=1.0, k_aux=1, dead_latents=torch.tensor([True, False, False, True])
+        masked_batch(), loss(auxk_coefficient=1.0, k_aux=1), torch.tensor([True, False, False, True])
     )
     # Main: features 2, 3 -> y_hat [25.25, 53.25] and [54, 115]. Aux: the top-1 dead latent by gated score is
     # feature 3 in both tokens (35.78 > 11.47, 71.55 > 35.69): 4 W_D3 = [16, 32], 8 W_D3 = [32, 64].
@@ -369,7 +377,7 @@ def test_sparse_kernels_equal_the_dense_path(act_fn, gating, dtype):
         model.sparse_kernels = sparse
         model.zero_grad()
         out = model.compute_loss(
-            batch, sparsity_loss_type="tanh", l1_coefficient=0.1, auxk_coefficient=0.5, k_aux=16, dead_latents=dead
+            batch, loss(sparsity_loss_type="tanh", l1_coefficient=0.1, auxk_coefficient=0.5, k_aux=16), dead
         )
         out.loss.backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters()}
@@ -404,7 +412,7 @@ def randomised(cfg: SAEConfig, norms: dict[str, float]) -> SparseAutoEncoder:
     model = SparseAutoEncoder.from_config(cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name != "log_jumprelu_threshold":
+            if not name.endswith("log_jumprelu_threshold"):
                 param.normal_(0, 0.3)
     model.set_dataset_average_activation_norm(norms)
     return model
@@ -423,12 +431,13 @@ def set_thresholds_to_median(model: SparseAutoEncoder, batch: dict[str, torch.Te
     """Thresholds at the median score, halfway between two scores so that no score sits on a threshold."""
     with torch.no_grad():
         x, _, _, _ = model.prepare(batch)
-        scores = model._scores(x @ model.W_E + model.b_E).relu()
+        norm = model.decoder_norm() if model.cfg.sparsity_include_decoder_norm else 1.0
+        scores = ((x @ model.W_E + model.b_E) * norm).relu()
         if model.cfg.act_fn == "jumprelu":
             median = scores.quantile(0.5, dim=0, interpolation="midpoint")
-            model.log_jumprelu_threshold.copy_(median.clamp(min=1e-3).log())
+            model.activation_function.log_jumprelu_threshold.copy_(median.clamp(min=1e-3).log())
         if model.cfg.act_fn == "batchtopk":
-            model.topk_threshold.fill_(scores.quantile(0.5, interpolation="midpoint").item())
+            model.activation_function.topk_threshold.fill_(scores.quantile(0.5, interpolation="midpoint").item())
 
 
 FOLD_CASES = [
@@ -532,10 +541,10 @@ def test_load_with_dtype_and_weights_file_path(tmp_path):
     cfg = SAEConfig(d_model=6, d_sae=24, hook_point_in="in", hook_point_out="in", act_fn="batchtopk", top_k=3)
     model = randomised(cfg, {"in": 3.0})
     with torch.no_grad():
-        model.topk_threshold.fill_(0.7)
+        model.activation_function.topk_threshold.fill_(0.7)
     model.save_pretrained(tmp_path, fold_activation_scale=False)
     loaded = load_sparse_dictionary(tmp_path / "sae_weights.safetensors", dtype="float64")
-    assert loaded.W_E.dtype == torch.float64 and loaded.topk_threshold.item() == pytest.approx(0.7)
+    assert loaded.W_E.dtype == torch.float64 and loaded.activation_function.topk_threshold.item() == pytest.approx(0.7)
     assert loaded.cfg.norm_activation == "dataset-wise" and loaded.current_k == 3
     assert not list(tmp_path.glob(".tmp-*"))
 
@@ -551,7 +560,9 @@ def test_config_that_does_not_match_the_weights_is_a_named_error(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json.*'W_E' has shape \[6, 24\].*\[6, 48\]"):
         SparseAutoEncoder.from_pretrained(tmp_path)
     config_file.write_text(json.dumps(saved | {"act_fn": "jumprelu"}))
-    with pytest.raises(ValueError, match=r"config\.json.*missing tensors \['log_jumprelu_threshold'\]"):
+    with pytest.raises(
+        ValueError, match=r"config\.json.*missing tensors \['activation_function.log_jumprelu_threshold'\]"
+    ):
         SparseAutoEncoder.from_pretrained(tmp_path)
     lenient = SparseAutoEncoder.from_pretrained(tmp_path, strict_loading=False)
     torch.testing.assert_close(lenient.W_E, model.W_E)
@@ -605,7 +616,7 @@ def test_bad_arguments_are_named_errors():
     with pytest.raises(ValueError, match="no tokens"):
         model.compute_loss({"x": tensor([X]), "mask": torch.tensor([[False, False]])})
     with pytest.raises(ValueError, match="sparsity_loss_type"):
-        model.compute_loss({"x": tensor(X)}, sparsity_loss_type="l0")
+        model.compute_loss({"x": tensor(X)}, loss(sparsity_loss_type="l0"))
     dataset_wise = SparseAutoEncoder.from_config(SAEConfig(d_model=2, d_sae=4, hook_point_in="x", hook_point_out="x"))
     with pytest.raises(ValueError, match="dataset_average_activation_norm has no value for 'x'"):
         dataset_wise.reconstruct(tensor(X).float())
@@ -625,7 +636,9 @@ def test_parameter_groups_and_statistics():
     model = fixed_sae("jumprelu")
     groups = model.parameter_groups(lr=1e-3, jumprelu_lr_factor=0.1)
     assert [g["name"] for g in groups] == ["others", "jumprelu"]
-    assert groups[1]["lr"] == pytest.approx(1e-4) and groups[1]["params"] == [model.log_jumprelu_threshold]
+    assert groups[1]["lr"] == pytest.approx(1e-4) and groups[1]["params"] == [
+        model.activation_function.log_jumprelu_threshold
+    ]
     assert len(groups[0]["params"]) == 4
     stats = model.log_statistics()
     assert stats["metrics/decoder_norm"] == pytest.approx(sum(NORMS) / 4)
@@ -641,7 +654,7 @@ def test_fresh_model_is_initialised():
     assert model.cfg.d_sae == 64
     assert model.W_E.abs().max() <= 16**-0.5 and model.W_D.abs().max() <= 64**-0.5
     assert model.b_E.abs().sum() == 0 and model.b_D.abs().sum() == 0
-    torch.testing.assert_close(model.log_jumprelu_threshold, torch.full((64,), math.log(0.1)))
+    torch.testing.assert_close(model.activation_function.log_jumprelu_threshold, torch.full((64,), math.log(0.1)))
 
 
 @pytest.mark.parametrize("sparse", [True, False])
@@ -651,11 +664,11 @@ def test_empty_input_gives_empty_output_and_keeps_the_threshold(act_fn, sparse):
     model.sparse_kernels = sparse
     if act_fn == "batchtopk":
         with torch.no_grad():
-            model.topk_threshold.fill_(5.0)
+            model.activation_function.topk_threshold.fill_(5.0)
     assert model(torch.zeros(0, 2, dtype=F64)).shape == (0, 2)
     assert model.encode(torch.zeros(3, 0, 2, dtype=F64)).shape == (3, 0, 4)
     if act_fn == "batchtopk":
-        assert model.topk_threshold.item() == 5.0
+        assert model.activation_function.topk_threshold.item() == 5.0
 
 
 def test_jumprelu_l0_penalty_counts_active_features_and_moves_only_the_threshold():
@@ -672,13 +685,13 @@ def test_jumprelu_l0_penalty_counts_active_features_and_moves_only_the_threshold
         model.b_E.zero_()
         model.W_D.copy_(torch.eye(3))
         model.b_D.zero_()
-        model.log_jumprelu_threshold.zero_()  # theta = 1
-    out = model.compute_loss({"x": torch.tensor([[0.5, 1.5, 2.5]])}, sparsity_loss_type="l0", l1_coefficient=1.0)
+        model.activation_function.log_jumprelu_threshold.zero_()  # theta = 1
+    out = model.compute_loss({"x": torch.tensor([[0.5, 1.5, 2.5]])}, loss(sparsity_loss_type="l0", l1_coefficient=1.0))
     assert out.l_sparsity.item() == pytest.approx(2.0)
     out.l_sparsity.backward()
-    assert model.log_jumprelu_threshold.grad.tolist() == pytest.approx([-0.5, -0.5, 0.0])
+    assert model.activation_function.log_jumprelu_threshold.grad.tolist() == pytest.approx([-0.5, -0.5, 0.0])
     assert model.W_E.grad is None or torch.count_nonzero(model.W_E.grad) == 0  # the count gives x no gradient
     with pytest.raises(ValueError, match="'l0' is for act_fn 'jumprelu'"):
         SparseAutoEncoder.from_config(cfg.model_copy(update={"act_fn": "relu"})).compute_loss(
-            {"x": torch.ones(1, 3)}, sparsity_loss_type="l0"
+            {"x": torch.ones(1, 3)}, loss(sparsity_loss_type="l0")
         )

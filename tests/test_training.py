@@ -194,6 +194,45 @@ def test_trainer_config_rejects_bad_values_naming_the_field(settings, message):
         TrainerConfig(**settings)
 
 
+def test_loss_keys_are_accepted_where_they_used_to_be_and_named_when_given_twice():
+    flat = TrainerConfig(l1_coefficient=0.3, sparsity_loss_type="power", k_aux=64, lr=1e-3)
+    nested = TrainerConfig(loss={"l1_coefficient": 0.3, "sparsity_loss_type": "power", "k_aux": 64}, lr=1e-3)
+    assert flat == nested and flat.loss.k_aux == 64
+    assert "l1_coefficient" not in flat.model_dump() and flat.model_dump()["loss"]["l1_coefficient"] == 0.3
+    with pytest.raises(ValueError, match=r"\['l1_coefficient'\] given both directly and under `loss`"):
+        TrainerConfig(l1_coefficient=0.3, loss={"l1_coefficient": 0.1})
+    assert nested.changes_against(TrainerConfig(loss={"k_aux": 64}, lr=1e-3)) == {
+        "loss.l1_coefficient": (8e-5, 0.3),
+        "loss.sparsity_loss_type": (None, "power"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("settings", "field"),
+    [
+        ({"lr_warm_up_steps": 5000}, "trainer.lr_warm_up_steps is 5000 steps, but the run has only 20"),
+        ({"lr_cool_down_steps": 20}, "trainer.lr_cool_down_steps is 20 steps"),
+        ({"sparsity_loss_type": "power", "l1_coefficient_warmup_steps": 25}, "loss.l1_coefficient_warmup_steps"),
+        ({"initial_k": 16, "k_cold_booting_steps": 10, "k_warmup_steps": 0.5}, "k_cold_booting_steps \\+ loss.k_warm"),
+    ],
+)
+def test_a_schedule_period_longer_than_the_run_is_refused_before_training(tmp_path, settings, field):
+    """A period given in steps that the run never finishes would silently train another dictionary (a learning rate
+    that never rises, a k that never reaches top_k): refused before the first step, naming the field."""
+    model, stream = initialized(sae_config("topk", top_k=4), synthetic_stream())
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=field):
+        Trainer(trainer_config(tmp_path, 20, **(settings | {"lr_warm_up_steps": settings.get("lr_warm_up_steps", 2)}))
+                ).fit(model, stream)  # fmt: skip
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert not (tmp_path / "sae_weights.safetensors").exists()
+    # Fractions always fit: the same periods as fractions of the run train.
+    fractions = {
+        key: 0.5 if isinstance(value, int) and key != "initial_k" else value for key, value in settings.items()
+    }
+    Trainer(trainer_config(tmp_path, 4, **({"lr_warm_up_steps": 0.5} | fractions))).fit(model, stream)
+
+
 @pytest.mark.parametrize(
     ("act_fn", "settings", "message"),
     [
@@ -241,7 +280,10 @@ def test_initializer_hands_back_every_batch_it_peeked_and_grid_search_equalises_
 def test_initializer_reads_nothing_when_it_needs_no_data_and_uses_given_norms():
     pulled: list[int] = []
     cfg = sae_config("relu", norm_activation="dataset-wise", dataset_average_activation_norm={HOOK: 3.0})
-    model, stream = Initializer(InitializerConfig()).initialize(cfg, counting(synthetic_stream(), pulled))
+    no_data = InitializerConfig(
+        bias_init_method="all_zero", grid_search_init_norm=False, init_encoder_bias_with_mean_hidden_pre=False
+    )
+    model, stream = Initializer(no_data).initialize(cfg, counting(synthetic_stream(), pulled))
     assert pulled == [] and model.cfg.dataset_average_activation_norm == {HOOK: 3.0}
     assert torch.equal(next(stream)[HOOK], synthetic_batch(0)[HOOK])
 
@@ -274,9 +316,9 @@ def test_geometric_median_and_its_initializer_option():
 @pytest.mark.parametrize(
     ("act_fn", "model_kwargs", "settings", "min_explained_variance"),
     [
-        # Measured held-out EV before -> after 200 steps (same with 1 or 2 threads): topk 0.19 -> 0.85,
-        # batchtopk 0.00 -> 0.79 (eval mode: the inference threshold), relu 0.30 -> 0.93 (L0 34),
-        # jumprelu 0.31 -> 0.93 (L0 20). Without a sparsity penalty a ReLU SAE's L0 is about half of d_sae.
+        # Measured held-out EV before -> after 200 steps (the initializer's defaults centre the pre-activations):
+        # topk 0.40 -> 0.89, batchtopk 0.24 -> 0.83 (eval mode: the inference threshold), relu 0.64 -> 0.93 (L0 33),
+        # jumprelu 0.64 -> 0.94 (L0 20). Without a sparsity penalty a ReLU SAE's L0 is about half of d_sae.
         ("topk", {"top_k": 4}, {}, 0.8),
         ("batchtopk", {"top_k": 4}, {}, 0.7),
         ("relu", {}, {"sparsity_loss_type": "power", "l1_coefficient": 0.3}, 0.85),
@@ -292,7 +334,7 @@ def test_training_reduces_the_loss_and_reaches_explained_variance(
     result = Trainer(trainer_config(tmp_path, 200, **settings)).fit(model, stream)
     after = explained_variance(model, held_out)
     assert result.steps == 200 and result.n_tokens == 200 * TOKENS_PER_BATCH
-    assert after > before + 0.3
+    assert after > before + 0.25
     assert after > min_explained_variance
     if act_fn in ("topk", "batchtopk"):
         assert result.last_metrics["metrics/l0"] == pytest.approx(4.0, abs=0.05)
@@ -332,7 +374,8 @@ def test_2d_batches_are_sized_and_counted_by_their_mask(tmp_path):
             yield {HOOK: x, "mask": mask, "tokens": torch.zeros(4, 64, dtype=torch.long)}
 
     model, stream = initialized(sae_config("topk", top_k=4), batches())
-    result = Trainer(trainer_config(tmp_path, 0, total_training_tokens=10 * 236 + 100)).fit(model, stream)
+    cfg = trainer_config(tmp_path, 0, total_training_tokens=10 * 236 + 100, lr_warm_up_steps=2)
+    result = Trainer(cfg).fit(model, stream)
     assert result.total_steps == 10  # first batch: 256 - 4 (BOS) - 16 (padding) = 236 valid tokens
     assert result.n_tokens == 10 * 236
 
@@ -416,7 +459,7 @@ def test_rng_states_round_trip_through_a_checkpoint(tmp_path):
 
     model = SparseAutoEncoder.from_config(sae_config("topk", top_k=4, norm_activation="token-wise"))
     torch.manual_seed(3), np.random.seed(3), random.seed(3)
-    Trainer(trainer_config(tmp_path, 6, checkpoint_every_steps=5)).fit(model, synthetic_stream())
+    Trainer(trainer_config(tmp_path, 6, checkpoint_every_steps=5, lr_warm_up_steps=2)).fit(model, synthetic_stream())
     # The checkpoint at step 5 captured the RNG states of that moment; draws after restoring them repeat.
     restore_rng_states(load_trainer_state(tmp_path / "checkpoints" / "step_5")["rng"])
     first = (torch.rand(3), np.random.rand(3), random.random())

@@ -29,8 +29,7 @@ from torch import Tensor
 
 from lm_saes_core.backend.base import LanguageModel, Unembedding
 from lm_saes_core.config import BaseConfig
-from lm_saes_core.models.config import SAEConfig, SparseDictionaryConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models import SparseDictionary, SparseDictionaryConfig
 from lm_saes_core.store.records import FeatureLogits, LogitToken
 
 RESIDUAL_WRITE_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
@@ -45,31 +44,33 @@ class DirectLogitAttributorConfig(BaseConfig):
     """Features whose full (batch, d_vocab) logits exist at once: memory is batch x d_vocab x 4 bytes."""
 
 
-def check_writes_residual_stream(sae_cfg: SparseDictionaryConfig, model: LanguageModel | None = None) -> None:
-    """The dictionary's output must be a residual-stream hook (of `model`, with width d_model, when it is given);
-    otherwise its decoder rows do not reach the unembedding directly and DLA means nothing."""
-    if not isinstance(sae_cfg, SAEConfig):
-        raise ValueError(f"direct logit attribution supports sae_type 'sae' only, got {sae_cfg.sae_type!r}")
-    hook = sae_cfg.hook_point_out
+def check_attributable(sae_cfg: SparseDictionaryConfig, model: LanguageModel | None = None) -> None:
+    """Direct logit attribution needs one output direction per feature (the kind's `output_directions`) written to
+    a residual-stream hook (of `model`, with width d_model, when it is given): otherwise a feature's decoder does not
+    reach the unembedding directly and DLA means nothing. Raises ValueError saying why not."""
+    kind = SparseDictionary.kind(sae_cfg.sae_type)
+    if kind.output_directions is SparseDictionary.output_directions:
+        raise ValueError(f"sae_type {sae_cfg.sae_type!r} has no single output direction per feature")
+    if len(sae_cfg.hooks_out) != 1:
+        raise ValueError(
+            f"the dictionary writes to {sae_cfg.hooks_out}; direct logit attribution needs one output hook"
+        )
+    (hook,) = sae_cfg.hooks_out
     parts = hook.split(".", 2)
     if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in RESIDUAL_WRITE_HOOKS:
         raise ValueError(
-            f"sae.hook_point_out is {hook!r}, which is not a residual-stream hook; direct logit attribution needs a "
+            f"the output hook is {hook!r}, which is not a residual-stream hook; direct logit attribution needs a "
             f"dictionary that writes to blocks.<layer>.{{{', '.join(RESIDUAL_WRITE_HOOKS)}}}"
         )
     if model is None:
         return
     model.validate_hook_points([hook])
-    if sae_cfg.d_output != model.d_model:
+    width = {h: w for h, w, _ in sae_cfg.hook_widths()}[hook]
+    if width != model.d_model:
         raise ValueError(
-            f"the dictionary writes vectors of width {sae_cfg.d_output} to {hook!r}, but model "
-            f"{model.cfg.model_name!r} has d_model {model.d_model}: it belongs to another model"
+            f"the dictionary writes vectors of width {width} to {hook!r}, but model {model.cfg.model_name!r} has "
+            f"d_model {model.d_model}: it belongs to another model"
         )
-
-
-def decoder_directions(sae: SparseAutoEncoder) -> Tensor:
-    """(d_sae, d_model) each feature's output direction: the rows of W_D."""
-    return sae.W_D.detach()
 
 
 @torch.no_grad()

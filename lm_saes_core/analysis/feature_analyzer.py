@@ -501,7 +501,7 @@ class FeatureAnalyzer:
         analysis_name: str = "default",
         progress: bool = True,
     ) -> list[FeatureAnalysis]:
-        """Analyse every feature of `sae` (a SparseAutoEncoder) over the stream's contexts; under no_grad, in eval
+        """Analyse every feature of `sae` (any SparseDictionary) over the stream's contexts; under no_grad, in eval
         mode (BatchTopK uses its inference threshold), on the raw activations scaled as the dictionary expects."""
         was_training = sae.training
         sae.eval()
@@ -509,7 +509,7 @@ class FeatureAnalyzer:
             return self.analyze_features(
                 stream,
                 lambda item: encode_contexts(sae, item),
-                n_features=sae.cfg.d_sae,
+                n_features=sae.n_features,
                 source_names=source_names,
                 analysis_name=analysis_name,
                 progress=progress,
@@ -568,11 +568,9 @@ def _to_device(batch: ContextBatch, device: torch.device) -> ContextBatch:
 
 
 def encode_contexts(sae, item: Item) -> Tensor:
-    """Feature activations (B, S, F) of an SAE on a 2-D item's raw activations (scaled as the SAE expects)."""
-    hooks = dict.fromkeys(sae.cfg.hook_points)
+    """Feature activations (B, S, F) of a dictionary on a 2-D item's raw activations (scaled as it expects)."""
+    hooks = sae.cfg.hook_points
     missing = [hook for hook in hooks if hook not in item]
     if missing:
         raise KeyError(f"the activation stream has no {missing}; it has {sorted(item)}")
-    device = sae.W_E.device
-    x, _, _, _ = sae.prepare({hook: item[hook].to(device) for hook in hooks})
-    return sae.encode(x)
+    return sae.encode_batch({hook: item[hook].to(sae.device) for hook in hooks})

@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from lm_saes_core.config import parse_dtype
 from lm_saes_core.io import atomic_path, atomic_write_text, ensure_writable_dir, read_json_object
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 
 SAELENS_CONFIG_FILE = "cfg.json"
 SAELENS_WEIGHTS_FILE = "sae_weights.safetensors"
@@ -126,9 +125,11 @@ def export_saelens(
         "b_dec": decoder_bias(sae),
     }
     if cfg.act_fn == "jumprelu":
-        tensors["threshold"] = gated_threshold(sae, sae.log_jumprelu_threshold.detach().double().exp()).to(dtype)
+        tensors["threshold"] = gated_threshold(
+            sae, sae.activation_function.log_jumprelu_threshold.detach().double().exp()
+        ).to(dtype)
     elif cfg.act_fn == "batchtopk":
-        tensors["threshold"] = gated_threshold(sae, sae.topk_threshold.detach()).to(dtype)
+        tensors["threshold"] = gated_threshold(sae, sae.activation_function.topk_threshold.detach()).to(dtype)
     if cfg.use_skip_connection:
         tensors["W_skip"] = sae.W_skip.detach()  # (d_out, d_in): same orientation as ours
 
@@ -335,7 +336,7 @@ def import_saelens(
     weights = {"W_E": t["W_enc"], "b_E": b_E, "W_D": t["W_dec"], "b_D": t["b_dec"]}
     if is_jumprelu:
         # SAELens gates on pre > relu(threshold): a threshold <= 0 is plain ReLU, i.e. log(0) = -inf here.
-        weights["log_jumprelu_threshold"] = t["threshold"].clamp_min(0).log()
+        weights["activation_function.log_jumprelu_threshold"] = t["threshold"].clamp_min(0).log()
     if has_skip:
         weights["W_skip"] = t["W_skip"]
 

@@ -26,8 +26,7 @@ from lm_saes_core.interop.saelens import (
     read_safetensors,
 )
 from lm_saes_core.io import atomic_path, atomic_write_text, ensure_writable_dir
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 
 SPARSIFY_CONFIG_FILE = "cfg.json"
 SPARSIFY_WEIGHTS_FILE = "sae.safetensors"

@@ -1,12 +1,21 @@
-"""Activation functions of sparse dictionaries, on dense (tokens, d_sae) pre-activations.
+"""Activation functions of sparse dictionaries: the functions on dense (tokens, d_sae) pre-activations, and one
+module per `act_fn` that a dictionary holds as `activation_function` (chosen once from its config).
 
 All of them zero what they drop by multiplying with a 0/1 mask computed without gradient, so gradients reach only
 the kept entries. The sparse (index, value) forms used by the fast TopK training path live in `kernels.py`.
+
+Decoder-norm gating (`sparsity_include_decoder_norm`): a module is called with the per-feature decoder norms n and
+returns act(h * n) / n, so it ranks or thresholds each feature by its contribution h_i ||W_D,i||; without gating it
+is called with n = None and returns act(h).
 """
 
-import torch
-from torch import Tensor
+import math
+from typing import ClassVar
 
+import torch
+from torch import Tensor, nn
+
+from lm_saes_core.models import kernels
 from lm_saes_core.models.kernels import KthLargest, batch_topk_threshold
 
 
@@ -138,3 +147,178 @@ def batchtopk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """
     threshold = batchtopk_threshold(x, k)
     return threshold_activation(x, threshold, inclusive=True), threshold
+
+
+# -------------------------------------------------------------------------------- modules, one per act_fn
+
+
+class ActivationFunction(nn.Module):
+    """f = act(h * n) / n (or act(h) without gating) for pre-activations h (..., *feature_shape).
+
+    Class attributes say what the trainer and the losses may ask of it: `uses_k` (TopK family: `k` picks how many
+    features stay), `needs_sparsity_penalty` (relu and jumprelu are only sparse under a penalty)."""
+
+    name: ClassVar[str]
+    uses_k: ClassVar[bool] = False
+    needs_sparsity_penalty: ClassVar[bool] = False
+    gated: ClassVar[bool] = True
+    """Whether decoder-norm gating changes the result (ReLU: relu(h * n) / n == relu(h), so no norms are needed)."""
+
+    def __init__(self, feature_shape: tuple[int, ...], window: float, **factory):
+        """`feature_shape` and `factory` (device, dtype) size learned state; `window` is JumpReLU's bandwidth."""
+        super().__init__()
+
+    def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
+        raise NotImplementedError
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        """Learned thresholds: their own optimiser group, left out of gradient clipping."""
+        return []
+
+    def statistics(self, k: int) -> dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def fold_(self, scale: float) -> None:
+        """Thresholds compare scores that folding divides by `scale`: divide them too (no-op without thresholds)."""
+
+    def init_parameters(self, **_: float) -> None:
+        """Reset learned state (thresholds) to its initial value."""
+
+
+class ReLU(ActivationFunction):
+    name = "relu"
+    needs_sparsity_penalty = True
+    gated = False
+
+    def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
+        return relu(hidden_pre)
+
+
+class JumpReLU(ActivationFunction):
+    """Learned per-feature thresholds theta = exp(log_jumprelu_threshold); the window is the kernel bandwidth of
+    their pseudo-gradient."""
+
+    name = "jumprelu"
+    needs_sparsity_penalty = True
+
+    def __init__(self, feature_shape: tuple[int, ...], window: float, **factory):
+        super().__init__(feature_shape, window)
+        self.window = window
+        self.log_jumprelu_threshold = nn.Parameter(torch.empty(feature_shape, **factory))
+
+    def threshold(self) -> Tensor:
+        return self.log_jumprelu_threshold.exp()
+
+    def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
+        if norm is not None:
+            return gated_jumprelu(hidden_pre, norm, self.threshold(), self.window)
+        return jumprelu(hidden_pre, self.threshold(), self.window)
+
+    def active_count(self, hidden_pre: Tensor, norm: Tensor | None) -> Tensor:
+        """The per-entry count 1[s > theta] of the scores s (h * n, or h), differentiable in theta (the L0 penalty)."""
+        scores = hidden_pre * norm if norm is not None else hidden_pre
+        return step(scores, self.threshold(), self.window)
+
+    def pre_activation_loss(self, hidden_pre: Tensor, decoder_norm: Tensor) -> Tensor:
+        """Mean over tokens of sum_i relu(theta_i - h_i) ||W_D,i|| (the lp loss that lifts pre-activations)."""
+        return ((self.threshold() - hidden_pre).relu() * decoder_norm).flatten(1).sum(-1).mean()
+
+    def threshold_parameters(self) -> list[nn.Parameter]:
+        return [self.log_jumprelu_threshold]
+
+    def statistics(self, k: int) -> dict[str, float]:
+        return {"metrics/mean_jumprelu_threshold": self.threshold().mean().item()}
+
+    @torch.no_grad()
+    def fold_(self, scale: float) -> None:
+        self.log_jumprelu_threshold -= math.log(scale)
+
+    @torch.no_grad()
+    def init_parameters(self, init_log_jumprelu_threshold_value: float = math.log(0.1), **_: float) -> None:
+        self.log_jumprelu_threshold.fill_(init_log_jumprelu_threshold_value)
+
+
+class TopK(ActivationFunction):
+    """The k largest scores of every token."""
+
+    name = "topk"
+    uses_k = True
+
+    def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
+        if norm is None:
+            return topk(hidden_pre, k)
+        return topk(hidden_pre * norm, k) / norm
+
+    def select(self, scores: Tensor, k: int, update_state: bool = True) -> tuple[kernels.Selection, Tensor | None]:
+        """The sparse form over scores (N, d_sae): the selection and a mask of its positive entries."""
+        return kernels.select_topk(scores, k)
+
+    def statistics(self, k: int) -> dict[str, float]:
+        return {"sparsity/k": float(k)}
+
+
+class BatchTopK(ActivationFunction):
+    """Training: the k x N largest scores of the batch of N tokens (of every data-parallel rank's tokens with a
+    group's `kth`). Inference: every score above `topk_threshold`, an EMA of the training thresholds, so a token's
+    features do not depend on the other tokens."""
+
+    name = "batchtopk"
+    uses_k = True
+    threshold_momentum = 0.99
+    """EMA momentum of the inference threshold: averages ~100 batches, settles within a few hundred steps."""
+
+    def __init__(self, feature_shape: tuple[int, ...], window: float, **factory):
+        super().__init__(feature_shape, window)
+        # 0 means "not estimated yet": the first training batch sets it directly.
+        self.register_buffer("topk_threshold", torch.zeros((), **factory))
+        self.kth: KthLargest | None = None
+        """How training finds the threshold: None within this batch; a data-parallel trainer sets its group's
+        search, so the threshold is that of the whole distributed batch and the replicas stay identical."""
+
+    def _update_threshold(self, batch_threshold: Tensor) -> None:
+        old, m = self.topk_threshold, self.threshold_momentum
+        self.topk_threshold.copy_(torch.where(old > 0, m * old + (1 - m) * batch_threshold, batch_threshold))
+
+    def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
+        scores = hidden_pre * norm if norm is not None else hidden_pre
+        if self.training:
+            threshold = batchtopk_threshold(scores.detach(), k, self.kth)
+            if update_state and scores.shape[0] > 0:
+                self._update_threshold(threshold)
+            acts = threshold_activation(scores, threshold, inclusive=True)
+        else:
+            acts = threshold_activation(scores, self.topk_threshold)
+        return acts / norm if norm is not None else acts
+
+    def select(self, scores: Tensor, k: int, update_state: bool = True) -> tuple[kernels.Selection, Tensor | None]:
+        if not self.training:
+            return kernels.select_above(scores, self.topk_threshold), None
+        selection, threshold = kernels.select_batch_topk(scores, k, self.kth)
+        if update_state and scores.shape[0] > 0:
+            self._update_threshold(threshold)
+        return selection, None
+
+    def statistics(self, k: int) -> dict[str, float]:
+        return {"sparsity/k": float(k)}
+
+    @torch.no_grad()
+    def fold_(self, scale: float) -> None:
+        self.topk_threshold /= scale
+
+    @torch.no_grad()
+    def init_parameters(self, **_: float) -> None:
+        self.topk_threshold.zero_()
+
+
+ACTIVATION_FUNCTIONS: dict[str, type[ActivationFunction]] = {cls.name: cls for cls in (ReLU, JumpReLU, TopK, BatchTopK)}
+"""act_fn -> module; a config's `act_fn` must be one of these names."""
+
+
+def build_activation_function(
+    act_fn: str, feature_shape: tuple[int, ...], window: float, device: torch.device | str, dtype: torch.dtype
+) -> ActivationFunction:
+    """The module a dictionary's config names, with learned state of `feature_shape` (JumpReLU thresholds)."""
+    if act_fn not in ACTIVATION_FUNCTIONS:
+        raise ValueError(f"unknown act_fn {act_fn!r}; choose one of {sorted(ACTIVATION_FUNCTIONS)}")
+    return ACTIVATION_FUNCTIONS[act_fn](feature_shape, window, device=torch.device(device), dtype=dtype)

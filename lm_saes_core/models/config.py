@@ -1,10 +1,12 @@
-"""Configs of sparse dictionaries, discriminated on `sae_type` so a settings file can say which model it means."""
+"""The config every sparse dictionary shares; each kind's own config (discriminated on `sae_type`, so a settings
+file says which kind it means) lives in the kind's module and subclasses this one."""
 
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
 from lm_saes_core.config import BaseModelConfig
+from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
 
 ActivationFunctionName = Literal["relu", "jumprelu", "topk", "batchtopk"]
 NormActivation = Literal["token-wise", "dataset-wise", "inference"]
@@ -44,44 +46,25 @@ class SparseDictionaryConfig(BaseModelConfig):
                 )
             object.__setattr__(self, "d_sae", d_sae)
             object.__setattr__(self, "expansion_factor", None)
-        if self.act_fn in ("topk", "batchtopk") and self.top_k > self.d_sae:
+        if ACTIVATION_FUNCTIONS[self.act_fn].uses_k and self.top_k > self.d_sae:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed d_sae ({self.d_sae})")
         return self
 
     @property
-    def hook_points(self) -> list[str]:
+    def hooks_in(self) -> list[str]:
+        """Hook points the dictionary reads."""
         raise NotImplementedError
 
-
-class SAEConfig(SparseDictionaryConfig):
-    """A sparse autoencoder (`hook_point_in == hook_point_out`) or a transcoder (they differ)."""
-
-    sae_type: Literal["sae"] = "sae"
-    hook_point_in: str
-    hook_point_out: str
-    d_out: int | None = Field(default=None, gt=0)
-    """Width of the output hook point when it differs from d_model (transcoders only)."""
-    use_skip_connection: bool = False
-    """Transcoders: add a learned linear map x @ W_skip to the reconstruction."""
-
-    @model_validator(mode="after")
-    def _transcoder_only(self) -> "SAEConfig":
-        if not self.is_transcoder and (self.d_out not in (None, self.d_model) or self.use_skip_connection):
-            raise ValueError("d_out and use_skip_connection apply to transcoders (hook_point_in != hook_point_out)")
-        return self
-
     @property
-    def is_transcoder(self) -> bool:
-        return self.hook_point_in != self.hook_point_out
-
-    @property
-    def d_output(self) -> int:
-        return self.d_out or self.d_model
+    def hooks_out(self) -> list[str]:
+        """Hook points the dictionary reconstructs (and replaces when spliced into the model)."""
+        raise NotImplementedError
 
     @property
     def hook_points(self) -> list[str]:
-        return [self.hook_point_in] if not self.is_transcoder else [self.hook_point_in, self.hook_point_out]
+        """Every hook point whose activations a batch must hold: the inputs, then the outputs not read."""
+        return list(dict.fromkeys([*self.hooks_in, *self.hooks_out]))
 
-
-# Later dictionary types (crosscoder, clt, lorsa, molt) join this union with their own `sae_type`.
-AnySAEConfig = Annotated[SAEConfig, Field(discriminator="sae_type")]
+    def hook_widths(self) -> list[tuple[str, int, str]]:
+        """(hook, width, field that sets the width) of every hook point, to check against the activations."""
+        raise NotImplementedError

@@ -6,18 +6,17 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.analysis.feature_analyzer import FeatureAnalyzer, FeatureAnalyzerConfig
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import BaseConfig, ConfigError, format_validation_error
+from lm_saes_core.config import BaseConfig, ConfigError
 from lm_saes_core.data import DatasetConfig
+from lm_saes_core.io import read_json_object
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.pretrained import PretrainedSAE
-from lm_saes_core.models.sae import locate_pretrained, read_config_json
+from lm_saes_core.models import PretrainedSAE, SparseDictionaryConfig, locate_pretrained, read_dictionary_config
 from lm_saes_core.runners.common import (
     check_dictionary_fits,
     check_sources_configured,
@@ -48,14 +47,10 @@ class AnalyzeSAESettings(BaseConfig):
     """Also write the analyses to `<output_dir>/<series>/<name>/<analysis>_analysis_<n>_features.npz`."""
 
 
-def read_sae_config(sae: PretrainedSAE) -> tuple[SAEConfig, dict]:
-    """The saved dictionary's config (validated) and its config.json contents, without loading the weights."""
+def read_sae_config(sae: PretrainedSAE) -> tuple[SparseDictionaryConfig, dict]:
+    """The saved dictionary's config (validated, of its kind) and its config.json contents, without the weights."""
     config_file, _ = locate_pretrained(sae.pretrained_name_or_path)
-    data = read_config_json(config_file)
-    try:
-        return SAEConfig.model_validate(data), data
-    except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, str(config_file))) from None
+    return read_dictionary_config(config_file), read_json_object(config_file, ConfigError)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.activation.reader import CachedActivations
 from lm_saes_core.backend.base import LanguageModel, LanguageModelConfig
 from lm_saes_core.data import DatasetConfig
-from lm_saes_core.models.config import SAEConfig
+from lm_saes_core.models.config import SparseDictionaryConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def cached_hook_dims(factory_cfg: ActivationFactoryConfig) -> dict[str, int]:
 
 
 def check_dictionary_fits(
-    sae_cfg: SAEConfig, factory_cfg: ActivationFactoryConfig, model: LanguageModel | None = None
+    sae_cfg: SparseDictionaryConfig, factory_cfg: ActivationFactoryConfig, model: LanguageModel | None = None
 ) -> None:
     """The dictionary's hook points must be in the stream and its widths must match the activations."""
     missing = [hook for hook in sae_cfg.hook_points if hook not in factory_cfg.hook_points]
@@ -56,10 +56,7 @@ def check_dictionary_fits(
     dims = cached_hook_dims(factory_cfg)
     if model is not None:
         dims.update({hook: model.hook_dim(hook) for hook in sae_cfg.hook_points if hook not in dims})
-    for hook, width, field in (
-        (sae_cfg.hook_point_in, sae_cfg.d_model, "d_model"),
-        (sae_cfg.hook_point_out, sae_cfg.d_output, "d_out" if sae_cfg.d_out else "d_model"),
-    ):
+    for hook, width, field in sae_cfg.hook_widths():
         if hook in dims and dims[hook] != width:
             raise ValueError(f"sae.{field} is {width} but the activations at {hook!r} have width {dims[hook]}")
 

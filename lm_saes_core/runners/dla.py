@@ -12,16 +12,13 @@ from pydantic import Field
 from lm_saes_core.analysis.direct_logit import (
     DirectLogitAttributorConfig,
     attribute_directions,
-    check_writes_residual_stream,
-    decoder_directions,
+    check_attributable,
 )
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import BaseConfig, validate_config
-from lm_saes_core.io import atomic_write_text
+from lm_saes_core.config import BaseConfig, ConfigError
+from lm_saes_core.io import atomic_write_text, read_json_object
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.pretrained import PretrainedSAE
-from lm_saes_core.models.sae import locate_pretrained, read_config_json
+from lm_saes_core.models import PretrainedSAE, locate_pretrained, read_dictionary_config
 from lm_saes_core.store import DictionaryRecord, FeatureLogits, RecordStore, RecordStoreConfig, open_store
 
 logger = logging.getLogger(__name__)
@@ -47,25 +44,25 @@ def direct_logit_attribute(settings: DirectLogitAttributeSettings) -> dict[int, 
     """Attribute every feature of `settings.sae`, store the results on its feature records, return them by index."""
     setup_logging()
     config_file, _ = locate_pretrained(settings.sae.pretrained_name_or_path)
-    saved_cfg = read_config_json(config_file)
-    sae_cfg = validate_config(SAEConfig, saved_cfg, source=str(config_file))
-    check_writes_residual_stream(sae_cfg)  # the hook name; the model's hooks and width are checked once loaded
+    saved_cfg = read_json_object(config_file, ConfigError)
+    sae_cfg = read_dictionary_config(config_file)
+    check_attributable(sae_cfg)  # the kind and the hook names; the model's hooks and width are checked once loaded
     # The store opens (an unreachable MongoDB fails here) before the model loads.
     with open_store(settings.store) as store:
         from lm_saes_core.backend import load_model
 
         model = load_model(settings.model)
-        check_writes_residual_stream(sae_cfg, model)
+        check_attributable(sae_cfg, model)
         # Folding puts a dataset-wise dictionary's decoder rows into the model's raw activation space.
         sae = settings.sae.model_copy(update={"fold_activation_scale": True}).load()
         logger.info(
             "direct logit attribution of %s (%d features) through %s",
             settings.sae_name,
-            sae.cfg.d_sae,
+            sae.n_features,
             settings.model.model_name,
         )
         cfg = DirectLogitAttributorConfig(top_k=settings.top_k, feature_batch_size=settings.feature_batch_size)
-        results = dict(enumerate(attribute_directions(decoder_directions(sae), model, cfg)))
+        results = dict(enumerate(attribute_directions(sae.output_directions(), model, cfg)))
         _ensure_records(store, settings, saved_cfg)
         store.set_feature_logits(settings.sae_name, settings.sae_series, results)
     if settings.output_path is not None:

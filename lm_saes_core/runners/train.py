@@ -11,20 +11,20 @@ import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union
 
 import torch
 from pydantic import Discriminator, Field, Tag, model_validator
 
 from lm_saes_core.activation.buffer import Item
-from lm_saes_core.activation.config import ActivationFactoryConfig
+from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.backend.base import LanguageModelConfig
 from lm_saes_core.config import BaseConfig, MongoDBConfig
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models import PretrainedSAE, SAEConfig, SparseAutoEncoder
+from lm_saes_core.models import DICTIONARY_CONFIGS, PretrainedSAE, SparseDictionary, SparseDictionaryConfig
 from lm_saes_core.runners.common import (
     activation_epochs,
     check_dictionary_fits,
@@ -47,10 +47,17 @@ def _sae_kind(value: Any) -> str:
     return "pretrained" if isinstance(value, PretrainedSAE) else value.sae_type
 
 
-# A dictionary to train: a full config (discriminated on `sae_type`) or saved weights to continue from.
+_KNOWN_KINDS = [cfg.model_fields["sae_type"].default for cfg in DICTIONARY_CONFIGS]
+
+# A dictionary to train: a full config of any kind (discriminated on `sae_type`) or saved weights to continue from.
 SAESpec = Annotated[
-    Annotated[SAEConfig, Tag("sae")] | Annotated[PretrainedSAE, Tag("pretrained")],
-    Discriminator(_sae_kind, custom_error_type="sae_type", custom_error_message="unknown sae_type (known: 'sae')"),
+    Union[  # noqa: UP007
+        tuple(Annotated[cfg, Tag(kind)] for cfg, kind in zip(DICTIONARY_CONFIGS, _KNOWN_KINDS, strict=True))
+        + (Annotated[PretrainedSAE, Tag("pretrained")],)
+    ],
+    Discriminator(
+        _sae_kind, custom_error_type="sae_type", custom_error_message=f"unknown sae_type (known: {_KNOWN_KINDS})"
+    ),
 ]
 
 
@@ -123,7 +130,7 @@ class SweepSAESettings(_SourceSettings):
 
 
 def _prepare_stream(
-    settings: _SourceSettings, sae_configs: list[SAEConfig], data_parallel: DataParallel | None = None
+    settings: _SourceSettings, sae_configs: list[SparseDictionaryConfig], data_parallel: DataParallel | None = None
 ) -> Iterator[Item]:
     """Check every dictionary fits the stream (cheap checks first), then load the model and start streaming (a
     data-parallel rank streams its own part of the data, in batches of batch_size / N)."""
@@ -142,6 +149,16 @@ def _prepare_stream(
     return activation_epochs(factory, model=model, model_name=model_name, datasets=datasets, shard=shard)
 
 
+def _check_schedules(settings: _SourceSettings, trainers: list[TrainerConfig]) -> None:
+    """With 1-D activations a batch is exactly `batch_size` tokens, so a schedule period that cannot fit the run is
+    refused here, before the language model loads and the dictionary is initialised (the trainer checks 2-D
+    batches, whose masks decide their sizes, at the first one)."""
+    batch_size = settings.activation_factory.batch_size
+    if settings.activation_factory.target == ActivationFactoryTarget.ACTIVATIONS_1D:
+        for trainer in trainers:
+            trainer.check_schedule_lengths(max(trainer.total_training_tokens // batch_size, 1), batch_size)
+
+
 def _resolve_resume(resume_from: str | None, trainer: TrainerConfig) -> Path | None:
     if resume_from is None:
         return None
@@ -156,9 +173,13 @@ def _resolve_resume(resume_from: str | None, trainer: TrainerConfig) -> Path | N
     return path
 
 
-def _dictionary_config(spec: SAEConfig | PretrainedSAE) -> tuple[SAEConfig, SparseAutoEncoder | None]:
+def _dictionary_config(
+    spec: SparseDictionaryConfig | PretrainedSAE,
+) -> tuple[SparseDictionaryConfig, SparseDictionary | None]:
+    """The config of the dictionary to train, and the dictionary itself when training continues from saved weights
+    (loaded as saved: a folded dictionary keeps training on raw activations)."""
     if isinstance(spec, PretrainedSAE):
-        model = spec.load(fold_activation_scale=False)
+        model = spec.model_copy(update={"fold_activation_scale": False}).load()
         return model.cfg, model
     return spec, None
 
@@ -166,14 +187,14 @@ def _dictionary_config(spec: SAEConfig | PretrainedSAE) -> tuple[SAEConfig, Spar
 def _initialize(
     item: SweepingItem | TrainSAESettings,
     stream: Iterator[Item],
-    preloaded: SparseAutoEncoder | None,
+    preloaded: SparseDictionary | None,
     resume_from: Path | None,
-) -> tuple[SparseAutoEncoder, Iterator[Item]]:
+) -> tuple[SparseDictionary, Iterator[Item]]:
     """The dictionary to train and the stream to train it on (the initializer's peeked batches stay in it)."""
     if preloaded is not None:
         return preloaded, stream
     if resume_from is not None:
-        return SparseAutoEncoder.from_config(item.sae), stream  # the trainer loads the checkpoint's weights
+        return SparseDictionary.from_config(item.sae), stream  # the trainer loads the checkpoint's weights
     torch.manual_seed(item.seed)
     return Initializer(item.initializer or InitializerConfig()).initialize(item.sae, stream)
 
@@ -195,7 +216,7 @@ def finished_run(output: Path, settings_dump: dict) -> TrainResult | None:
 
 def _fit(
     item: SweepingItem | TrainSAESettings,
-    model: SparseAutoEncoder,
+    model: SparseDictionary,
     stream: Iterator[Item],
     resume_from: Path | None,
     settings_dump: dict,
@@ -235,6 +256,7 @@ def train_sae(settings: TrainSAESettings) -> TrainResult:
         logger.info("%s already holds a finished run with these settings; nothing to train", previous.output_path)
         return previous
     resume_from = _resolve_resume(settings.resume_from, settings.trainer)
+    _check_schedules(settings, [settings.trainer])
     cfg, preloaded = _dictionary_config(settings.sae)
     stream = _prepare_stream(settings, [cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
@@ -296,6 +318,7 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
             logger.info("%s already holds a finished run with these settings; not trained again", result.output_path)
     if not pending:
         return results  # type: ignore[return-value]
+    _check_schedules(settings, [settings.items[index].trainer for index in pending])
     loaded = {index: _dictionary_config(settings.items[index].sae) for index in pending}
     stream = _prepare_stream(settings, [cfg for cfg, _ in loaded.values()])
     n_init = max((settings.items[i].initializer or InitializerConfig()).norm_estimation_batches for i in pending) + 1

@@ -20,11 +20,15 @@ def valid_rows(values: torch.Tensor, batch: Batch) -> torch.Tensor:
     return rows
 
 
-def count_tokens(batch: Batch, hook_point: str) -> int:
-    """Valid tokens in a batch: `mask.sum()` for 2-D batches, the number of rows for 1-D ones."""
-    if hook_point not in batch:
-        raise KeyError(f"batch has no activations for hook point {hook_point!r}; keys: {sorted(batch)}")
+def count_tokens(batch: Batch) -> int:
+    """Valid tokens in a batch: `mask.sum()` for 2-D batches, else the token ids' count, else the rows of its
+    activations (any of them: every hook of a batch holds the same tokens)."""
     mask = batch.get("mask")
     if mask is not None:
         return int(mask.sum())
-    return batch[hook_point].shape[:-1].numel()
+    if "tokens" in batch:
+        return batch["tokens"].numel()
+    activations = [value for value in batch.values() if isinstance(value, torch.Tensor) and value.ndim >= 2]
+    if not activations:
+        raise KeyError(f"cannot count the tokens of a batch without mask, tokens or activations; keys: {sorted(batch)}")
+    return activations[0].shape[:-1].numel()

@@ -1,53 +1,25 @@
 """`TrainerConfig`: every knob of the training loop, validated when built so a bad value fails before any work."""
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from lm_saes_core.config import BaseConfig, DType
-from lm_saes_core.training.schedules import CheckpointMode, KScheduleType, LRSchedulerName
-
-StepCount = int | float
-"""An int is a number of steps; a float in [0, 1] is a fraction of the total number of training steps."""
-
-STEP_FIELDS = (
-    "l1_coefficient_warmup_steps",
-    "k_warmup_steps",
-    "k_cold_booting_steps",
-    "lr_warm_up_steps",
-    "lr_cool_down_steps",
-)
+from lm_saes_core.config import BaseConfig, ConfigError, DType, StepCount
+from lm_saes_core.models.losses import LossConfig
+from lm_saes_core.training.schedules import CheckpointMode, LRSchedulerName, resolve_steps
 
 # Fields that may differ between a checkpoint and the settings that resume it: they do not change the weights.
 RUN_NEUTRAL_FIELDS = frozenset(
     {"log_frequency", "exp_result_path", "checkpoint_every_steps", "n_checkpoints", "check_point_save_mode"}
 )
+LOSS_FIELDS = frozenset(LossConfig.model_fields)
+"""Keys of the loss config that settings files may still give directly under `trainer` (where they used to be)."""
 
 
 class TrainerConfig(BaseConfig):
-    # Loss terms
-    l1_coefficient: float = Field(default=8e-5, ge=0)
-    l1_coefficient_warmup_steps: StepCount = 0.1
-    sparsity_loss_type: Literal["power", "tanh", "tanh-quad", "l0"] | None = None
-    """None: no sparsity penalty (TopK style). relu and jumprelu dictionaries need one; "l0" (JumpReLU only) is
-    the count of active features with the threshold's kernel gradient."""
-    tanh_stretch_coefficient: float = Field(default=4.0, gt=0)
-    frequency_scale: float = Field(default=0.01, gt=0)
-    p: int = Field(default=1, ge=1)
-    lp_coefficient: float = Field(default=0.0, ge=0)
-    """JumpReLU pre-activation loss (suggested 3e-6); 0 disables it."""
-    auxk_coefficient: float = Field(default=0.0, ge=0)
-    """Aux-K loss on dead latents (suggested 1/32); 0 disables it."""
-    k_aux: int = Field(default=512, gt=0)
-    dead_threshold: int = Field(default=10_000_000, gt=0)
-    """Tokens without any activation after which a latent counts as dead."""
-
-    # TopK k annealing (None: k = top_k from the first step)
-    initial_k: int | None = Field(default=None, gt=0)
-    k_warmup_steps: StepCount = 0.1
-    k_cold_booting_steps: StepCount = 0
-    k_schedule_type: KScheduleType = "linear"
-    k_exponential_factor: float = Field(default=3.0, gt=0)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    """The loss terms and their schedules (sparsity penalty, l1 warm-up, lp, Aux-K, k annealing), which the trainer
+    schedules and hands to the dictionary's `compute_loss`."""
 
     # Optimiser and learning rate
     lr: float = Field(default=4e-4, gt=0)
@@ -59,7 +31,8 @@ class TrainerConfig(BaseConfig):
     lr_scheduler_name: LRSchedulerName = "constantwithwarmup"
     lr_end_ratio: float = Field(default=1 / 32, ge=0)
     """Learning rate at the end of the run as a fraction of `lr`; every decaying schedule ends there."""
-    lr_warm_up_steps: StepCount = 5000
+    lr_warm_up_steps: StepCount = 0.05
+    """Linear warm-up of the learning rate: a fraction of the run (default 5%) or a number of steps."""
     lr_cool_down_steps: StepCount = 0.2
     """Length of the final linear decay of `constantwithwarmup` (the only schedule with a separate cool-down)."""
     clip_grad_norm: float = Field(default=0.0, ge=0)
@@ -77,17 +50,20 @@ class TrainerConfig(BaseConfig):
     fold_activation_scale: bool = True
     """Fold the dataset-wise normalisation into the final saved weights (checkpoints are never folded)."""
 
-    @field_validator(*STEP_FIELDS)
+    @model_validator(mode="before")
     @classmethod
-    def _step_count(cls, value: StepCount, info) -> StepCount:
-        if isinstance(value, float) and not 0.0 <= value <= 1.0:
-            raise ValueError(
-                f"{info.field_name}={value}: a float is a fraction of the total steps and must lie in [0, 1]; "
-                "give an int for an absolute number of steps"
-            )
-        if isinstance(value, int) and value < 0:
-            raise ValueError(f"{info.field_name}={value} must not be negative")
-        return value
+    def _loss_keys_at_the_top(cls, data: Any) -> Any:
+        """Accept the loss keys where they used to be (`trainer.l1_coefficient`, ...) by moving them into `loss`."""
+        if not isinstance(data, dict) or not LOSS_FIELDS & data.keys():
+            return data
+        data = dict(data)
+        nested = data.get("loss") or {}
+        nested = nested.model_dump(exclude_unset=True) if isinstance(nested, LossConfig) else dict(nested)
+        twice = sorted(LOSS_FIELDS & data.keys() & nested.keys())
+        if twice:
+            raise ValueError(f"{twice} given both directly and under `loss`; give each once, under `loss`")
+        data["loss"] = nested | {key: data.pop(key) for key in LOSS_FIELDS & data.keys()}
+        return data
 
     @field_validator("betas")
     @classmethod
@@ -118,6 +94,42 @@ class TrainerConfig(BaseConfig):
         return self
 
     def changes_against(self, other: "TrainerConfig") -> dict[str, tuple[object, object]]:
-        """Fields (other than run-neutral ones) whose values differ: {name: (other's value, this value)}."""
-        mine, theirs = self.model_dump(mode="json"), other.model_dump(mode="json")
+        """Fields (other than run-neutral ones) whose values differ: {name: (other's value, this value)}, the loss
+        fields as `loss.<name>`."""
+        mine, theirs = _flat(self.model_dump(mode="json")), _flat(other.model_dump(mode="json"))
         return {k: (theirs[k], mine[k]) for k in mine if k not in RUN_NEUTRAL_FIELDS and mine[k] != theirs[k]}
+
+    def check_schedule_lengths(self, total_steps: int, tokens_per_batch: int) -> None:
+        """Refuse a warm-up, cool-down or k-annealing period given as a number of steps that does not fit a run of
+        `total_steps`: the run would end before the learning rate, the sparsity weight or k reach the values asked
+        for, and the dictionary would silently be another one. Fractions of the run (the defaults) always fit."""
+        loss = self.loss
+        periods: list[tuple[str, list[StepCount]]] = []
+        if self.lr_scheduler_name not in ("constant", "cosineannealing"):
+            periods.append(("lr_warm_up_steps", [self.lr_warm_up_steps]))
+        if self.lr_scheduler_name == "constantwithwarmup":
+            periods.append(("lr_cool_down_steps", [self.lr_cool_down_steps]))
+        if loss.sparsity_loss_type is not None:
+            periods.append(("loss.l1_coefficient_warmup_steps", [loss.l1_coefficient_warmup_steps]))
+        if loss.initial_k is not None:
+            periods.append(("loss.k_cold_booting_steps + loss.k_warmup_steps",
+                            [loss.k_cold_booting_steps, loss.k_warmup_steps]))  # fmt: skip
+        for name, values in periods:
+            steps = sum(resolve_steps(value, total_steps) for value in values)
+            if any(isinstance(value, int) for value in values) and steps > 0 and steps >= total_steps:
+                raise ConfigError(
+                    f"trainer.{name} is {steps} steps, but the run has only {total_steps} ({self.total_training_tokens}"
+                    f" total_training_tokens in batches of {tokens_per_batch}): it would not end before the run does. "
+                    "Give a fraction of the run instead (e.g. 0.05) or fewer steps."
+                )
+
+
+def _flat(dump: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dumps as dotted keys (`loss.l1_coefficient`), so a difference names the field."""
+    flat: dict[str, Any] = {}
+    for key, value in dump.items():
+        if isinstance(value, dict) and key == "loss":
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

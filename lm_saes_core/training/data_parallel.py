@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from lm_saes_core.config import ConfigError
 from lm_saes_core.models import kernels
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models.base import SparseDictionary
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class DataParallel:
         dist.all_gather(gathered, padded)
         return kernels.kth_largest(torch.cat(gathered), total)
 
-    def broadcast_model(self, model: SparseAutoEncoder) -> None:
+    def broadcast_model(self, model: SparseDictionary) -> None:
         """Rank 0's weights, buffers and dataset-wise input norms everywhere: the ranks initialised from their own
         parts of the data, and the replicas must start identical."""
         for tensor in [*model.parameters(), *model.buffers()]:

@@ -1,28 +1,38 @@
-"""Build a sparse autoencoder ready for training: random weights, dataset-wise norms, data-driven biases and the
-grid search of the initial decoder norm.
+"""Build a sparse dictionary of any kind ready for training: random weights, dataset-wise norms, data-driven biases
+and the grid search of the initial decoder norm.
 
 Every batch the initializer reads is handed back at the front of the returned stream, so initialisation costs no
 training data (the reference system silently dropped up to ten batches here).
+
+The defaults are the ones that learn (decoder bias at the data mean, decoder norm by grid search, encoder = decoder
+transpose). Each data-driven step needs a capability of the kind (`models.capabilities`): left at its default, a
+step the kind lacks is skipped; set explicitly, it is an error naming the field.
 """
 
 import itertools
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from lm_saes_core.config import BaseConfig
-from lm_saes_core.models.config import SAEConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models import SparseDictionary, SparseDictionaryConfig
+from lm_saes_core.models.capabilities import (
+    DecoderBiasInitializable,
+    EncoderBiasInitializable,
+    EncoderInitializable,
+    NormConstrainable,
+)
 from lm_saes_core.training.batches import Batch, to_device, valid_rows
 
 logger = logging.getLogger(__name__)
 
 
 class InitializerConfig(BaseConfig):
-    bias_init_method: Literal["all_zero", "mean", "geometric_median"] = "all_zero"
+    bias_init_method: Literal["all_zero", "mean", "geometric_median"] = "mean"
     """Decoder bias: zero, the mean or the (Weiszfeld) geometric median of the normalised label of one batch."""
     decoder_uniform_bound: float = Field(default=1.0, gt=0)
     encoder_uniform_bound: float = Field(default=1.0, gt=0)
@@ -30,20 +40,49 @@ class InitializerConfig(BaseConfig):
     init_encoder_with_decoder_transpose_factor: float = Field(default=1.0, gt=0)
     init_log_jumprelu_threshold_value: float | None = None
     """Initial log threshold of JumpReLU dictionaries; None keeps the model's default."""
-    grid_search_init_norm: bool = False
+    grid_search_init_norm: bool = True
     """Choose the decoder row norm (all rows equal) that minimises the reconstruction error of one batch."""
-    init_encoder_bias_with_mean_hidden_pre: bool = False
-    """Set b_E so the mean pre-activation over one batch is zero."""
+    init_encoder_bias_with_mean_hidden_pre: bool = True
+    """Set b_E so the mean pre-activation over one batch is zero: every latent starts near its firing point, so far
+    fewer start dead (a 78-step TopK run on SmolLM2: 11% dead instead of 46%, held-out EV 0.62 instead of 0.55)."""
     norm_estimation_batches: int = Field(default=8, gt=0)
     """Batches averaged for the dataset-wise mean token norm (dataset-wise normalisation without known norms)."""
 
+    def steps_for(self, model: SparseDictionary) -> "InitializationSteps":
+        """The data-driven steps to take on `model`: those asked for that its kind supports; a step set explicitly
+        that the kind lacks is an error naming the field."""
+        explicit = self.model_fields_set
+        wanted = {
+            "bias_init_method": (self.bias_init_method != "all_zero", DecoderBiasInitializable),
+            "grid_search_init_norm": (self.grid_search_init_norm, NormConstrainable),
+            "init_encoder_with_decoder_transpose": (self.init_encoder_with_decoder_transpose, EncoderInitializable),
+            "init_encoder_bias_with_mean_hidden_pre": (self.init_encoder_bias_with_mean_hidden_pre,
+                                                       EncoderBiasInitializable),
+        }  # fmt: skip
+        steps = {}
+        for name, (asked, capability) in wanted.items():
+            able = isinstance(model, capability)
+            if name == "bias_init_method" and able and not model.cfg.use_decoder_bias:
+                able = False
+            if asked and not able and name in explicit:
+                raise ValueError(
+                    f"initializer.{name}={getattr(self, name)!r} is not available for this dictionary (sae_type "
+                    f"{model.cfg.sae_type!r}{', use_decoder_bias=False' if name == 'bias_init_method' else ''})"
+                )
+            steps[name] = asked and able
+        return InitializationSteps(**steps)
+
+
+@dataclass(frozen=True)
+class InitializationSteps:
+    bias_init_method: bool
+    grid_search_init_norm: bool
+    init_encoder_with_decoder_transpose: bool
+    init_encoder_bias_with_mean_hidden_pre: bool
+
     @property
     def needs_batch(self) -> bool:
-        return (
-            self.bias_init_method != "all_zero"
-            or self.grid_search_init_norm
-            or self.init_encoder_bias_with_mean_hidden_pre
-        )
+        return self.bias_init_method or self.grid_search_init_norm or self.init_encoder_bias_with_mean_hidden_pre
 
 
 def estimate_activation_norms(batches: list[Batch], hook_points: list[str]) -> dict[str, float]:
@@ -73,10 +112,13 @@ class Initializer:
         self.cfg = cfg
         self.best_decoder_norm: float | None = None  # the grid search's choice, for reporting
 
-    def initialize(self, cfg: SAEConfig, stream: Iterable[Batch]) -> tuple[SparseAutoEncoder, Iterator[Batch]]:
-        """Return the initialised model and a stream that still yields every batch, peeked ones first."""
+    def initialize(
+        self, cfg: SparseDictionaryConfig, stream: Iterable[Batch]
+    ) -> tuple[SparseDictionary, Iterator[Batch]]:
+        """Return the initialised model (of the kind `cfg.sae_type` names) and a stream that still yields every
+        batch, peeked ones first."""
         init = self.cfg
-        model = SparseAutoEncoder(cfg)  # holds its own copy of cfg; the norms below go there
+        model = SparseDictionary.kind(cfg.sae_type)(cfg)  # holds its own copy of cfg; the norms below go there
         bounds = {
             "encoder_uniform_bound": init.encoder_uniform_bound,
             "decoder_uniform_bound": init.decoder_uniform_bound,
@@ -84,10 +126,7 @@ class Initializer:
         if init.init_log_jumprelu_threshold_value is not None:
             bounds["init_log_jumprelu_threshold_value"] = init.init_log_jumprelu_threshold_value
         model.init_parameters(**bounds)
-        if init.bias_init_method != "all_zero" and not cfg.use_decoder_bias:
-            raise ValueError(
-                f"bias_init_method={init.bias_init_method!r} needs a decoder bias (use_decoder_bias=False)"
-            )
+        steps = init.steps_for(model)
 
         batches = iter(stream)
         peeked: list[Batch] = []
@@ -101,53 +140,53 @@ class Initializer:
             norms = estimate_activation_norms(peeked, cfg.hook_points)
             logger.info("dataset-wise activation norms: %s", {k: round(v, 4) for k, v in norms.items()})
             model.set_dataset_average_activation_norm(norms)
-        if init.needs_batch and not peeked:
+        if steps.needs_batch and not peeked:
             peeked = list(itertools.islice(batches, 1))
             if not peeked:
                 raise ValueError("the activation stream is empty: data-driven initialisation needs one batch")
-        if init.needs_batch:
-            self._initialize_from_batch(model, to_device(peeked[0], cfg.device))
+        if steps.needs_batch:
+            self._initialize_from_batch(model, to_device(peeked[0], cfg.device), steps)
         else:
-            self._reinit_encoder(model, None)
+            self._reinit_encoder(model, None, steps)
         return model, itertools.chain(peeked, batches)
 
     @torch.no_grad()
-    def _initialize_from_batch(self, model: SparseAutoEncoder, batch: Batch) -> None:
+    def _initialize_from_batch(self, model: SparseDictionary, batch: Batch, steps: InitializationSteps) -> None:
         init = self.cfg
         model.train()
-        if init.bias_init_method != "all_zero":
-            _, label, _, _ = model.prepare(batch)
-            rows = valid_rows(label, batch).float()
+        if steps.bias_init_method:
+            label = model.prepare(model.token_rows(batch)).label.float()  # (N, *label shape) of the valid tokens
+            if model.granularity == "contexts":
+                label = valid_rows(label, batch)
+            rows = label.reshape(label.shape[0], -1)
             center = rows.mean(dim=0) if init.bias_init_method == "mean" else geometric_median(rows)
-            model.b_D.copy_(center.to(model.b_D.dtype))
-        self._reinit_encoder(model, batch)
-        if init.grid_search_init_norm:
+            model.init_decoder_bias(center.reshape(label.shape[1:]))
+        self._reinit_encoder(model, batch, steps)
+        if steps.grid_search_init_norm:
             buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # e.g. batchtopk's EMA
-            best = self._best_norm(model, batch, torch.linspace(0.1, 5.0, 50).tolist())
-            best = self._best_norm(model, batch, torch.linspace(best - 0.09, best + 0.1, 20).tolist())
+            best = self._best_norm(model, batch, torch.linspace(0.1, 5.0, 50).tolist(), steps)
+            best = self._best_norm(model, batch, torch.linspace(best - 0.09, best + 0.1, 20).tolist(), steps)
             for name, buffer in model.named_buffers():
                 buffer.copy_(buffers[name])
             model.set_decoder_to_fixed_norm(best, force_exact=True)
-            self._reinit_encoder(model, batch)
+            self._reinit_encoder(model, batch, steps)
             self.best_decoder_norm = best
             logger.info("grid search: best initial decoder norm %.4f", best)
 
-    def _best_norm(self, model: SparseAutoEncoder, batch: Batch, candidates: list[float]) -> float:
+    def _best_norm(
+        self, model: SparseDictionary, batch: Batch, candidates: list[float], steps: InitializationSteps
+    ) -> float:
         losses = []
         for norm in candidates:
             model.set_decoder_to_fixed_norm(norm, force_exact=True)
-            self._reinit_encoder(model, batch)
+            self._reinit_encoder(model, batch, steps)
             losses.append(model.compute_loss(batch).l_rec.item())
         return candidates[min(range(len(losses)), key=losses.__getitem__)]
 
     @torch.no_grad()
-    def _reinit_encoder(self, model: SparseAutoEncoder, batch: Batch | None) -> None:
+    def _reinit_encoder(self, model: SparseDictionary, batch: Batch | None, steps: InitializationSteps) -> None:
         """Encoder = factor * decoder transpose, then (with a batch) b_E = -mean pre-activation, both if enabled."""
-        init = self.cfg
-        if init.init_encoder_with_decoder_transpose:
-            model.init_encoder_with_decoder_transpose(init.init_encoder_with_decoder_transpose_factor)
-        if init.init_encoder_bias_with_mean_hidden_pre and batch is not None:
-            x, _, _, _ = model.prepare(batch)
-            model.b_E.zero_()
-            _, hidden_pre = model.encode(x, return_hidden_pre=True)
-            model.b_E.copy_(-valid_rows(hidden_pre, batch).float().mean(dim=0).to(model.b_E.dtype))
+        if steps.init_encoder_with_decoder_transpose:
+            model.init_encoder_with_decoder_transpose(self.cfg.init_encoder_with_decoder_transpose_factor)
+        if steps.init_encoder_bias_with_mean_hidden_pre and batch is not None:
+            model.init_encoder_bias_with_mean_hidden_pre(batch)

@@ -7,15 +7,15 @@ from collections.abc import Callable
 
 import torch
 
-FREQUENCY_BOUNDS = {"above_1e-1": 1e-1, "above_1e-2": 1e-2, "below_1e-5": 1e-5, "below_1e-6": 1e-6, "below_1e-7": 1e-7}
+from lm_saes_core.evaluation.frequency import frequency_counts
 
 
 class DeadLatentStatistics:
     """Tokens seen since each latent last fired; a latent is dead once that reaches `dead_threshold`."""
 
-    def __init__(self, d_sae: int, dead_threshold: int, device: torch.device | str):
+    def __init__(self, n_features: int, dead_threshold: int, device: torch.device | str):
         self.dead_threshold = dead_threshold
-        self.tokens_since_last_activation = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.tokens_since_last_activation = torch.zeros(n_features, dtype=torch.long, device=device)
 
     @property
     def is_dead(self) -> torch.Tensor:
@@ -27,8 +27,10 @@ class DeadLatentStatistics:
         n_tokens: int,
         combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        """`combine` ORs the fired flags over data-parallel ranks, whose `feature_acts` are slices of one batch."""
-        fired = (feature_acts.reshape(-1, feature_acts.shape[-1]) > 0).any(dim=0)
+        """`feature_acts` (N, *feature_shape); `combine` ORs the fired flags over data-parallel ranks, whose
+        `feature_acts` are slices of one batch."""
+        n_features = self.tokens_since_last_activation.shape[0]
+        fired = (feature_acts.reshape(-1, n_features) > 0).any(dim=0)
         if combine is not None:
             fired = combine(fired)
         counter = self.tokens_since_last_activation
@@ -48,17 +50,21 @@ class DeadLatentStatistics:
 
 
 class MetricWindow:
-    """Accumulates per-step values between two reports; `report()` returns the window's values and resets it."""
+    """Accumulates per-step values between two reports; `report()` returns the window's values and resets it.
 
-    def __init__(self, d_sae: int, device: torch.device | str):
-        self.d_sae, self.device = d_sae, device
+    A dictionary with several output hooks (stacked on dim -2 of label and reconstruction) also gets
+    `metrics/<hook>/explained_variance` per hook; the overall values pool the hooks."""
+
+    def __init__(self, n_features: int, device: torch.device | str, output_hooks: list[str] | None = None):
+        self.n_features, self.device = n_features, device
+        self.output_hooks = output_hooks if output_hooks and len(output_hooks) > 1 else []
         self.reset()
 
     def reset(self) -> None:
         self.steps = 0
         self.sums: dict[str, torch.Tensor] = {}
         self.maxima: dict[str, torch.Tensor] = {}
-        self.active_counts = torch.zeros(self.d_sae, device=self.device)
+        self.active_counts = torch.zeros(self.n_features, device=self.device)
         self.tokens = torch.zeros((), device=self.device)
 
     def _add(self, key: str, value: torch.Tensor) -> None:
@@ -74,17 +80,19 @@ class MetricWindow:
         """`out` is the model's LossOutput; label, reconstruction and feature acts hold the valid tokens only."""
         self.steps += 1
         self._add("losses/overall_loss", out.loss)
-        self._add("losses/mse_loss", out.l_rec)
-        for key, value in (("sparsity_loss", out.l_sparsity), ("lp_loss", out.l_lp), ("aux_loss", out.l_aux)):
-            if value is not None:
-                self._add(f"losses/{key}", torch.as_tensor(value))
-        y = out.label.reshape(-1, out.label.shape[-1]).float()
-        y_hat = out.reconstructed.reshape(-1, y.shape[-1]).float()
-        f = out.feature_acts.reshape(-1, out.feature_acts.shape[-1]).float()
-        error = (y_hat - y).square().sum(-1)  # (N,)
-        spread = (y - y.mean(0)).square().sum(-1)  # (N,)
+        for name, value in out.terms.items():
+            self._add(f"losses/{name}", torch.as_tensor(value))
+        width = out.label.shape[-1]
+        outputs = (-1, len(self.output_hooks), width) if self.output_hooks else (-1, width)
+        y = out.label.reshape(outputs).float()
+        y_hat = out.reconstructed.reshape(outputs).float()
+        f = out.feature_acts.reshape(-1, self.n_features).float()
+        error = (y_hat - y).square().sum(-1)  # (N,) or (N, hooks)
+        spread = (y - y.mean(0)).square().sum(-1)  # (N,) or (N, hooks)
         self._add("metrics/explained_variance", 1 - error.mean() / spread.mean())
         self._add("metrics/explained_variance_legacy", (1 - error / spread).mean())
+        for index, hook in enumerate(self.output_hooks):
+            self._add(f"metrics/{hook}/explained_variance", 1 - error[:, index].mean() / spread[:, index].mean())
         active = f > 0
         self._add("metrics/mean_feature_act", f.sum() / active.sum().clamp(min=1))
         l2_error = error.sqrt().mean()
@@ -112,9 +120,7 @@ class MetricWindow:
         frequency = self.active_counts / self.tokens.clamp(min=1)
         values = {key: total / self.steps for key, total in self.sums.items()} | self.maxima
         values["metrics/l0"] = self.active_counts.sum() / self.tokens.clamp(min=1)
-        for name, bound in FREQUENCY_BOUNDS.items():
-            selected = frequency > bound if name.startswith("above") else frequency < bound
-            values[f"sparsity/{name}"] = selected.sum().float()
+        values |= frequency_counts(frequency)
         keys = list(values)
         numbers = torch.stack([values[key].reshape(()) for key in keys]).tolist()  # one device sync
         self.reset()

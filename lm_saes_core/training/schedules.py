@@ -9,6 +9,8 @@ warm-up or cool-down simply does not exist (no division by zero).
 import math
 from typing import Literal
 
+from lm_saes_core.models.losses import KScheduleType
+
 LRSchedulerName = Literal[
     "constant",
     "constantwithwarmup",
@@ -17,7 +19,6 @@ LRSchedulerName = Literal[
     "cosineannealingwarmup",
     "exponentialwarmup",
 ]
-KScheduleType = Literal["linear", "exponential"]
 CheckpointMode = Literal["log", "linear"]
 
 

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lm_saes_core.config import ConfigError
-from lm_saes_core.models.sae import SparseAutoEncoder
+from lm_saes_core.models import LossCoefficients, SparseDictionary, load_sparse_dictionary
 from lm_saes_core.training.batches import Batch, count_tokens, to_device
 from lm_saes_core.training.checkpoint import (
     capture_rng_states,
@@ -36,8 +36,6 @@ from lm_saes_core.training.optim import build_optimizer, build_scheduler, clip_r
 from lm_saes_core.training.schedules import annealed_k, checkpoint_steps, resolve_steps, warmup_factor
 
 logger = logging.getLogger(__name__)
-
-TOPK_FAMILY = ("topk", "batchtopk")
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -79,21 +77,23 @@ class Trainer:
 
     def fit(
         self,
-        model: SparseAutoEncoder,
+        model: SparseDictionary,
         stream: Iterable[Batch],
         *,
         wandb_run: Any = None,
         resume_from: str | Path | None = None,
         progress_bar: tuple[str, int] = ("training", 0),
     ) -> TrainResult:
-        """`progress_bar`: the progress bar's label and line (a sweep gives each item its own)."""
-        self.check_model(model)
+        """Train any kind of dictionary on `stream`. `progress_bar`: the progress bar's label and line (a sweep gives
+        each item its own)."""
         cfg = self.cfg
+        model.check_loss(cfg.loss)
+        self.penalty = cfg.loss.penalty()
         if self.dp is not None:
             self.dp.broadcast_model(model)
             model.batch_kth = self.dp.kth_largest
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
-        dead = DeadLatentStatistics(model.cfg.d_sae, cfg.dead_threshold, model.cfg.device)
+        dead = DeadLatentStatistics(model.n_features, cfg.loss.dead_threshold, model.cfg.device)
         if resume_from is None:
             batches, progress, scheduler = self._start(model, iter(stream), optimizer)
         else:
@@ -101,7 +101,7 @@ class Trainer:
         T = progress.total_steps
         planned = checkpoint_steps(T, cfg.n_checkpoints, cfg.check_point_save_mode, cfg.checkpoint_every_steps)
         saves = [s for s in planned if s > progress.step]
-        window = MetricWindow(model.cfg.d_sae, model.cfg.device)
+        window = MetricWindow(model.n_features, model.cfg.device, model.cfg.hooks_out)
         result = TrainResult(progress.step, T, progress.n_tokens, False, Path(cfg.exp_result_path))
         label, line = progress_bar
         bar = tqdm(total=T, initial=progress.step, desc=label, position=line, unit="step", dynamic_ncols=True,
@@ -114,7 +114,7 @@ class Trainer:
                     logger.warning("the activation stream ended at step %d of %d", progress.step, T)
                     break
                 progress.batches_consumed += 1
-                n_tokens = count_tokens(batch, model.cfg.hook_point_in) * self.world_size  # every rank's part
+                n_tokens = count_tokens(batch) * self.world_size  # every rank's part
                 out, loss, lr, coefficients = self._step(
                     model, batch, n_tokens, progress, optimizer, scheduler, dead, window
                 )
@@ -132,7 +132,7 @@ class Trainer:
                         | {
                             "details/current_learning_rate": lr,
                             "details/n_training_tokens": progress.n_tokens,
-                            **{f"details/{name}": value for name, value in coefficients.items()},
+                            **{f"details/{name}": value for name, value in coefficients.as_metrics().items()},
                         }
                     )
                     if self.is_main:
@@ -162,23 +162,14 @@ class Trainer:
         cfg, step = self.cfg, progress.step
         batch = to_device(batch, model.cfg.device)
         model.train()
-        model.current_k = self._k_at(step, progress.total_steps, model)
-        coefficients = self._coefficients_at(step, progress.total_steps)
+        coefficients = self._coefficients_at(step, progress.total_steps, model)
         with self._autocast(model):
-            out = model.compute_loss(
-                batch,
-                sparsity_loss_type=cfg.sparsity_loss_type,
-                tanh_stretch_coefficient=cfg.tanh_stretch_coefficient,
-                frequency_scale=cfg.frequency_scale,
-                p=cfg.p,
-                k_aux=cfg.k_aux,
-                dead_latents=dead.is_dead if cfg.auxk_coefficient > 0 else None,
-                **coefficients,
-            )
+            dead_latents = dead.is_dead if coefficients.auxk > 0 else None
+            out = model.compute_loss(batch, coefficients, dead_latents)
         out.loss.backward()
         if self.dp is not None:
             self.dp.average_gradients(model.parameters())
-        grad_norm, clipped_norm = clip_rms_grad_norm_(self._clipped_parameters(model), cfg.clip_grad_norm)
+        grad_norm, clipped_norm = clip_rms_grad_norm_(model.clipped_parameters(), cfg.clip_grad_norm)
         loss_value, grad_value = torch.stack([out.loss.detach().float(), grad_norm.float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
             what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_value}"
@@ -199,7 +190,7 @@ class Trainer:
         first = next(batches, None)
         if first is None:
             raise ValueError("the activation stream is empty: nothing to train on")
-        tokens_per_batch = count_tokens(first, model.cfg.hook_point_in) * self.world_size
+        tokens_per_batch = count_tokens(first) * self.world_size
         total_steps = self.cfg.total_training_tokens // max(tokens_per_batch, 1)
         if total_steps == 0:
             raise ValueError(
@@ -207,7 +198,8 @@ class Trainer:
                 "tokens): no step to take"
             )
         logger.info("training for %d steps of %d tokens", total_steps, tokens_per_batch)
-        self._warn_about_schedule_lengths(total_steps)
+        self.cfg.check_schedule_lengths(total_steps, tokens_per_batch)
+        self._warn_about_schedule_overlap(total_steps)
         existing = find_latest_checkpoint(self.cfg.exp_result_path)
         if existing is not None:
             logger.warning(
@@ -233,12 +225,10 @@ class Trainer:
         logger.info("resumed from %s at step %d of %d", path, progress.step, progress.total_steps)
         return batches, progress, scheduler
 
-    def _warn_about_schedule_lengths(self, total_steps: int) -> None:
+    def _warn_about_schedule_overlap(self, total_steps: int) -> None:
         cfg = self.cfg
         warmup = resolve_steps(cfg.lr_warm_up_steps, total_steps)
         cooldown = resolve_steps(cfg.lr_cool_down_steps, total_steps)
-        if cfg.lr_scheduler_name not in ("constant", "cosineannealing") and warmup >= total_steps:
-            logger.warning("lr_warm_up_steps (%d) is not shorter than the run (%d steps)", warmup, total_steps)
         if cfg.lr_scheduler_name == "constantwithwarmup" and warmup + cooldown > total_steps:
             logger.warning(
                 "lr warm-up (%d) and cool-down (%d) overlap in a run of %d steps", warmup, cooldown, total_steps
@@ -249,50 +239,33 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=torch.device(model.cfg.device).type, dtype=self.cfg.amp_dtype)
 
-    @staticmethod
-    def _clipped_parameters(model) -> list[torch.nn.Parameter]:
-        return [p for name, p in model.named_parameters() if "log_jumprelu_threshold" not in name]
-
-    def check_model(self, model: SparseAutoEncoder) -> None:
-        """Reject settings that do not fit this dictionary, naming the field."""
-        cfg, act_fn = self.cfg, model.cfg.act_fn
-        if cfg.initial_k is not None:
-            if act_fn not in TOPK_FAMILY:
-                raise ValueError(f"initial_k={cfg.initial_k} applies to topk/batchtopk dictionaries, not {act_fn!r}")
-            if not model.cfg.top_k <= cfg.initial_k <= model.cfg.d_sae:
-                raise ValueError(
-                    f"initial_k={cfg.initial_k} must lie between top_k ({model.cfg.top_k}) and "
-                    f"d_sae ({model.cfg.d_sae})"
+    def _coefficients_at(self, step: int, total_steps: int, model: SparseDictionary) -> LossCoefficients:
+        """The loss of step `step`: the l1 weight warmed up and, for the TopK family, k annealed."""
+        loss = self.cfg.loss
+        l1_warmup = resolve_steps(loss.l1_coefficient_warmup_steps, total_steps)
+        k = None
+        if model.uses_k:
+            k = model.cfg.top_k
+            if loss.initial_k is not None:
+                k = annealed_k(
+                    step,
+                    initial_k=loss.initial_k,
+                    final_k=model.cfg.top_k,
+                    warmup=resolve_steps(loss.k_warmup_steps, total_steps),
+                    cold_boot=resolve_steps(loss.k_cold_booting_steps, total_steps),
+                    schedule=loss.k_schedule_type,
+                    exponential_factor=loss.k_exponential_factor,
                 )
-        if cfg.lp_coefficient > 0 and act_fn != "jumprelu":
-            raise ValueError(f"lp_coefficient={cfg.lp_coefficient} applies to jumprelu dictionaries, not {act_fn!r}")
-        if cfg.sparsity_loss_type is None and act_fn in ("relu", "jumprelu"):
-            raise ValueError(f"act_fn={act_fn!r} needs a sparsity penalty: set sparsity_loss_type (e.g. 'power')")
-
-    def _k_at(self, step: int, total_steps: int, model: SparseAutoEncoder) -> int:
-        cfg = self.cfg
-        if cfg.initial_k is None:
-            return model.cfg.top_k
-        return annealed_k(
-            step,
-            initial_k=cfg.initial_k,
-            final_k=model.cfg.top_k,
-            warmup=resolve_steps(cfg.k_warmup_steps, total_steps),
-            cold_boot=resolve_steps(cfg.k_cold_booting_steps, total_steps),
-            schedule=cfg.k_schedule_type,
-            exponential_factor=cfg.k_exponential_factor,
+        return LossCoefficients(
+            penalty=self.penalty,
+            l1=loss.l1_coefficient * warmup_factor(step, l1_warmup),
+            lp=loss.lp_coefficient,
+            auxk=loss.auxk_coefficient,
+            k_aux=loss.k_aux,
+            k=k,
         )
 
-    def _coefficients_at(self, step: int, total_steps: int) -> dict[str, float]:
-        cfg = self.cfg
-        l1_warmup = resolve_steps(cfg.l1_coefficient_warmup_steps, total_steps)
-        return {
-            "l1_coefficient": cfg.l1_coefficient * warmup_factor(step, l1_warmup),
-            "lp_coefficient": cfg.lp_coefficient,
-            "auxk_coefficient": cfg.auxk_coefficient,
-        }
-
-    def _fold_on_save(self, model: SparseAutoEncoder) -> bool:
+    def _fold_on_save(self, model: SparseDictionary) -> bool:
         return self.cfg.fold_activation_scale and model.cfg.norm_activation == "dataset-wise"
 
     def _state(self, progress: _Progress, optimizer, scheduler, dead: DeadLatentStatistics, wandb_run) -> dict:
@@ -322,9 +295,9 @@ class Trainer:
         return load_trainer_state(path).get("wandb_run_id")
 
 
-def _load_model_weights(model: SparseAutoEncoder, path: Path) -> None:
+def _load_model_weights(model: SparseDictionary, path: Path) -> None:
     """Copy a checkpoint's weights (and dataset norms) into `model`, whose config must describe the same dictionary."""
-    saved = SparseAutoEncoder.from_pretrained(path, device=model.cfg.device, dtype=model.cfg.dtype)
+    saved = load_sparse_dictionary(path, device=model.cfg.device, dtype=model.cfg.dtype)
     ignored = {"device", "dtype", "dataset_average_activation_norm"}
     ours, theirs = model.cfg.model_dump(exclude=ignored), saved.cfg.model_dump(exclude=ignored)
     differing = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs.get(k)}

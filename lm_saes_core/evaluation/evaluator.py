@@ -1,5 +1,6 @@
-"""Evaluating a sparse dictionary: reconstruction and sparsity statistics over a stream of activations, and the
-language model's next-token loss with the dictionary spliced in.
+"""Evaluating a sparse dictionary of any kind: reconstruction and sparsity statistics over a stream of activations
+(per output hook when it has several), and the language model's next-token loss with the dictionary spliced in at
+every output hook.
 
 Every statistic is accumulated over all evaluated tokens (sums in float64) and reduced once at the end, so a
 result does not depend on how the stream was batched. Spaces:
@@ -16,13 +17,10 @@ from dataclasses import dataclass, field
 import torch
 from pydantic import Field
 
-from lm_saes_core.backend.base import LanguageModel, Observer, Replacement
+from lm_saes_core.backend.base import LanguageModel, Replacement
 from lm_saes_core.config import BaseConfig
-from lm_saes_core.models.sae import SparseAutoEncoder
-
-# sparsity/* keys of the training logs: feature counts with activation frequency above / below a bound.
-FREQUENCY_BOUNDS_ABOVE = {"sparsity/above_1e-1": 1e-1, "sparsity/above_1e-2": 1e-2}
-FREQUENCY_BOUNDS_BELOW = {"sparsity/below_1e-5": 1e-5, "sparsity/below_1e-6": 1e-6, "sparsity/below_1e-7": 1e-7}
+from lm_saes_core.evaluation.frequency import FrequencyHistogram, frequency_counts, frequency_histogram
+from lm_saes_core.models.base import SparseDictionary
 
 
 class EvalConfig(BaseConfig):
@@ -41,23 +39,40 @@ class EvalConfig(BaseConfig):
 
 
 @dataclass
-class FrequencyHistogram:
-    bin_edges: torch.Tensor  # (bins + 1,) log10 of the activation frequency
-    counts: torch.Tensor  # (bins,) features per bin
-    n_dead: int  # features that never fired (log10 0 = -inf lies in no bin)
-
-    def to_json(self) -> dict:
-        return {"log10_bin_edges": self.bin_edges.tolist(), "counts": self.counts.tolist(), "n_dead": self.n_dead}
-
-
-@dataclass
 class EvalResult:
     metrics: dict[str, float]
-    feature_frequency: torch.Tensor  # (d_sae,) fraction of evaluated tokens on which each feature fired
+    feature_frequency: torch.Tensor  # (n_features,) fraction of evaluated tokens on which each feature fired
     frequency_histogram: FrequencyHistogram
 
     def to_json(self) -> dict:
         return {"metrics": self.metrics, "frequency_histogram": self.frequency_histogram.to_json()}
+
+
+@dataclass
+class _HookTotals:
+    """Float64 sums over evaluated tokens of one output hook."""
+
+    sq_error: float = 0.0
+    sum_label: torch.Tensor | None = None  # (d_out,)
+    sum_label_sq: float = 0.0
+    legacy_explained_variance: float = 0.0
+    l2_error: float = 0.0
+    l2_label: float = 0.0
+
+    def add(self, label: torch.Tensor, reconstruction: torch.Tensor) -> None:
+        """Raw label and raw-scale reconstruction (n, d_out) of one batch, in float64."""
+        sq_error = (reconstruction - label).pow(2).sum(-1)  # (n,)
+        deviation = (label - label.mean(0)).pow(2).sum(-1)  # (n,) from the batch mean (legacy metric)
+        self.sq_error += sq_error.sum().item()
+        self.sum_label = label.sum(0) + (self.sum_label if self.sum_label is not None else 0)
+        self.sum_label_sq += label.pow(2).sum().item()
+        self.legacy_explained_variance += (1 - sq_error / deviation.clamp_min(1e-30)).sum().item()
+        self.l2_error += sq_error.sqrt().sum().item()
+        self.l2_label += label.norm(dim=-1).sum().item()
+
+    def deviation(self, n: int) -> float:
+        """sum_t ||y_t - y_bar||^2 over the n evaluated tokens."""
+        return self.sum_label_sq - self.sum_label.pow(2).sum().item() / n
 
 
 @dataclass
@@ -66,16 +81,11 @@ class _Totals:
 
     n_tokens: int = 0
     normalised_sq_error: float = 0.0
-    sq_error: float = 0.0
-    sum_label: torch.Tensor | None = None  # (d_out,)
-    sum_label_sq: float = 0.0
-    legacy_explained_variance: float = 0.0
-    l2_error: float = 0.0
-    l2_label: float = 0.0
+    hooks: dict[str, _HookTotals] = field(default_factory=dict)
     n_active: float = 0.0
     sum_abs_acts: float = 0.0
     sum_acts: float = 0.0
-    feature_counts: torch.Tensor | None = None  # (d_sae,)
+    feature_counts: torch.Tensor | None = None  # (n_features,)
     # downstream, over predicted positions
     n_predicted: int = 0
     n_spliced: int = 0
@@ -89,31 +99,13 @@ def limit_mask(mask: torch.Tensor, budget: int) -> torch.Tensor:
     return (flat & (flat.cumsum(0) <= budget)).reshape(mask.shape)
 
 
-def splice_replacements(model: SparseAutoEncoder, positions: torch.Tensor) -> dict[str, Replacement]:
-    """Replacements that put the dictionary's raw-scale reconstruction at `hook_point_out` on `positions` (B, S)
-    and leave every other position (BOS, padding, positions beyond the budget) as the model computed it.
+def zero_ablation(hook_points: list[str], positions: torch.Tensor) -> dict[str, Replacement]:
+    """Replacements that set the activations of `hook_points` to 0 on `positions` (B, S)."""
 
-    A transcoder reads its input at `hook_point_in`, which fires earlier in the same forward pass and is unchanged.
-    """
-    hook_in, hook_out = model.cfg.hook_point_in, model.cfg.hook_point_out
-    seen: dict[str, torch.Tensor] = {}
+    def zero(activation: torch.Tensor) -> torch.Tensor:
+        return activation.masked_fill(positions.to(activation.device)[..., None], 0)
 
-    def capture(activation: torch.Tensor) -> None:
-        seen[hook_in] = activation
-
-    def splice(activation: torch.Tensor) -> torch.Tensor:
-        where = positions.to(activation.device)
-        inputs = {hook_in: seen.get(hook_in, activation), hook_out: activation}
-        flat = {hook: value[where].to(model.cfg.device, model.cfg.dtype) for hook, value in inputs.items()}
-        spliced = activation.clone()
-        spliced[where] = model.reconstruct(flat).to(activation.device, activation.dtype)
-        return spliced
-
-    return {hook_in: Observer(capture), hook_out: splice} if hook_in != hook_out else {hook_out: splice}
-
-
-def zero_ablation(hook_point: str, positions: torch.Tensor) -> dict[str, Replacement]:
-    return {hook_point: lambda activation: activation.masked_fill(positions.to(activation.device)[..., None], 0)}
+    return dict.fromkeys(hook_points, zero)
 
 
 class Evaluator:
@@ -130,9 +122,11 @@ class Evaluator:
     - per feature frequency = #(tokens with f_ti > 0) / N; metrics/dead_fraction = fraction of features with
       frequency 0, metrics/dense_fraction = fraction above `dense_threshold`, sparsity/* = counts above/below the
       bounds of the training logs.
+    With several output hooks, the reconstruction metrics pool them (sums over every hook's tokens; `l2_norm_error`
+    per token and hook) and `metrics/<hook>/<metric>` gives each hook's own.
     Downstream, over predicted positions p (position t of a 2-D row predicts token t + 1 and counts when that
-    token is an evaluated document token, i.e. mask[:, 1:]); the dictionary's reconstruction replaces the
-    activation at `hook_point_out` on the evaluated document positions only (BOS and padding keep theirs):
+    token is an evaluated document token, i.e. mask[:, 1:]); the dictionary's reconstructions replace the
+    activations at its output hooks on the evaluated document positions only (BOS and padding keep theirs):
     - metrics/ce_loss_{clean,spliced,zero_ablation} = mean_p -log P(next token), zero ablation setting those
       positions to 0;
     - metrics/ce_loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean): 1 when splicing loses nothing,
@@ -145,7 +139,7 @@ class Evaluator:
 
     def evaluate(
         self,
-        model: SparseAutoEncoder,
+        model: SparseDictionary,
         stream: Iterable[Mapping[str, torch.Tensor]],
         language_model: LanguageModel | None = None,
     ) -> dict[str, float]:
@@ -153,7 +147,7 @@ class Evaluator:
 
     def run(
         self,
-        model: SparseAutoEncoder,
+        model: SparseDictionary,
         stream: Iterable[Mapping[str, torch.Tensor]],
         language_model: LanguageModel | None = None,
     ) -> EvalResult:
@@ -186,39 +180,31 @@ class Evaluator:
 
     def _accumulate(
         self,
-        model: SparseAutoEncoder,
+        model: SparseDictionary,
         batch: Mapping[str, torch.Tensor],
         positions: torch.Tensor | int,
         totals: _Totals,
     ) -> None:
         device, dtype = model.cfg.device, model.cfg.dtype
-        hooks = dict.fromkeys([model.cfg.hook_point_in, model.cfg.hook_point_out])
+        hooks = model.cfg.hook_points
         if isinstance(positions, torch.Tensor):
             flat = {hook: batch[hook][positions.to(batch[hook].device)] for hook in hooks}
         else:
             flat = {hook: batch[hook][:positions] for hook in hooks}
         flat = {hook: value.to(device, dtype) for hook, value in flat.items()}
-        n = flat[model.cfg.hook_point_out].shape[0]
+        n = flat[hooks[0]].shape[0]
         if n == 0:
             return
         _, _, _, c_out = model.prepare(flat)
         out = model.compute_loss(flat)
-
-        label = flat[model.cfg.hook_point_out].double()  # (n, d_out) raw
-        reconstruction = (out.reconstructed / c_out).double()  # (n, d_out) raw scale
-        sq_error = (reconstruction - label).pow(2).sum(-1)  # (n,)
-        deviation = (label - label.mean(0)).pow(2).sum(-1)  # (n,) from the batch mean (legacy metric)
-        acts = out.feature_acts.double()  # (n, d_sae)
+        reconstructions = model.outputs_by_hook(out.reconstructed / c_out)  # raw scale
+        for hook, reconstruction in reconstructions.items():
+            totals.hooks.setdefault(hook, _HookTotals()).add(flat[hook].double(), reconstruction.double())
+        acts = out.feature_acts.reshape(n, model.n_features).double()  # (n, n_features)
         active = acts > 0
 
         totals.n_tokens += n
         totals.normalised_sq_error += (out.reconstructed - out.label).double().pow(2).sum().item()
-        totals.sq_error += sq_error.sum().item()
-        totals.sum_label = label.sum(0) + (totals.sum_label if totals.sum_label is not None else 0)
-        totals.sum_label_sq += label.pow(2).sum().item()
-        totals.legacy_explained_variance += (1 - sq_error / deviation.clamp_min(1e-30)).sum().item()
-        totals.l2_error += sq_error.sqrt().sum().item()
-        totals.l2_label += label.norm(dim=-1).sum().item()
         totals.n_active += active.sum().item()
         totals.sum_abs_acts += acts.abs().sum().item()
         totals.sum_acts += acts.sum().item()
@@ -227,7 +213,7 @@ class Evaluator:
 
     def _accumulate_downstream(
         self,
-        model: SparseAutoEncoder,
+        model: SparseDictionary,
         language_model: LanguageModel,
         batch: Mapping[str, torch.Tensor],
         positions: torch.Tensor | int,
@@ -243,7 +229,6 @@ class Evaluator:
         if not positions.any():
             return
         tokens, attention_mask = batch["tokens"], batch["attention_mask"]
-        hook = model.cfg.hook_point_out
         # Position t predicts token t + 1; it counts when that token is one of the evaluated document tokens.
         predicted = positions[:, 1:]  # (B, S - 1)
 
@@ -254,8 +239,8 @@ class Evaluator:
         clean = next_token_log_probs(None)
         targets = tokens[:, 1:][predicted.to(tokens.device)].to(clean.device)  # (M,)
         runs = {
-            "spliced": next_token_log_probs(splice_replacements(model, positions)),
-            "zero_ablation": next_token_log_probs(zero_ablation(hook, positions)),
+            "spliced": next_token_log_probs(model.splice(positions, batch)),
+            "zero_ablation": next_token_log_probs(zero_ablation(model.cfg.hooks_out, positions)),
         }
         totals.n_predicted += targets.numel()
         totals.n_spliced += int(positions.sum())
@@ -266,26 +251,27 @@ class Evaluator:
             totals.kl[name] += (clean.exp() * (clean - log_probs)).double().sum().item()
 
     # ---- reduction ----
-    def _reduce(self, model: SparseAutoEncoder, totals: _Totals, downstream: bool) -> EvalResult:
-        n = totals.n_tokens
-        total_deviation = totals.sum_label_sq - totals.sum_label.pow(2).sum().item() / n
+    def _reduce(self, model: SparseDictionary, totals: _Totals, downstream: bool) -> EvalResult:
+        n, hooks = totals.n_tokens, totals.hooks
         frequency = totals.feature_counts.double() / n
         metrics = {
-            "losses/mse_loss": totals.normalised_sq_error / n,
-            "metrics/explained_variance": 1 - totals.sq_error / total_deviation,
-            "metrics/explained_variance_legacy": totals.legacy_explained_variance / n,
+            "losses/mse_loss": totals.normalised_sq_error / (n * len(hooks)),
+            **_reconstruction_metrics(list(hooks.values()), n),
             "metrics/l0": totals.n_active / n,
             "metrics/l1": totals.sum_abs_acts / n,
-            "metrics/l2_norm_error": totals.l2_error / n,
-            "metrics/l2_norm_error_ratio": totals.l2_error / totals.l2_label,
             "metrics/mean_feature_act": totals.sum_acts / totals.n_active if totals.n_active else 0.0,
             "metrics/dead_fraction": (frequency == 0).double().mean().item(),
             "metrics/dense_fraction": (frequency > self.cfg.dense_threshold).double().mean().item(),
-            **{key: float((frequency > bound).sum()) for key, bound in FREQUENCY_BOUNDS_ABOVE.items()},
-            **{key: float((frequency < bound).sum()) for key, bound in FREQUENCY_BOUNDS_BELOW.items()},
+            **{key: float(count) for key, count in frequency_counts(frequency).items()},
             **model.log_statistics(),
             "details/n_tokens": float(n),
         }
+        if len(hooks) > 1:
+            for hook, hook_totals in hooks.items():
+                metrics |= {
+                    key.replace("metrics/", f"metrics/{hook}/"): value
+                    for key, value in _reconstruction_metrics([hook_totals], n).items()
+                }
         if downstream and totals.n_predicted:
             m = totals.n_predicted
             clean, spliced, zero = (totals.ce[key] / m for key in ("clean", "spliced", "zero_ablation"))
@@ -298,11 +284,16 @@ class Evaluator:
                 "metrics/kl_div_zero_ablation": totals.kl["zero_ablation"] / m,
                 "details/n_predicted_positions": float(m),
             }
-        return EvalResult(metrics, frequency.float(), self._histogram(frequency))
+        histogram = frequency_histogram(frequency, self.cfg.histogram_bins, self.cfg.histogram_min_log10)
+        return EvalResult(metrics, frequency.float(), histogram)
 
-    def _histogram(self, frequency: torch.Tensor) -> FrequencyHistogram:
-        edges = torch.linspace(self.cfg.histogram_min_log10, 0.0, self.cfg.histogram_bins + 1, dtype=torch.float64)
-        live = frequency[frequency > 0].cpu()
-        log_frequency = live.log10().clamp(min=self.cfg.histogram_min_log10)
-        counts = torch.histogram(log_frequency, bins=edges).hist.long()
-        return FrequencyHistogram(edges, counts, int((frequency == 0).sum()))
+
+def _reconstruction_metrics(hooks: list[_HookTotals], n: int) -> dict[str, float]:
+    """Explained variance and L2 errors pooled over the given output hooks' n tokens each."""
+    sq_error = sum(h.sq_error for h in hooks)
+    return {
+        "metrics/explained_variance": 1 - sq_error / sum(h.deviation(n) for h in hooks),
+        "metrics/explained_variance_legacy": sum(h.legacy_explained_variance for h in hooks) / (n * len(hooks)),
+        "metrics/l2_norm_error": sum(h.l2_error for h in hooks) / (n * len(hooks)),
+        "metrics/l2_norm_error_ratio": sum(h.l2_error for h in hooks) / sum(h.l2_label for h in hooks),
+    }
