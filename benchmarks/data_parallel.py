@@ -20,10 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from lm_saes_core.runners import GenerateActivationsSettings, generate_activations
+from lm_saes_core.runners import generate_activations
 from lm_saes_dagster.launch import torchrun_command
 from lm_saes_dagster.pipeline_config import load_pipeline
-from lm_saes_dagster.training import generate_settings, train_settings
+from lm_saes_dagster.settings import generate_settings, train_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser.add_argument("--device", default=None, help="the dictionary's device (default: the item's)")
     args = parser.parse_args()
     cfg = load_pipeline(args.pipeline)
-    cache = generate_activations(GenerateActivationsSettings.model_validate(generate_settings(cfg, args.cache)))
+    cache = generate_activations(generate_settings(cfg, args.cache))
     item = cfg.dictionaries[args.item]
     item.trainer.total_training_tokens = args.tokens
     if args.device:
@@ -52,7 +52,7 @@ def main() -> None:
             output = work / f"nproc{nproc}"
             settings = train_settings(cfg, args.item, item, cache.output_dir, output)
             settings_file = work / f"nproc{nproc}.json"
-            settings_file.write_text(json.dumps(settings))
+            settings_file.write_text(json.dumps(settings.model_dump(mode="json")))
             env = {**os.environ, "OMP_NUM_THREADS": str(max(cores // nproc, 1))}
             started = time.perf_counter()
             subprocess.run(torchrun_command("train", settings_file, nproc), check=True, env=env, cwd=ROOT)

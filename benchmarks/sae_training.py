@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from lm_saes_core.models import SAEConfig, SparseAutoEncoder
+from lm_saes_core.models import LossConfig, SAEConfig, SparseAutoEncoder
 
 D_MODEL, D_SAE, K = 576, 4608, 32  # defaults; --d-model/--d-sae/--k override them
 DEVICE = "cpu"
@@ -88,11 +88,12 @@ def ours(act_fn: str) -> Callable[[torch.Tensor], None]:
     model = SparseAutoEncoder.from_config(cfg)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_terms = {} if act_fn in ("topk", "batchtopk") else {"sparsity_loss_type": "power", "l1_coefficient": 1e-3}
+    penalty = {} if act_fn in ("topk", "batchtopk") else {"sparsity_loss_type": "power", "l1_coefficient": 1e-3}
+    coefficients = LossConfig(**penalty).coefficients()
 
     def step(x: torch.Tensor) -> None:
         with autocast():
-            out = model.compute_loss({HOOK: x}, **loss_terms)
+            out = model.compute_loss({HOOK: x}, coefficients)
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

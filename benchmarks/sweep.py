@@ -16,18 +16,18 @@ from pathlib import Path
 
 import torch
 
-from lm_saes_core.models import SparseAutoEncoder
-from lm_saes_core.runners import GenerateActivationsSettings, generate_activations
-from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, sweep_sae, train_sae
+from lm_saes_core.models import load_sparse_dictionary
+from lm_saes_core.runners import generate_activations
+from lm_saes_core.runners.train import sweep_sae, train_sae
 from lm_saes_dagster.pipeline_config import load_pipeline
-from lm_saes_dagster.training import generate_settings, stream_groups, sweep_settings, train_settings
+from lm_saes_dagster.settings import generate_settings, stream_groups, sweep_settings, train_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cache_for(cfg, root: Path) -> Path:
     """The pipeline's activation cache as the Dagster asset makes it (reused when its settings match)."""
-    return generate_activations(GenerateActivationsSettings.model_validate(generate_settings(cfg, root))).output_dir
+    return generate_activations(generate_settings(cfg, root)).output_dir
 
 
 def main() -> None:
@@ -52,16 +52,16 @@ def main() -> None:
         tokens = 0
         for name, item in items.items():
             settings = train_settings(cfg, name, item, cache, work / "single" / name)
-            tokens += train_sae(TrainSAESettings.model_validate(settings)).n_tokens
+            tokens += train_sae(settings).n_tokens
         rows.append(("one train_sae per item", time.perf_counter() - started, tokens))
         outputs = {name: work / "sweep" / name for name in items}
         started = time.perf_counter()
-        results = sweep_sae(SweepSAESettings.model_validate(sweep_settings(cfg, items, cache, outputs)))
+        results = sweep_sae(sweep_settings(cfg, items, cache, outputs))
         rows.append(("sweep_sae (one stream)", time.perf_counter() - started, sum(r.n_tokens for r in results)))
         same = all(
-            torch.equal(value, SparseAutoEncoder.from_pretrained(outputs[name]).state_dict()[key])
+            torch.equal(value, load_sparse_dictionary(outputs[name]).state_dict()[key])
             for name in items
-            for key, value in SparseAutoEncoder.from_pretrained(work / "single" / name).state_dict().items()
+            for key, value in load_sparse_dictionary(work / "single" / name).state_dict().items()
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)

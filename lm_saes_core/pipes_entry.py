@@ -5,8 +5,12 @@ under `torchrun` for several GPUs). When started by Dagster Pipes, rank 0 report
 numeric metadata and a data version (sha256 of the step's main output file); the other ranks only compute, since
 they share rank 0's message channel. Without Pipes it is a plain command. Only the light `dagster_pipes` package is
 imported here, never `dagster`.
+
+`RUNNERS` is the one list of steps: the Dagster launcher and the usage line take their names from it. Each entry names
+its settings class ("module:Class"), imported only when that step runs, so no runner is imported at module level.
 """
 
+import importlib
 import logging
 import math
 import os
@@ -24,8 +28,6 @@ from lm_saes_core.config import BaseConfig, ConfigError, load_config
 from lm_saes_core.io import file_sha256
 
 logger = logging.getLogger(__name__)
-
-USAGE = "usage: python -m lm_saes_core.pipes_entry {train|sweep|evaluate|generate|analyze|dla} SETTINGS_FILE"
 
 
 @dataclass
@@ -155,41 +157,36 @@ def _run_dla(settings: BaseConfig) -> StepReport:
     )
 
 
-def _settings_class(runner: str) -> type[BaseConfig]:
-    # Imported lazily so that `--help`-style mistakes fail fast, without loading torch and the runners.
-    if runner == "train":
-        from lm_saes_core.runners.train import TrainSAESettings
+@dataclass(frozen=True)
+class Runner:
+    """One heavy step: its settings class, named "module:Class" and imported only when the step runs (so a bad
+    command fails fast, before the runners and their dependencies load), and the function that runs it."""
 
-        return TrainSAESettings
-    if runner == "sweep":
-        from lm_saes_core.runners.train import SweepSAESettings
+    settings: str
+    run: Callable[[Any], StepReport]
 
-        return SweepSAESettings
-    if runner == "evaluate":
-        from lm_saes_core.runners.evaluate import EvaluateSAESettings
-
-        return EvaluateSAESettings
-    if runner == "analyze":
-        from lm_saes_core.runners.analyze import AnalyzeSAESettings
-
-        return AnalyzeSAESettings
-    if runner == "dla":
-        from lm_saes_core.runners.dla import DirectLogitAttributeSettings
-
-        return DirectLogitAttributeSettings
-    from lm_saes_core.runners.generate import GenerateActivationsSettings
-
-    return GenerateActivationsSettings
+    def settings_class(self) -> type[BaseConfig]:
+        module, _, name = self.settings.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
-RUNNERS: dict[str, Callable[[BaseConfig], StepReport]] = {
-    "train": _run_train,
-    "sweep": _run_sweep,
-    "evaluate": _run_evaluate,
-    "generate": _run_generate,
-    "analyze": _run_analyze,
-    "dla": _run_dla,
+RUNNERS: dict[str, Runner] = {
+    "train": Runner("lm_saes_core.runners.train:TrainSAESettings", _run_train),
+    "sweep": Runner("lm_saes_core.runners.train:SweepSAESettings", _run_sweep),
+    "evaluate": Runner("lm_saes_core.runners.evaluate:EvaluateSAESettings", _run_evaluate),
+    "generate": Runner("lm_saes_core.runners.generate:GenerateActivationsSettings", _run_generate),
+    "analyze": Runner("lm_saes_core.runners.analyze:AnalyzeSAESettings", _run_analyze),
+    "dla": Runner("lm_saes_core.runners.dla:DirectLogitAttributeSettings", _run_dla),
 }
+"""Every step this entrypoint runs, by the name its command line (and the Dagster launcher) uses."""
+
+USAGE = f"usage: python -m lm_saes_core.pipes_entry {{{'|'.join(RUNNERS)}}} SETTINGS_FILE"
+
+
+def runner_named(name: str) -> Runner:
+    if name not in RUNNERS:
+        raise ConfigError(f"runner {name!r} is unknown; choose one of {sorted(RUNNERS)}")
+    return RUNNERS[name]
 
 
 def is_rank_zero() -> bool:
@@ -198,10 +195,9 @@ def is_rank_zero() -> bool:
 
 def run_step(runner: str, settings_file: str | Path, pipes: PipesContext | None = None) -> StepReport:
     """Validate the settings file, run the step and, given a Pipes context, report its materialization."""
-    if runner not in RUNNERS:
-        raise ConfigError(f"runner {runner!r} is unknown; choose one of {sorted(RUNNERS)}")
-    settings = load_config(_settings_class(runner), settings_file)
-    report = RUNNERS[runner](settings)
+    step = runner_named(runner)
+    settings = load_config(step.settings_class(), settings_file)
+    report = step.run(settings)
     if report.main_file is not None and not report.main_file.is_file():
         raise FileNotFoundError(f"{runner} finished but its main output {report.main_file} does not exist")
     if pipes is not None:

@@ -15,14 +15,14 @@ from pathlib import Path
 import dagster as dg
 
 from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
-from lm_saes_core.analysis.feature_analyzer import FeatureAnalyzerConfig
 from lm_saes_core.io import atomic_write_text, file_sha256
 from lm_saes_core.store import RecordStoreConfig
-from lm_saes_dagster.artifacts import ArtifactRoot, InputsStamp
+from lm_saes_dagster.artifacts import ArtifactRoot, reuse_or_launch
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, InterpretationSettings, PipelineConfig
 from lm_saes_dagster.preview import features_markdown, most_active_features
 from lm_saes_dagster.quality import failed_bounds
+from lm_saes_dagster.settings import analyze_settings, autointerp_settings, dla_settings
 
 CODE_VERSION = "1"
 ANALYSIS_NAME = "default"
@@ -103,10 +103,11 @@ def build_analysis_assets(
     def feature_analyses(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
     ) -> dg.MaterializeResult:
-        """Every feature over the cached activations of its hook point (analyze_sae): activation frequency and
-        histogram, top contexts, samples across activation bands and non-activating contexts. A transcoder's features
-        are encoded from hook_point_in, so its contexts are those tokens; the factory still reads hook_point_out too,
-        because the dictionary is prepared from (and checked against) both of its hooks."""
+        """Every feature over the cached activations of its hook points (analyze_sae through Dagster Pipes):
+        activation frequency and histogram, top contexts, samples across activation bands and non-activating
+        contexts. Features are encoded from the dictionary's input hooks, so its contexts are those tokens (a
+        transcoder's hook_point_in); the factory still reads every hook of the item, because the dictionary is
+        prepared from (and checked against) all of them."""
         from lm_saes_core.store import open_store
         from lm_saes_core.store.export import analysis_export_path
 
@@ -114,40 +115,37 @@ def build_analysis_assets(
         item = item_of(item_name)
         metrics = require_passing_evaluation(artifacts, item_name)
         output = artifacts.dir(name, "feature_analyses", item_name)
-        analyzer = cfg.analysis.analyzer or FeatureAnalyzerConfig(total_analyzing_tokens=cfg.activations.total_tokens)
+        dictionary = artifacts.dictionary(name, item_name)
         cache = artifacts.activation_cache(name)
-        settings = {
-            "sae": {"pretrained_name_or_path": str(artifacts.dir(name, "dictionary", item_name))},
-            "sae_name": item_name,
-            "sae_series": name,
-            "activation_factory": {
-                "sources": [{"type": "activations", "name": "train", "path": str(cache)}],
-                "target": "activations-2d",
-                "hook_points": item.hook_points,
-                "batch_size": cfg.analysis.batch_size,
-            },
-            "model_name": cfg.model.model_name,
-            "analyzer": analyzer.model_dump(mode="json"),
-            "analysis_name": ANALYSIS_NAME,
-            "store": store_config(artifacts).model_dump(mode="json"),
-            "output_dir": str(output),
-        }
+        settings = analyze_settings(
+            cfg, item_name, item, dictionary, cache, output, store_config(artifacts), ANALYSIS_NAME
+        )
         d_sae = item.sae.d_sae
         export = analysis_export_path(output, item_name, name, ANALYSIS_NAME, d_sae)
         summary_path = output / "summary.json"
-        weights = artifacts.dir(name, "dictionary", item_name) / "sae_weights.safetensors"
-        stamp = InputsStamp(output / "analysis.inputs", weights, settings, CODE_VERSION)
-        with open_store(store_config(artifacts)) as store:
-            stored = store.count_features_with_analysis(item_name, name, ANALYSIS_NAME)
-        reused = stamp.matches() and export.is_file() and summary_path.is_file() and stored == d_sae
-        if reused:
-            numbers = json.loads(summary_path.read_text())
-        else:
-            stamp.clear()
-            reported = launcher.run(context, "analyze", settings, workdir=output).get_materialize_result()
+
+        def every_feature_stored() -> bool:
+            with open_store(store_config(artifacts)) as store:
+                return store.count_features_with_analysis(item_name, name, ANALYSIS_NAME) == d_sae
+
+        def write_summary(reported: dg.MaterializeResult) -> None:  # what a reused analysis shows
             numbers = {k: v.value for k, v in reported.metadata.items() if isinstance(v.value, int | float)}
             atomic_write_text(summary_path, json.dumps(numbers, indent=1))
-            stamp.write()
+
+        step = reuse_or_launch(
+            context,
+            launcher,
+            "analyze",
+            settings,
+            dictionary=dictionary,
+            stamp=output / "analysis.inputs",
+            outputs=[export, summary_path],
+            workdir=output,
+            code_version=CODE_VERSION,
+            complete=every_feature_stored,
+            keep_report=write_summary,
+        )
+        numbers = json.loads(summary_path.read_text())
         with open_store(store_config(artifacts)) as store:
             stored = store.count_features_with_analysis(item_name, name, ANALYSIS_NAME)
             # `lm-saes list` shows the evaluation next to the analyses.
@@ -160,7 +158,7 @@ def build_analysis_assets(
                 **numbers,
                 "alive_fraction": alive / d_sae,
                 "analysed_fraction": fraction,
-                "reused": reused,
+                "reused": step.reused,
                 "path": dg.MetadataValue.path(str(export)),
                 "store": _store_label(store_config(artifacts)),
                 "preview": dg.MetadataValue.md(markdown),
@@ -190,16 +188,16 @@ def build_analysis_assets(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
     ) -> Iterator:
         """The tokens each feature's decoder direction promotes and suppresses through the model's final norm and
-        unembedding (direct_logit_attribute). A dictionary whose output hook does not write to the residual stream
-        (e.g. a transcoder into `ln2.hook_out`) has no direct logit effect: the step is skipped (an observation says
-        why), not failed, so the rest of the item's assets still run."""
-        from lm_saes_core.analysis.direct_logit import check_writes_residual_stream
+        unembedding (direct_logit_attribute through Dagster Pipes). A dictionary without one output direction per
+        feature written to the residual stream (e.g. a transcoder into `ln2.hook_out`) has no direct logit effect:
+        the step is skipped (an observation says why), not failed, so the rest of the item's assets still run."""
+        from lm_saes_core.analysis.direct_logit import check_attributable
         from lm_saes_core.store import open_store
 
         item_name = context.partition_key
         item = item_of(item_name)
         try:
-            check_writes_residual_stream(item.sae)
+            check_attributable(item.sae)
         except ValueError as exc:
             why = f"no direct logit attribution for {item.hook_label}: {exc}"
             context.log.warning(f"logit_attributions of {name}/{item_name} skipped: {why}")
@@ -207,25 +205,26 @@ def build_analysis_assets(
             return
         require_passing_evaluation(artifacts, item_name)
         output = artifacts.dir(name, "logit_attributions", item_name) / "logits.json"
-        settings = {
-            "sae": {"pretrained_name_or_path": str(artifacts.dir(name, "dictionary", item_name))},
-            "sae_name": item_name,
-            "sae_series": name,
-            "model": cfg.model.model_dump(mode="json"),
-            "top_k": cfg.logit_attribution.top_k,
-            "feature_batch_size": cfg.logit_attribution.feature_batch_size,
-            "store": store_config(artifacts).model_dump(mode="json"),
-            "output_path": str(output),
-        }
-        weights = artifacts.dir(name, "dictionary", item_name) / "sae_weights.safetensors"
-        stamp = InputsStamp(output.with_suffix(".inputs"), weights, settings, CODE_VERSION)
-        with open_store(store_config(artifacts)) as store:
-            first = store.get_feature(item_name, name, 0)
-        reused = stamp.matches() and output.is_file() and first is not None and first.logits is not None
-        if not reused:
-            stamp.clear()
-            launcher.run(context, "dla", settings, workdir=output.parent)
-            stamp.write()
+        dictionary = artifacts.dictionary(name, item_name)
+        settings = dla_settings(cfg, item_name, dictionary, output, store_config(artifacts))
+
+        def logits_stored() -> bool:
+            with open_store(store_config(artifacts)) as store:
+                first = store.get_feature(item_name, name, 0)
+            return first is not None and first.logits is not None
+
+        step = reuse_or_launch(
+            context,
+            launcher,
+            "dla",
+            settings,
+            dictionary=dictionary,
+            stamp=output.with_suffix(".inputs"),
+            outputs=[output],
+            workdir=output.parent,
+            code_version=CODE_VERSION,
+            complete=logits_stored,
+        )
         features = json.loads(output.read_text())["features"].values()
         top = [feature["top_positive"][0]["logit"] for feature in features if feature["top_positive"]]
         markdown, _ = preview(artifacts, item_name, ("logits",))
@@ -233,7 +232,7 @@ def build_analysis_assets(
             metadata={
                 "n_features": len(top),
                 "mean_top_logit": sum(top) / len(top) if top else 0.0,
-                "reused": reused,
+                "reused": step.reused,
                 "path": dg.MetadataValue.path(str(output)),
                 "preview": dg.MetadataValue.md(markdown),
             },
@@ -254,7 +253,7 @@ def build_analysis_assets(
         """Explanations of the most active features by an LLM behind an OpenAI-compatible API, each scored by
         detection and fuzzing (auto_interp). A re-run asks only about the features still missing. Without a
         configured endpoint the step is skipped (an observation says why), not failed."""
-        from lm_saes_core.runners.autointerp import AutoInterpSettings, auto_interp
+        from lm_saes_core.runners.autointerp import auto_interp
         from lm_saes_core.store import open_store
 
         item_name = context.partition_key
@@ -272,17 +271,7 @@ def build_analysis_assets(
                 if max_features is not None
                 else None
             )
-        result = auto_interp(
-            AutoInterpSettings(
-                sae_name=item_name,
-                sae_series=name,
-                model=cfg.model,
-                auto_interp=auto_cfg,
-                features=features,
-                analysis_name=ANALYSIS_NAME,
-                store=store_cfg,
-            )
-        )
+        result = auto_interp(autointerp_settings(cfg, item_name, auto_cfg, features, store_cfg, ANALYSIS_NAME))
         output = artifacts.dir(name, "interpretations", item_name) / "interpretations.json"
         _write_interpretations(store_cfg, item_name, name, features, output)
         markdown, _ = preview(artifacts, item_name, ("explanation", "contexts"))

@@ -1,6 +1,8 @@
-"""How heavy steps (generate, train, evaluate) leave the Dagster process: a Pipes subprocess locally (plain python or
-torchrun), a GPU pod through `PipesK8sClient` on a cluster. The child is `python -m lm_saes_core.pipes_entry`, which
-reports one materialization back; the asset returns `launcher.run(...).get_materialize_result()`.
+"""How heavy steps (the runners of `lm_saes_core.pipes_entry.RUNNERS`: generate, train, sweep, evaluate, analyze,
+dla) leave the Dagster process: a Pipes subprocess locally (plain python or torchrun), a GPU pod through
+`PipesK8sClient` on a cluster. The asset hands `launcher.run` the runner's typed settings (built by
+`lm_saes_dagster.settings`); the child is `python -m lm_saes_core.pipes_entry RUNNER SETTINGS`, which reports one
+materialization back, and the asset returns `launcher.run(...).get_materialize_result()`.
 
 One environment variable picks the backend (`LM_SAES_LAUNCHER=subprocess|k8s`), so the same definitions run on a
 laptop and on a cluster.
@@ -15,9 +17,10 @@ from typing import Any, Literal
 import dagster as dg
 from dagster._core.pipes.client import PipesClientCompletedInvocation
 
+from lm_saes_core.config import BaseConfig
 from lm_saes_core.io import atomic_write_text
+from lm_saes_core.pipes_entry import RUNNERS
 
-RUNNERS = ("train", "sweep", "evaluate", "generate", "analyze", "dla")
 ENTRYPOINT = "lm_saes_core.pipes_entry"
 DSHM_VOLUME = "dshm"
 DEFAULT_GPU_TOLERATIONS: list[dict[str, Any]] = [
@@ -135,11 +138,21 @@ class HeavyStepLauncher(dg.ConfigurableResource):
     """k8s: PVC mounted in the GPU pod at `shared_mount_path`; `workdir` and the settings' paths must lie on it."""
     shared_mount_path: str = "/data"
 
-    def write_settings(self, runner: str, settings: dict[str, Any], workdir: str | Path) -> Path:
-        """Atomically, so a pod or process never reads half a file; named apart from the runners' own files."""
+    def write_settings(self, runner: str, settings: BaseConfig, workdir: str | Path) -> Path:
+        """The settings' JSON dump, checked to be the runner's own settings class (a mismatch fails here, before a
+        process or pod starts). Written atomically, so a pod or process never reads half a file; named apart from
+        the runners' own files."""
+        if runner not in RUNNERS:
+            raise ValueError(f"runner {runner!r} is unknown; choose one of {list(RUNNERS)}")
+        expected = RUNNERS[runner].settings_class()
+        if not isinstance(settings, expected):
+            raise TypeError(
+                f"runner {runner!r} takes {expected.__module__}.{expected.__name__}, got {type(settings).__name__}: "
+                "build it with lm_saes_dagster.settings"
+            )
         path = Path(workdir) / f"{runner}.pipes-settings.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(settings, indent=2))
+        atomic_write_text(path, json.dumps(settings.model_dump(mode="json"), indent=2))
         return path
 
     def pod_spec(self, nproc: int) -> dict[str, Any]:
@@ -163,7 +176,7 @@ class HeavyStepLauncher(dg.ConfigurableResource):
         self,
         context: dg.AssetExecutionContext | dg.OpExecutionContext,
         runner: str,
-        settings: dict[str, Any],
+        settings: BaseConfig,
         *,
         nproc: int = 1,
         workdir: str | Path,

@@ -105,13 +105,9 @@ def check_pipeline_model(cfg: PipelineConfig, source: str | Path) -> str | None:
                 f"{shape.n_layers} layers (0-{shape.n_layers - 1})"
             )
     for name, item in cfg.dictionaries.items():
-        sae = item.sae
         # Every HuggingFace-backend hook has the residual width; elsewhere only the residual-stream hooks are known.
-        # A transcoder's input width is d_model and its output width d_output (d_out when set).
-        sides = [("d_model", sae.hook_point_in, sae.d_model)]
-        if sae.is_transcoder:
-            sides.append(("d_out" if sae.d_out is not None else "d_model", sae.hook_point_out, sae.d_output))
-        for field, hook, width in sides:
+        # The kind says which of its fields sets each hook's width (e.g. a transcoder's output: d_out when set).
+        for hook, width, field in item.sae.hook_widths():
             if (hook.endswith(RESIDUAL_WIDTH_SUFFIXES) or huggingface) and width != shape.d_model:
                 problems.append(
                     f"dictionaries.{name}.sae.{field}: {width} does not match the width of {hook!r} in model "

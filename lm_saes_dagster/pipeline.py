@@ -25,11 +25,17 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG as RANGE_
 
 from lm_saes_core.io import atomic_write_text, file_sha256
 from lm_saes_dagster.analysis_assets import build_analysis_assets
-from lm_saes_dagster.artifacts import ArtifactRoot, InputsStamp
+from lm_saes_dagster.artifacts import ArtifactRoot, reuse_or_launch
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
 from lm_saes_dagster.quality import CHECK_NAMES, quality_checks
-from lm_saes_dagster.training import generate_settings, stream_groups, sweep_settings, train_settings
+from lm_saes_dagster.settings import (
+    evaluate_settings,
+    generate_settings,
+    stream_groups,
+    sweep_settings,
+    train_settings,
+)
 
 ItemLoader = Callable[[], tuple[dict[str, DictionaryItem], dict[Path, str]]]
 """Re-reads a pipeline's items (file + `.d` directory): {item: settings} and {file: error} of the invalid files."""
@@ -111,7 +117,11 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         import torch
         from safetensors.torch import save_file
 
-        from lm_saes_core.activation.config import ActivationFactoryConfig
+        from lm_saes_core.activation.config import (
+            ActivationFactoryConfig,
+            ActivationFactoryDatasetSource,
+            ActivationFactoryTarget,
+        )
         from lm_saes_core.activation.factory import ActivationFactory
         from lm_saes_core.backend import load_model
         from lm_saes_core.data import load_dataset
@@ -120,8 +130,8 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         settings = cfg.activations
         factory = ActivationFactory(
             ActivationFactoryConfig(
-                sources=[{"type": "dataset", "name": "train"}],
-                target="tokens",
+                sources=[ActivationFactoryDatasetSource(name="train")],
+                target=ActivationFactoryTarget.TOKENS,
                 hook_points=cfg.hook_points,
                 batch_size=256,
                 context_size=settings.context_size,
@@ -200,9 +210,9 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
     @dg.asset(
         key=dictionary_key,
         # Items are dynamic partitions, which no static mapping can name: each dictionary depends on every hook's
-        # activations (exact for one hook; coarser lineage for several). What it trains on is the item's own hooks:
-        # hook_point_in for an SAE, hook_point_in and hook_point_out for a transcoder (both checked at load to be
-        # cached hooks, and all hooks come from one forward pass, so they are materialised together).
+        # activations (exact for one hook; coarser lineage for several). What it trains on is the item's own hooks
+        # (an SAE's one hook, a transcoder's input and output; all checked at load to be cached hooks, and all hooks
+        # come from one forward pass, so they are materialised together).
         deps=[item_config_key, dg.AssetDep(activations_key, partition_mapping=dg.AllPartitionMapping())],
         partitions_def=items,
         group_name=name,
@@ -215,8 +225,9 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
     def dictionary(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
     ) -> dg.MaterializeResult:
-        """Sparse dictionaries (SAEs or transcoders) trained on their hook points' cached activations through Dagster
-        Pipes (a subprocess here, `torchrun` when an item asks for several processes, a GPU pod in Kubernetes).
+        """Sparse dictionaries (of any kind: SAEs, transcoders, ...) trained on their hook points' cached activations
+        through Dagster Pipes (a subprocess here, `torchrun` when an item asks for several processes, a GPU pod in
+        Kubernetes).
 
         One item: `train_sae`, and the data version is the hash of its weights. Several items (one run over a
         partition range): the items that read the same stream (same hooks and batching) train together with
@@ -225,7 +236,7 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         trained item's weights. Data-parallel items (`data_parallel_size` > 1) train one at a time under torchrun."""
         cache = artifacts.activation_cache(name)
         selected = {key: item_of(key) for key in context.partition_keys}
-        outputs = {key: artifacts.dir(name, "dictionary", key) for key in selected}
+        outputs = {key: artifacts.dictionary(name, key) for key in selected}
 
         def train_alone(key: str) -> dg.MaterializeResult:
             settings = train_settings(cfg, key, selected[key], cache, outputs[key])
@@ -275,50 +286,37 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         group_name=name,
         code_version=CODE_VERSION,
         kinds={"torch"},
+        pool="gpu",
         automation_condition=dg.AutomationCondition.eager(),
         check_specs=[dg.AssetCheckSpec(check, asset=evaluation_key, blocking=True) for check in CHECK_NAMES],
     )
-    def evaluation(context: dg.AssetExecutionContext, artifacts: ArtifactRoot) -> dg.MaterializeResult:
-        """The dictionary on held-out documents: reconstruction, sparsity and the spliced language-model loss (a
-        transcoder's prediction of hook_point_out from hook_point_in, spliced in at hook_point_out)."""
-        from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
-
+    def evaluation(
+        context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
+    ) -> dg.MaterializeResult:
+        """The dictionary on held-out documents (evaluate_sae through Dagster Pipes, like the other heavy steps):
+        reconstruction, sparsity and the language model's loss with the dictionary's reconstructions spliced in at
+        its output hooks (a transcoder's prediction of hook_point_out from hook_point_in, at hook_point_out).
+        Idempotent: the same weights evaluated with the same settings keep the stored metrics."""
         item_name = context.partition_key
-        item = item_of(item_name)
         output = artifacts.dir(name, "evaluation", item_name) / "evaluation.json"
-        settings = EvaluateSAESettings.model_validate(
-            {
-                "sae": {"pretrained_name_or_path": str(artifacts.dir(name, "dictionary", item_name))},
-                "sae_name": item_name,
-                "sae_series": name,
-                "model": cfg.model.model_dump(mode="json"),
-                "datasets": {"heldout": cfg.eval_dataset.model_dump(mode="json")},
-                "activation_factory": {
-                    "sources": [{"type": "dataset", "name": "heldout"}],
-                    "target": "activations-2d",
-                    "hook_points": item.hook_points,
-                    "context_size": cfg.activations.context_size,
-                    "model_batch_size": cfg.activations.model_batch_size,
-                    "batch_size": cfg.activations.model_batch_size,
-                },
-                "eval": cfg.evaluation.model_dump(mode="json"),
-                "output_path": str(output),
-            }
+        dictionary = artifacts.dictionary(name, item_name)
+        settings = evaluate_settings(cfg, item_name, item_of(item_name), dictionary, output)
+        step = reuse_or_launch(
+            context,
+            launcher,
+            "evaluate",
+            settings,
+            dictionary=dictionary,
+            stamp=output.with_suffix(".inputs"),
+            outputs=[output],
+            workdir=output.parent,
+            code_version=CODE_VERSION,
         )
-        # Idempotent: the same weights evaluated with the same settings give the stored metrics.
-        weights = artifacts.dir(name, "dictionary", item_name) / "sae_weights.safetensors"
-        stamp = InputsStamp(output.with_suffix(".inputs"), weights, settings.model_dump(mode="json"), CODE_VERSION)
-        reused = output.is_file() and stamp.matches()
-        if reused:
-            metrics = json.loads(output.read_text())["metrics"]
-        else:
-            stamp.clear()
-            metrics = evaluate_sae(settings).metrics
-            stamp.write()
+        metrics = json.loads(output.read_text())["metrics"]  # what the runner wrote, reused or not
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(output)),
-                "reused": reused,
+                "reused": step.reused,
                 **_numeric(
                     metrics,
                     {
@@ -359,8 +357,8 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
     )
     def dictionary_items(context: dg.SensorEvaluationContext):
         """Register new dictionary items (pipeline file or `<pipeline>.d/<item>.yaml`) as partitions, and train those
-        whose hook points' activations (both of a transcoder's) are already cached. Invalid item files are logged and
-        left out."""
+        whose hook points' activations (every hook the item reads) are already cached. Invalid item files are logged
+        and left out."""
         found, errors = item_loader() if item_loader is not None else (dict(cfg.dictionaries), {})
         for path, error in errors.items():
             context.log.error(f"dictionary item {path} was not added:\n{error}")
@@ -394,13 +392,17 @@ def _item_hash(item: DictionaryItem) -> str:
 
 
 def _dictionary_metadata(item: DictionaryItem, output: Path) -> dict:
+    """What the item is, for any kind: its hooks in and out (comma-separated when several), whether it reads other
+    hooks than it reconstructs (a transcoder), its kind and width."""
+    sae = item.sae
     return {
         "path": dg.MetadataValue.path(str(output)),
         "hook_point": item.hook_label,
-        "hook_point_in": item.sae.hook_point_in,
-        "hook_point_out": item.sae.hook_point_out,
-        "transcoder": item.sae.is_transcoder,
-        "d_sae": item.sae.d_sae,
+        "hook_point_in": ", ".join(sae.hooks_in),
+        "hook_point_out": ", ".join(sae.hooks_out),
+        "transcoder": sae.hooks_in != sae.hooks_out,
+        "sae_type": sae.sae_type,
+        "d_sae": sae.d_sae,
     }
 
 

@@ -16,7 +16,7 @@ from lm_saes_core.backend.base import LanguageModelConfig
 from lm_saes_core.config import BaseConfig, ConfigError, load_config, read_config_file, validate_config
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig
-from lm_saes_core.models import SAEConfig
+from lm_saes_core.models import AnySAEConfig, SparseDictionaryConfig
 from lm_saes_core.store import RecordStoreConfig
 from lm_saes_core.training import InitializerConfig, TrainerConfig
 
@@ -32,11 +32,12 @@ class ActivationSettings(BaseConfig):
 
 
 class DictionaryItem(BaseConfig):
-    """One dictionary to train on the cached activations of its hook point(s): an SAE reads and reconstructs
-    `sae.hook_point_in`; a transcoder (`hook_point_out` differs) reads `hook_point_in` and predicts `hook_point_out`,
-    so both must be among the pipeline's `hook_points` (the activation cache holds those only)."""
+    """One dictionary to train on the cached activations of its hook points: `sae` is the config of any kind of
+    sparse dictionary (chosen by `sae.sae_type`; "sae", an SAE or transcoder, when it is not given). Every hook the
+    dictionary reads or reconstructs must be among the pipeline's `hook_points` (the activation cache holds those
+    only)."""
 
-    sae: SAEConfig
+    sae: AnySAEConfig
     initializer: InitializerConfig = Field(
         default_factory=lambda: InitializerConfig(bias_init_method="mean", grid_search_init_norm=True)
     )
@@ -62,13 +63,16 @@ class DictionaryItem(BaseConfig):
 
     @property
     def hook_points(self) -> list[str]:
-        """The hooks the item reads from the activation cache: [in] for an SAE, [in, out] for a transcoder."""
+        """The hooks the item reads from the activation cache: its inputs, then the outputs it does not read (an SAE:
+        [in]; a transcoder: [in, out])."""
         return self.sae.hook_points
 
     @property
     def hook_label(self) -> str:
-        """`in` for an SAE, `in -> out` for a transcoder (metadata, messages)."""
-        return " -> ".join(self.sae.hook_points)
+        """The hooks it reads -> those it reconstructs, or the hooks alone when they are the same (metadata,
+        messages): `in` for an SAE, `in -> out` for a transcoder."""
+        hooks_in, hooks_out = ", ".join(self.sae.hooks_in), ", ".join(self.sae.hooks_out)
+        return hooks_in if hooks_in == hooks_out else f"{hooks_in} -> {hooks_out}"
 
     @property
     def n_processes(self) -> int:
@@ -85,8 +89,8 @@ class QualityBounds(BaseConfig):
 
 
 class AnalysisSettings(BaseConfig):
-    """The `feature_analyses` asset: analyze_sae over the cached activations of the dictionary's hook point (a
-    transcoder's features are encoded from, and their contexts are, the tokens at `hook_point_in`)."""
+    """The `feature_analyses` asset: analyze_sae over the cached activations of the dictionary's hook points (the
+    features are encoded from its input hooks, so their contexts are the tokens there)."""
 
     analyzer: FeatureAnalyzerConfig | None = None
     """None: the analyzer's defaults over every cached token of the hook point."""
@@ -100,10 +104,10 @@ class AnalysisSettings(BaseConfig):
 
 
 class LogitAttributionSettings(BaseConfig):
-    """The `logit_attributions` asset: direct_logit_attribute of every feature. Only dictionaries whose output hook
-    writes to the residual stream (`blocks.<l>.hook_resid_*`, `hook_attn_out`, `hook_mlp_out`) have direct logit
-    effects; for any other output hook (e.g. a transcoder into `ln2.hook_out`) the asset is skipped with the reason
-    recorded, not failed."""
+    """The `logit_attributions` asset: direct_logit_attribute of every feature. Only dictionaries with one output
+    direction per feature, written to the residual stream (`blocks.<l>.hook_resid_*`, `hook_attn_out`,
+    `hook_mlp_out`), have direct logit effects; for any other (e.g. a transcoder into `ln2.hook_out`) the asset is
+    skipped with the reason recorded, not failed."""
 
     top_k: int = Field(default=10, gt=0)
     feature_batch_size: int = Field(default=256, gt=0)
@@ -152,16 +156,32 @@ def item_problem(name: str, item: DictionaryItem, hook_points: list[str]) -> str
     """Why an item cannot be part of a pipeline with these hook points (".field: reason"), or None."""
     if not name.replace("-", "").replace("_", "").isalnum():
         return ": item names use letters, digits, '-' and '_' only"
-    for field, hook in (("hook_point_in", item.sae.hook_point_in), ("hook_point_out", item.sae.hook_point_out)):
+    sae = item.sae
+    for hook in sae.hook_points:
         if hook not in hook_points:
             why = (
-                ": a transcoder reads both of its hooks from the activation cache, which holds the pipeline's "
-                "hook_points only; add it there"
-                if item.sae.is_transcoder
+                f": the dictionary reads all of its hooks ({', '.join(sae.hook_points)}) from the activation cache, "
+                "which holds the pipeline's hook_points only; add it there"
+                if len(sae.hook_points) > 1
                 else ""
             )
-            return f".sae.{field}: hook point {hook!r} is not one of the pipeline's hook_points {hook_points}{why}"
+            return (
+                f".sae.{hook_field(sae, hook)}: hook point {hook!r} is not one of the pipeline's hook_points "
+                f"{hook_points}{why}"
+            )
     return None
+
+
+def hook_field(sae: SparseDictionaryConfig, hook: str) -> str:
+    """The config field that names `hook` (e.g. `hook_point_out`, or `hook_points.2` in a list), for messages; the
+    first such field (an SAE names its one hook twice: `hook_point_in`)."""
+    for field in type(sae).model_fields:
+        value = getattr(sae, field)
+        if value == hook:
+            return field
+        if isinstance(value, list | tuple) and hook in value:
+            return f"{field}.{list(value).index(hook)}"
+    return "hook_points"  # derived by the kind from other fields: the dictionary's hook points
 
 
 def load_pipeline(path: str | Path) -> PipelineConfig:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import dagster as dg
 import pytest
@@ -17,13 +18,29 @@ from dagster._utils.test.data_versions import get_stale_status_resolver  # dagst
 from llm_server import llm_server  # noqa: F401 - the module-scoped server fixture
 from pipeline_fixtures import HOOK, TRANSCODER_IN, TRANSCODER_OUT, small_pipeline, transcoder_item
 
+from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
+from lm_saes_core.config import ConfigError, validate_config
+from lm_saes_core.models import SparseDictionaryConfig
+from lm_saes_core.pipes_entry import RUNNERS
+from lm_saes_core.runners.autointerp import AutoInterpSettings
+from lm_saes_core.runners.evaluate import EvaluateSAESettings
 from lm_saes_core.store import RecordStoreConfig, open_store
 from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV, LLM_MODEL_ENV
 from lm_saes_dagster.definitions import build_definitions
 from lm_saes_dagster.materialize import RANGE_END, RANGE_START, contiguous_blocks, register_items
 from lm_saes_dagster.model_check import check_pipeline_model, local_config_dir
-from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig, load_pipeline
-from lm_saes_dagster.training import stream_groups
+from lm_saes_dagster.pipeline import _dictionary_metadata
+from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig, item_problem, load_pipeline
+from lm_saes_dagster.settings import (
+    analyze_settings,
+    autointerp_settings,
+    dla_settings,
+    evaluate_settings,
+    generate_settings,
+    stream_groups,
+    sweep_settings,
+    train_settings,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRA_HOOK = "blocks.1.hook_resid_post"
@@ -149,6 +166,87 @@ def test_items_group_by_the_stream_they_read_and_runs_cover_contiguous_ranges():
     assert contiguous_blocks(registered, registered) == [registered]
 
 
+def test_every_builder_returns_its_runners_settings_whose_json_dump_validates_back(tmp_path):
+    """What a launched step reads is the JSON dump of the builder's object: it must load as the same settings. A sweep
+    item's single-run settings are exactly `train_settings` of that item (so either way finds the other's run)."""
+    cfg = PipelineConfig.model_validate(small_run_pipeline())
+    cache, store = tmp_path / "cache", RecordStoreConfig(sqlite_path=str(tmp_path / "records.sqlite"))
+    item, dictionary = cfg.dictionaries["transcoder"], tmp_path / "dictionary" / "transcoder"
+    pair = {name: cfg.dictionaries[name] for name in ("topk", "batchtopk")}
+    outputs = {name: tmp_path / "dictionary" / name for name in pair}
+    built = {
+        "generate": generate_settings(cfg, cache, overwrite=True),
+        "train": train_settings(cfg, "transcoder", item, cache, dictionary),
+        "sweep": sweep_settings(cfg, pair, cache, outputs),
+        "evaluate": evaluate_settings(cfg, "transcoder", item, dictionary, tmp_path / "evaluation.json"),
+        "analyze": analyze_settings(cfg, "transcoder", item, dictionary, cache, tmp_path / "analysis", store, "a"),
+        "dla": dla_settings(cfg, "transcoder", dictionary, tmp_path / "logits.json", store),
+    }
+    assert set(built) == set(RUNNERS)
+    for runner, settings in built.items():
+        settings_class = RUNNERS[runner].settings_class()
+        assert type(settings) is settings_class, runner
+        assert settings_class.model_validate(settings.model_dump(mode="json")) == settings, runner
+    auto = autointerp_settings(cfg, "topk", AutoInterpConfig(base_url="http://127.0.0.1:1/v1"), [3, 1], store, "a")
+    assert type(auto) is AutoInterpSettings and AutoInterpSettings.model_validate(auto.model_dump(mode="json")) == auto
+    assert built["train"].activation_factory.hook_points == [TRANSCODER_IN, TRANSCODER_OUT]
+    assert built["evaluate"].activation_factory.hook_points == [TRANSCODER_IN, TRANSCODER_OUT]
+    assert built["train"].trainer.exp_result_path == str(dictionary) and item.trainer.exp_result_path == "results"
+    for index, name in enumerate(pair):
+        alone = train_settings(cfg, name, pair[name], cache, outputs[name])
+        assert built["sweep"].item_settings(index).model_dump(mode="json") == alone.model_dump(mode="json")
+    with pytest.raises(ValueError, match="share one activation stream"):
+        sweep_settings(cfg, {"topk": pair["topk"], "transcoder": item}, cache, {**outputs, "transcoder": dictionary})
+
+
+class HookListConfig(SparseDictionaryConfig):
+    """A kind the Dagster layer has never heard of, defined here only: its hooks are one list field (inputs, then the
+    one output), as a crosscoder's or a CLT's are."""
+
+    sae_type: Literal["hook-list"] = "hook-list"
+    hooks: list[str]
+    d_out: int | None = None
+
+    @property
+    def hooks_in(self) -> list[str]:
+        return self.hooks[:-1]
+
+    @property
+    def hooks_out(self) -> list[str]:
+        return self.hooks[-1:]
+
+    def hook_widths(self) -> list[tuple[str, int, str]]:
+        widths = [(hook, self.d_model, "d_model") for hook in self.hooks_in]
+        return [*widths, (self.hooks[-1], self.d_out or self.d_model, "d_out" if self.d_out else "d_model")]
+
+
+def test_items_of_any_kind_are_checked_through_the_config_api(tmp_path, smollm2_dir):
+    """Hooks, widths and metadata come from the kind's config API (hooks_in, hooks_out, hook_points, hook_widths,
+    sae_type), never from SAE fields; messages still name the file's field. A settings file without `sae_type`
+    means an SAE; an unknown kind is an error naming the field."""
+    hooks = ["blocks.1.hook_resid_post", "blocks.2.hook_resid_post", HOOK]
+    toy = HookListConfig(d_model=576, d_sae=64, hooks=hooks, d_out=512)
+    item = DictionaryItem.model_validate(small_pipeline()["dictionaries"]["topk"]).model_copy(update={"sae": toy})
+    assert item.hook_points == hooks and item.hook_label == f"{hooks[0]}, {hooks[1]} -> {HOOK}"
+    problem = item_problem("toy", item, [hooks[0], HOOK])
+    assert problem.startswith(f".sae.hooks.1: hook point {hooks[1]!r} is not one of the pipeline's hook_points")
+    assert f"reads all of its hooks ({', '.join(hooks)}) from the activation cache" in problem
+    assert item_problem("toy", item, hooks) is None
+    cfg = PipelineConfig.model_validate(small_pipeline(extra_hooks=tuple(hooks[:2])))
+    with pytest.raises(ConfigError, match=rf"dictionaries\.toy\.sae\.d_out: 512 does not match the width of '{HOOK}'"):
+        check_pipeline_model(cfg.model_copy(update={"dictionaries": {"toy": item}}), "toy.yaml")
+    metadata = _dictionary_metadata(item, tmp_path)
+    assert (metadata["hook_point_in"], metadata["hook_point_out"]) == (f"{hooks[0]}, {hooks[1]}", HOOK)
+    assert metadata["transcoder"] is True and metadata["sae_type"] == "hook-list" and metadata["d_sae"] == 64
+
+    named = small_pipeline()
+    named["dictionaries"]["topk"]["sae"]["sae_type"] = "sae"
+    assert PipelineConfig.model_validate(named) == PipelineConfig.model_validate(small_pipeline())
+    named["dictionaries"]["topk"]["sae"]["sae_type"] = "hook-list"  # not a registered kind
+    with pytest.raises(ConfigError, match=r"field 'dictionaries\.topk\.sae': unknown sae_type \(known: \['sae'"):
+        validate_config(PipelineConfig, named, source="named.yaml")
+
+
 def test_item_files_add_dictionary_items_and_bad_ones_are_reported(tmp_path):
     directory = write_pipelines(tmp_path / "pipelines", small=small_pipeline())
     (directory / "small.d").mkdir()
@@ -194,7 +292,10 @@ def test_a_transcoder_needs_both_hooks_cached_and_only_residual_outputs_get_logi
         f"dictionaries.transcoder.sae.hook_point_out: hook point {TRANSCODER_OUT!r} is not one of the pipeline's "
         "hook_points" in errors[directory / "missing.yaml"]
     )
-    assert "a transcoder reads both of its hooks from the activation cache" in errors[directory / "missing.yaml"]
+    assert (
+        f"the dictionary reads all of its hooks ({TRANSCODER_IN}, {TRANSCODER_OUT}) from the activation cache"
+        in errors[directory / "missing.yaml"]
+    )
     narrow_error = errors[directory / "narrow.yaml"]
     assert f"dictionaries.transcoder.sae.d_out: 512 does not match the width of {TRANSCODER_OUT!r}" in narrow_error
     assert str(item_file) in errors[item_file]
@@ -298,8 +399,19 @@ def test_small_pipeline_end_to_end_idempotent_with_automation_and_schedule(small
         assert Path(metadata["path"], "sae_weights.safetensors").is_file()
         assert len(metadata["weights_sha256"]) == 64
     assert dictionaries["topk"].metadata["d_sae"].value == 1152
-    assert dictionaries["topk"].metadata["l0"].value != dictionaries["batchtopk"].metadata["l0"].value
+    # Each item trained as its own settings say (a training-mode BatchTopK keeps k per token on average, like TopK,
+    # so the L0s alike cannot tell them apart; the saved configs and weights can).
+    for item in ("topk", "batchtopk"):
+        saved = json.loads(Path(dictionaries[item].metadata["path"].value, "config.json").read_text())
+        assert saved["act_fn"] == item
+    assert dictionaries["topk"].metadata["weights_sha256"] != dictionaries["batchtopk"].metadata["weights_sha256"]
     for item, run in small_run.items.items():
+        # The evaluation ran in a Pipes child, which read the settings file the launcher wrote next to its output.
+        workdir = small_run.home / "pipelines" / "small" / "evaluation" / item
+        written = EvaluateSAESettings.model_validate_json((workdir / "evaluate.pipes-settings.json").read_text())
+        assert written.output_path == str(workdir / "evaluation.json") and written.sae_name == item
+        assert any("[pipes] external process successfully opened dagster pipes" in str(record.user_message)
+                   for record in instance.all_logs(run.run_id))  # fmt: skip
         if item == "transcoder":
             continue  # test_a_transcoder_item_trains_evaluates_and_is_analysed
         assert run.success

@@ -146,7 +146,9 @@ def test_an_item_launched_on_two_processes_through_pipes(cache, tmp_path, monkey
 
     @dg.asset
     def dictionary(context: dg.AssetExecutionContext, launcher: HeavyStepLauncher) -> dg.MaterializeResult:
-        run = launcher.run(context, "train", parallel, nproc=2, workdir=tmp_path / "work")  # torchrun, 2 ranks
+        run = launcher.run(
+            context, "train", TrainSAESettings.model_validate(parallel), nproc=2, workdir=tmp_path / "work"
+        )
         return run.get_materialize_result()
 
     with dg.instance_for_test() as instance:

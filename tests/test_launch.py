@@ -25,6 +25,9 @@ from safetensors.torch import load_file
 
 from lm_saes_core.activation.writer import ActivationWriter, ActivationWriterConfig
 from lm_saes_core.io import file_sha256
+from lm_saes_core.pipes_entry import RUNNERS, USAGE
+from lm_saes_core.runners.evaluate import EvaluateSAESettings
+from lm_saes_core.runners.train import TrainSAESettings
 from lm_saes_dagster.launch import (
     HeavyStepLauncher,
     gpu_pod_spec,
@@ -82,6 +85,41 @@ def test_launcher_backend_comes_from_one_environment_variable():
         launcher_from_env({"LM_SAES_LAUNCHER": "slurm"})
     with pytest.raises(ValueError, match="nproc=16 exceeds gpus_per_node=8"):
         HeavyStepLauncher(backend="k8s", image="x").pod_spec(16)
+
+
+def test_the_runner_table_names_each_runner_once_for_the_launcher_and_the_usage_line():
+    """One table (lm_saes_core.pipes_entry.RUNNERS): the launcher accepts exactly its runners, the usage line lists
+    them, and each names a settings class that imports."""
+    assert list(RUNNERS) == ["train", "sweep", "evaluate", "generate", "analyze", "dla"]
+    assert USAGE.endswith("{train|sweep|evaluate|generate|analyze|dla} SETTINGS_FILE")
+    for runner, step in RUNNERS.items():
+        assert torchrun_command(runner, "s.json", 1)[-2] == runner
+        assert step.settings_class().__name__.endswith("Settings")
+    assert RUNNERS["evaluate"].settings_class() is EvaluateSAESettings
+
+
+def test_the_entrypoint_imports_no_runner_at_module_level():
+    """The table names settings classes as "module:Class", imported when a step runs: the entrypoint module itself
+    imports no runner (nor torch), so a bad command fails before they load."""
+    source = (ROOT / "lm_saes_core" / "pipes_entry.py").read_text()
+    module_level = [line for line in source.splitlines() if line.startswith(("import ", "from "))]
+    assert not [line for line in module_level if "runners" in line or "torch" in line], module_level
+    assert all(":" in step.settings and "runners" in step.settings for step in RUNNERS.values())
+
+
+def test_the_launcher_takes_the_runners_typed_settings_and_writes_their_json_dump(activation_cache, tmp_path):
+    launcher = HeavyStepLauncher()
+    settings = TrainSAESettings.model_validate(train_settings(activation_cache, tmp_path / "out"))
+    path = launcher.write_settings("train", settings, tmp_path / "work")
+    assert path == tmp_path / "work" / "train.pipes-settings.json"
+    assert TrainSAESettings.model_validate_json(path.read_text()) == settings
+    with pytest.raises(TypeError, match="runner 'evaluate' takes lm_saes_core.runners.evaluate.EvaluateSAESettings"):
+        launcher.write_settings("evaluate", settings, tmp_path / "work")
+    with pytest.raises(TypeError, match="got dict"):
+        launcher.write_settings("train", train_settings(activation_cache, tmp_path / "out"), tmp_path / "work")
+    with pytest.raises(ValueError, match="runner 'analyse' is unknown"):
+        launcher.write_settings("analyse", settings, tmp_path / "work")
+    assert not (tmp_path / "work" / "evaluate.pipes-settings.json").exists()
 
 
 # ---------------------------------------------------------------- (a) the Pipes pod, built by dagster-k8s
@@ -330,7 +368,7 @@ def train_settings(cache: Path, out: Path) -> dict:
 
 def test_pipes_subprocess_run_reports_the_childs_materialization(activation_cache, tmp_path):
     out = tmp_path / "dictionary"
-    settings = train_settings(activation_cache, out)
+    settings = TrainSAESettings.model_validate(train_settings(activation_cache, out))
 
     @dg.asset
     def dictionary(context: dg.AssetExecutionContext, launcher: HeavyStepLauncher) -> dg.MaterializeResult:
@@ -353,7 +391,8 @@ def test_pipes_subprocess_run_reports_the_childs_materialization(activation_cach
     assert materialization.tags["dagster/data_version"] == file_sha256(weights)
     assert latest.asset_materialization.tags["dagster/data_version"] == file_sha256(weights)
     written = json.loads((tmp_path / "work" / "train.pipes-settings.json").read_text())
-    assert written == settings
+    assert written == settings.model_dump(mode="json")
+    assert TrainSAESettings.model_validate(written) == settings
 
 
 def _entry(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -409,7 +448,7 @@ def test_entrypoint_reports_a_failing_run_with_exit_1(tmp_path):
 
 
 def test_a_failing_child_fails_the_asset_with_the_childs_error(tmp_path):
-    settings = train_settings(tmp_path / "no-cache-here", tmp_path / "out")
+    settings = TrainSAESettings.model_validate(train_settings(tmp_path / "no-cache-here", tmp_path / "out"))
 
     @dg.asset
     def dictionary(context: dg.AssetExecutionContext, launcher: HeavyStepLauncher) -> dg.MaterializeResult:
