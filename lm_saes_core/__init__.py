@@ -1,116 +1,83 @@
-"""lm-saes core: sparse dictionaries on language-model activations (torch only; no Dagster)."""
+"""lm-saes core: sparse dictionaries on language-model activations (torch only; no Dagster).
 
-from lm_saes_core.activation.config import (
-    ActivationFactoryActivationsSource,
-    ActivationFactoryConfig,
-    ActivationFactoryDatasetSource,
-    ActivationFactoryTarget,
-    BufferShuffleConfig,
-)
-from lm_saes_core.activation.factory import ActivationFactory
-from lm_saes_core.activation.reader import CachedActivations
-from lm_saes_core.activation.writer import ActivationWriter, ActivationWriterConfig
-from lm_saes_core.analysis import ActivationBand, FeatureAnalyzer, FeatureAnalyzerConfig
-from lm_saes_core.analysis.autointerp import AutoInterpConfig
-from lm_saes_core.backend import (
-    HuggingFaceLanguageModel,
-    LanguageModel,
-    LanguageModelConfig,
-    TransformerLensLanguageModel,
-    load_model,
-)
-from lm_saes_core.config import MongoDBConfig, load_config
-from lm_saes_core.data import DatasetConfig, load_dataset
-from lm_saes_core.evaluation import EvalConfig, Evaluator
-from lm_saes_core.log import setup_logging
-from lm_saes_core.models import (
-    LossConfig,
-    PretrainedSAE,
-    SAEConfig,
-    SparseAutoEncoder,
-    SparseDictionary,
-    SparseDictionaryConfig,
-    load_sparse_dictionary,
-)
-from lm_saes_core.runners import (
-    AnalyzeSAESettings,
-    AutoInterpSettings,
-    CheckActivationConsistencySettings,
-    DirectLogitAttributeSettings,
-    EvaluateSAESettings,
-    GenerateActivationsSettings,
-    SweepingItem,
-    SweepSAESettings,
-    TrainSAESettings,
-    analyze_sae,
-    auto_interp,
-    check_activation_consistency,
-    direct_logit_attribute,
-    evaluate_sae,
-    generate_activations,
-    sweep_sae,
-    train_sae,
-)
-from lm_saes_core.store import RecordStore, RecordStoreConfig, open_store
-from lm_saes_core.training import Initializer, InitializerConfig, Trainer, TrainerConfig
-from lm_saes_core.wandb_logging import WandbConfig
+The public names below are imported on first use (PEP 562), so importing a submodule (e.g. the Pipes entry point,
+`python -m lm_saes_core.pipes_entry`) does not load torch and every runner first.
+"""
 
-__all__ = [
-    "ActivationBand",
-    "AnalyzeSAESettings",
-    "AutoInterpConfig",
-    "AutoInterpSettings",
-    "DirectLogitAttributeSettings",
-    "FeatureAnalyzer",
-    "FeatureAnalyzerConfig",
-    "RecordStore",
-    "RecordStoreConfig",
-    "analyze_sae",
-    "auto_interp",
-    "direct_logit_attribute",
-    "open_store",
-    "EvalConfig",
-    "EvaluateSAESettings",
-    "Evaluator",
-    "Initializer",
-    "InitializerConfig",
-    "PretrainedSAE",
-    "SAEConfig",
-    "SparseAutoEncoder",
-    "SparseDictionary",
-    "SparseDictionaryConfig",
-    "LossConfig",
-    "SweepSAESettings",
-    "SweepingItem",
-    "TrainSAESettings",
-    "Trainer",
-    "TrainerConfig",
-    "WandbConfig",
-    "evaluate_sae",
-    "load_sparse_dictionary",
-    "sweep_sae",
-    "train_sae",
-    "ActivationFactory",
-    "ActivationFactoryActivationsSource",
-    "ActivationFactoryConfig",
-    "ActivationFactoryDatasetSource",
-    "ActivationFactoryTarget",
-    "ActivationWriter",
-    "ActivationWriterConfig",
-    "BufferShuffleConfig",
-    "CachedActivations",
-    "CheckActivationConsistencySettings",
-    "DatasetConfig",
-    "GenerateActivationsSettings",
-    "HuggingFaceLanguageModel",
-    "LanguageModel",
-    "LanguageModelConfig",
-    "MongoDBConfig",
-    "TransformerLensLanguageModel",
-    "check_activation_consistency",
-    "generate_activations",
-    "load_config",
-    "load_dataset",
-    "load_model",
-    "setup_logging",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "ActivationFactoryActivationsSource": "lm_saes_core.activation.config",
+    "ActivationFactoryConfig": "lm_saes_core.activation.config",
+    "ActivationFactoryDatasetSource": "lm_saes_core.activation.config",
+    "ActivationFactoryTarget": "lm_saes_core.activation.config",
+    "BufferShuffleConfig": "lm_saes_core.activation.config",
+    "ActivationFactory": "lm_saes_core.activation.factory",
+    "CachedActivations": "lm_saes_core.activation.reader",
+    "ActivationWriter": "lm_saes_core.activation.writer",
+    "ActivationWriterConfig": "lm_saes_core.activation.writer",
+    "ActivationBand": "lm_saes_core.analysis",
+    "FeatureAnalyzer": "lm_saes_core.analysis",
+    "FeatureAnalyzerConfig": "lm_saes_core.analysis",
+    "AutoInterpConfig": "lm_saes_core.analysis.autointerp",
+    "HuggingFaceLanguageModel": "lm_saes_core.backend",
+    "LanguageModel": "lm_saes_core.backend",
+    "LanguageModelConfig": "lm_saes_core.backend",
+    "load_model": "lm_saes_core.backend",
+    "TransformerLensLanguageModel": "lm_saes_core.backend",
+    "load_config": "lm_saes_core.config",
+    "MongoDBConfig": "lm_saes_core.config",
+    "DatasetConfig": "lm_saes_core.data",
+    "load_dataset": "lm_saes_core.data",
+    "EvalConfig": "lm_saes_core.evaluation",
+    "Evaluator": "lm_saes_core.evaluation",
+    "setup_logging": "lm_saes_core.log",
+    "load_sparse_dictionary": "lm_saes_core.models",
+    "LossConfig": "lm_saes_core.models",
+    "PretrainedSAE": "lm_saes_core.models",
+    "SAEConfig": "lm_saes_core.models",
+    "SparseAutoEncoder": "lm_saes_core.models",
+    "SparseDictionary": "lm_saes_core.models",
+    "SparseDictionaryConfig": "lm_saes_core.models",
+    "analyze_sae": "lm_saes_core.runners",
+    "AnalyzeSAESettings": "lm_saes_core.runners",
+    "auto_interp": "lm_saes_core.runners",
+    "AutoInterpSettings": "lm_saes_core.runners",
+    "check_activation_consistency": "lm_saes_core.runners",
+    "CheckActivationConsistencySettings": "lm_saes_core.runners",
+    "direct_logit_attribute": "lm_saes_core.runners",
+    "DirectLogitAttributeSettings": "lm_saes_core.runners",
+    "evaluate_sae": "lm_saes_core.runners",
+    "EvaluateSAESettings": "lm_saes_core.runners",
+    "generate_activations": "lm_saes_core.runners",
+    "GenerateActivationsSettings": "lm_saes_core.runners",
+    "sweep_sae": "lm_saes_core.runners",
+    "SweepingItem": "lm_saes_core.runners",
+    "SweepSAESettings": "lm_saes_core.runners",
+    "train_sae": "lm_saes_core.runners",
+    "TrainSAESettings": "lm_saes_core.runners",
+    "open_store": "lm_saes_core.store",
+    "RecordStore": "lm_saes_core.store",
+    "RecordStoreConfig": "lm_saes_core.store",
+    "Initializer": "lm_saes_core.training",
+    "InitializerConfig": "lm_saes_core.training",
+    "Trainer": "lm_saes_core.training",
+    "TrainerConfig": "lm_saes_core.training",
+    "WandbConfig": "lm_saes_core.wandb_logging",
+}
+"""Public name -> the module that defines it."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

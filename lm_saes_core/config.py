@@ -93,7 +93,7 @@ class ConfigError(ValueError):
 def format_validation_error(error: ValidationError, source: str) -> str:
     lines = [f"invalid settings in {source}:"]
     for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        location = ".".join(_without_repeats(item["loc"])) or "(top level)"
         if item["type"] == "extra_forbidden":
             lines.append(f"  unknown key '{location}' (not a field of this config; check the spelling)")
         elif item["type"] == "missing":
@@ -101,6 +101,13 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         else:
             lines.append(f"  field '{location}': {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
+
+
+def _without_repeats(location: tuple) -> list[str]:
+    """A location's parts, a part equal to the one before it dropped: a discriminated union adds the kind it chose to
+    the location (`sae.sae.d_model` for the field `sae` holding an SAE), which a person reads as `sae.d_model`."""
+    parts = [str(part) for part in location]
+    return [part for index, part in enumerate(parts) if index == 0 or part != parts[index - 1]]
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

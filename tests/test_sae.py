@@ -582,7 +582,9 @@ def test_unknown_sae_type_is_a_named_error(tmp_path):
     )
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"sae_type": "hypercoder"}))
-    with pytest.raises(ConfigError, match=r"config\.json: unknown sae_type 'hypercoder'.*\['sae'\]"):
+    with pytest.raises(
+        ConfigError, match=r"config\.json: unknown sae_type 'hypercoder'; known dictionary types: \[.*'sae'"
+    ):
         load_sparse_dictionary(tmp_path)
 
 

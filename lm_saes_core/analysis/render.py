@@ -238,9 +238,9 @@ def feature_view(
     """Everything known about one feature, strongest evidence first."""
     d_sae = dictionary.cfg.get("d_sae", "?")
     title = f"feature {feature.index} of {dictionary.name} (series {dictionary.series}, d_sae {d_sae})"
-    hooks = dictionary.cfg.get("hook_point_out") or dictionary.cfg.get("hook_point_in")
+    _, hooks = dictionary_label(dictionary.cfg)
     info = Text.assemble(
-        (f"model {dictionary.model_name or '?'} · hook {hooks or '?'}", "dim"),
+        (f"model {dictionary.model_name or '?'} · hook {hooks}", "dim"),
         (f" · analysis {analysis.name!r}" if analysis else " · no analysis stored", "dim"),
     )
     parts: list[RenderableType] = [Panel(info, title=title, title_align="left")]
@@ -291,6 +291,19 @@ def _pool_panels(
     return panels
 
 
+def dictionary_label(cfg: Mapping) -> tuple[str, str]:
+    """(sae_type, hooks) of a stored dictionary config: hooks as `in` when it reconstructs what it reads, else
+    `in → out` (a transcoder); ("?", "?") parts for a config this version cannot read."""
+    from lm_saes_core.models import SparseDictionary
+
+    try:
+        parsed = SparseDictionary.kind(str(cfg.get("sae_type"))).config_class.model_validate(dict(cfg))
+    except ValueError:
+        return str(cfg.get("sae_type", "?")), "?"
+    hooks_in, hooks_out = ", ".join(parsed.hooks_in), ", ".join(parsed.hooks_out)
+    return parsed.sae_type, hooks_in if hooks_in == hooks_out else f"{hooks_in} → {hooks_out}"
+
+
 def dictionaries_table(
     dictionaries: Sequence[DictionaryRecord], analysed: Mapping[tuple[str, str], Mapping[str, int]]
 ) -> Table:
@@ -298,12 +311,7 @@ def dictionaries_table(
     table = Table("series", "name", "model", "type", "d_sae", "hook", "EV", "L0", "dead", "analysed", "path")
     for record in dictionaries:
         cfg = record.cfg
-        kind = cfg.get("sae_type", "?")
-        if cfg.get("hook_point_in") and cfg.get("hook_point_out") and cfg["hook_point_in"] != cfg["hook_point_out"]:
-            kind = "transcoder"
-        hook = cfg.get("hook_point_in", "?")
-        if kind == "transcoder":
-            hook = f"{cfg['hook_point_in']} → {cfg['hook_point_out']}"
+        kind, hook = dictionary_label(cfg)
         counts = analysed.get((record.series, record.name), {})
         table.add_row(
             record.series,

@@ -140,15 +140,6 @@ def threshold_activation(x: Tensor, threshold: Tensor | float, inclusive: bool =
     return x * mask
 
 
-def batchtopk(x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Training-mode BatchTopK over (n_rows, d_sae): keep the k * n_rows largest positive entries of the batch.
-
-    Returns the activations and the threshold (smallest kept value) that the inference threshold averages.
-    """
-    threshold = batchtopk_threshold(x, k)
-    return threshold_activation(x, threshold, inclusive=True), threshold
-
-
 # -------------------------------------------------------------------------------- modules, one per act_fn
 
 

@@ -317,10 +317,14 @@ class SparseDictionary(nn.Module):
         c = coefficients or LossCoefficients()
         if c.k is not None:
             self.current_k = c.k
-        x, y, _, _ = self.prepare(self.token_rows(batch))
-        if x.shape[0] == 0:
-            raise ValueError("the batch has no tokens to train on (its mask is all False)")
+        rows = self.token_rows(batch)
+        x, y, _, _ = self.prepare(rows)
         f, h, y_hat = self.encode_and_reconstruct(x)
+        if self.granularity == "contexts" and "mask" in rows:  # whole contexts in, the valid tokens' terms out
+            valid = rows["mask"].to(torch.bool)
+            f, h, y_hat, y = f[valid], h[valid], y_hat[valid], y[valid]
+        if y.shape[0] == 0:
+            raise ValueError("the batch has no tokens to train on (its mask is all False)")
         terms = {"mse_loss": (y_hat - y).pow(2).sum(-1).mean()}
         if c.penalty is not None:
             terms["sparsity_loss"] = c.l1 * c.penalty(f, h, self)
@@ -336,7 +340,7 @@ class SparseDictionary(nn.Module):
         for name, term in terms.items():
             if name != "mse_loss":
                 loss = loss + term
-        return LossOutput(loss, terms, f, h, y_hat, y, n_tokens=int(x.shape[0]))
+        return LossOutput(loss, terms, f, h, y_hat, y, n_tokens=int(y.shape[0]))
 
     def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
         """Aux-K: how well the top `k_aux` dead latents reconstruct the residual (mean over tokens)."""

@@ -24,7 +24,14 @@ from lm_saes_core.config import BaseConfig, MongoDBConfig
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models import DICTIONARY_CONFIGS, PretrainedSAE, SparseDictionary, SparseDictionaryConfig
+from lm_saes_core.models import (
+    KNOWN_SAE_TYPES,
+    PretrainedSAE,
+    SparseDictionary,
+    SparseDictionaryConfig,
+    sae_type_of,
+    tagged_dictionary_configs,
+)
 from lm_saes_core.runners.common import (
     activation_epochs,
     check_dictionary_fits,
@@ -42,21 +49,16 @@ logger = logging.getLogger(__name__)
 
 
 def _sae_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return "pretrained" if "pretrained_name_or_path" in value else str(value.get("sae_type", "sae"))
-    return "pretrained" if isinstance(value, PretrainedSAE) else value.sae_type
+    if isinstance(value, PretrainedSAE) or (isinstance(value, dict) and "pretrained_name_or_path" in value):
+        return "pretrained"
+    return sae_type_of(value)
 
-
-_KNOWN_KINDS = [cfg.model_fields["sae_type"].default for cfg in DICTIONARY_CONFIGS]
 
 # A dictionary to train: a full config of any kind (discriminated on `sae_type`) or saved weights to continue from.
 SAESpec = Annotated[
-    Union[  # noqa: UP007
-        tuple(Annotated[cfg, Tag(kind)] for cfg, kind in zip(DICTIONARY_CONFIGS, _KNOWN_KINDS, strict=True))
-        + (Annotated[PretrainedSAE, Tag("pretrained")],)
-    ],
+    Union[(*tagged_dictionary_configs(), Annotated[PretrainedSAE, Tag("pretrained")])],  # noqa: UP007
     Discriminator(
-        _sae_kind, custom_error_type="sae_type", custom_error_message=f"unknown sae_type (known: {_KNOWN_KINDS})"
+        _sae_kind, custom_error_type="sae_type", custom_error_message=f"unknown sae_type (known: {KNOWN_SAE_TYPES})"
     ),
 ]
 
