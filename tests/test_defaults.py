@@ -6,35 +6,23 @@ initialisation, it ended at -0.30). The old warm-up, given explicitly, is refuse
 from pathlib import Path
 
 import pytest
+from real_activations import heldout_metrics, smollm2_cache
 
-from lm_saes_core import DatasetConfig, GenerateActivationsSettings, LanguageModelConfig, generate_activations
 from lm_saes_core.config import ConfigError
-from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.train import TrainSAESettings, train_sae
 
 HOOK = "blocks.5.hook_resid_post"
 pytestmark = pytest.mark.slow
 
 
-def _cache(root: Path, split: str, tokens: int) -> Path:
-    settings = GenerateActivationsSettings(
-        model=LanguageModelConfig(model_name="smollm2-135m"),
-        dataset=DatasetConfig(dataset_name_or_path="python-docs", split=split),
-        hook_points=[HOOK],
-        output_dir=str(root),
-        context_size=128,
-        model_batch_size=16,
-        batch_size=16,
-        total_tokens=tokens,
-    )
-    return generate_activations(settings).output_dir
-
-
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("defaults")
     # 352 windows hold >= 40,000 document tokens; held-out documents are never trained on.
-    return _cache(root / "train", "train[:300]", 128 * 352), _cache(root / "heldout", "train[400:450]", 128 * 32)
+    return (
+        smollm2_cache(root / "train", HOOK, "train[:300]", 128 * 352),
+        smollm2_cache(root / "heldout", HOOK, "train[400:450]", 128 * 32),
+    )
 
 
 def new_user_settings(cache: Path, output: Path, **trainer) -> TrainSAESettings:
@@ -65,22 +53,7 @@ def test_a_short_run_with_default_settings_learns(caches, tmp_path):
     train_cache, heldout_cache = caches
     result = train_sae(new_user_settings(train_cache, tmp_path / "sae"))
     assert result.steps == 78
-    evaluation = evaluate_sae(
-        EvaluateSAESettings.model_validate(
-            {
-                "sae": {"pretrained_name_or_path": str(tmp_path / "sae")},
-                "sae_name": "new-user",
-                "activation_factory": {
-                    "sources": [{"type": "activations", "name": "heldout", "path": str(heldout_cache)}],
-                    "target": "activations-1d",
-                    "hook_points": [HOOK],
-                    "batch_size": 512,
-                },
-                "eval": {"compute_downstream": False, "total_eval_tokens": 4000},
-            }
-        )
-    )
-    metrics = evaluation.metrics
+    metrics = heldout_metrics(tmp_path / "sae", heldout_cache, HOOK, tokens=4000, batch_size=512)
     assert metrics["metrics/explained_variance"] >= 0.6, metrics
     assert metrics["metrics/l0"] == pytest.approx(32.0)
     assert metrics["metrics/dead_fraction"] < 0.25  # the centred encoder bias keeps most latents alive (0.11)

@@ -6,38 +6,24 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from real_activations import heldout_metrics, smollm2_cache
 
-from lm_saes_core import DatasetConfig, GenerateActivationsSettings, LanguageModelConfig, generate_activations
 from lm_saes_core.config import ConfigError, load_config
 from lm_saes_core.models import SparseAutoEncoder
-from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, sweep_sae, train_sae
 
 HOOK = "blocks.3.hook_resid_post"
 pytestmark = pytest.mark.slow
 
 
-def _cache(root: Path, split: str, tokens: int) -> Path:
-    result = generate_activations(
-        GenerateActivationsSettings(
-            model=LanguageModelConfig(model_name="smollm2-135m"),
-            dataset=DatasetConfig(dataset_name_or_path="python-docs", split=split),
-            hook_points=[HOOK],
-            output_dir=str(root),
-            context_size=128,
-            model_batch_size=16,
-            batch_size=16,
-            total_tokens=tokens,
-        )
-    )
-    return result.output_dir
-
-
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-caches")
     # documents 100-299 for training, 400-449 held out (whole documents, never the same ones)
-    return _cache(root / "train", "train[100:300]", 128 * 160), _cache(root / "heldout", "train[400:450]", 128 * 32)
+    return (
+        smollm2_cache(root / "train", HOOK, "train[100:300]", 128 * 160),
+        smollm2_cache(root / "heldout", HOOK, "train[400:450]", 128 * 32),
+    )
 
 
 def settings_dict(cache: Path, out: Path, **trainer) -> dict:
@@ -115,24 +101,10 @@ def test_training_on_real_activations_generalises_to_held_out_documents(caches, 
     again = train_sae(settings)  # identical settings: the finished run is reused, nothing is retrained
     assert again.reused and again.steps == 80 and again.n_tokens == result.n_tokens
     assert (tmp_path / "sae" / "sae_weights.safetensors").stat().st_mtime_ns == weights
-    evaluation = evaluate_sae(
-        EvaluateSAESettings.model_validate(
-            {
-                "sae": {"pretrained_name_or_path": str(tmp_path / "sae")},
-                "sae_name": "test",
-                "activation_factory": {
-                    "sources": [{"type": "activations", "name": "h", "path": str(heldout)}],
-                    "target": "activations-1d",
-                    "hook_points": [HOOK],
-                    "batch_size": 1024,
-                },
-                "eval": {"total_eval_tokens": 3000, "compute_downstream": False},
-            }
-        )
-    )
+    metrics = heldout_metrics(tmp_path / "sae", heldout, HOOK, tokens=3000)
     # 4x TopK(32) on 80k tokens of layer 3: measured ~0.87 on held-out documents
-    assert evaluation.metrics["metrics/explained_variance"] > 0.8
-    assert evaluation.metrics["metrics/l0"] == pytest.approx(32, abs=0.5)
+    assert metrics["metrics/explained_variance"] > 0.8
+    assert metrics["metrics/l0"] == pytest.approx(32, abs=0.5)
 
 
 def test_resume_through_the_runner_equals_the_uninterrupted_run(caches, tmp_path):
