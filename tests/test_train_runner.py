@@ -107,6 +107,20 @@ def test_training_on_real_activations_generalises_to_held_out_documents(caches, 
     assert metrics["metrics/l0"] == pytest.approx(32, abs=0.5)
 
 
+def test_training_continues_from_saved_weights(caches, tmp_path):
+    """`sae: {pretrained_name_or_path: DIR}` starts from the saved (folded) dictionary, as saved, and trains on."""
+    train_cache, heldout = caches
+    first = train_sae(TrainSAESettings.model_validate(settings_dict(train_cache, tmp_path / "first",
+                                                                    total_training_tokens=1024 * 20)))  # fmt: skip
+    data = settings_dict(train_cache, tmp_path / "second", total_training_tokens=1024 * 20)
+    data["sae"] = {"pretrained_name_or_path": str(first.output_path)}
+    second = train_sae(TrainSAESettings.model_validate(data))
+    assert second.steps == 20
+    before = heldout_metrics(first.output_path, heldout, HOOK, tokens=3000)["metrics/explained_variance"]
+    after = heldout_metrics(second.output_path, heldout, HOOK, tokens=3000)["metrics/explained_variance"]
+    assert after > before  # it continued from the first run's weights instead of starting over
+
+
 def test_resume_through_the_runner_equals_the_uninterrupted_run(caches, tmp_path):
     train_cache, _ = caches
     full = settings_dict(train_cache, tmp_path / "full", total_training_tokens=1024 * 30, checkpoint_every_steps=10)

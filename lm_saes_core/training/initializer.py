@@ -4,9 +4,10 @@ and the grid search of the initial decoder norm.
 Every batch the initializer reads is handed back at the front of the returned stream, so initialisation costs no
 training data (the reference system silently dropped up to ten batches here).
 
-The defaults are the ones that learn (decoder bias at the data mean, decoder norm by grid search, encoder = decoder
-transpose). Each data-driven step needs a capability of the kind (`models.capabilities`): left at its default, a
-step the kind lacks is skipped; set explicitly, it is an error naming the field.
+The defaults are the ones that learn (decoder bias at the data mean, encoder = decoder transpose, decoder norm by
+grid search, encoder bias centring the pre-activations). Each data-driven step needs a capability of the kind
+(`models.capabilities`): left at its default, a step the kind lacks is skipped; set explicitly, it is an error
+naming the field.
 """
 
 import itertools

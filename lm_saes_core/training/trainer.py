@@ -74,6 +74,8 @@ class Trainer:
         self.is_main = data_parallel is None or data_parallel.is_main
         self.world_size = 1 if data_parallel is None else data_parallel.world_size
         """Batches are this rank's part: a step trains on world_size times as many tokens."""
+        self.penalty = cfg.loss.penalty()
+        """The sparsity penalty, chosen once from the loss config."""
 
     def fit(
         self,
@@ -88,7 +90,6 @@ class Trainer:
         each item its own)."""
         cfg = self.cfg
         model.check_loss(cfg.loss)
-        self.penalty = cfg.loss.penalty()
         if self.dp is not None:
             self.dp.broadcast_model(model)
             model.batch_kth = self.dp.kth_largest
