@@ -229,10 +229,9 @@ class SparseDictionary(nn.Module):
 
     def scale_factors(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(c_in, c_out): multiply the input / label by them to get normalised activations; divide to undo."""
-        cache: dict[str, Tensor] = {}
-        return self._stacked_scale(batch, self.cfg.hooks_in, cache), self._stacked_scale(
-            batch, self.cfg.hooks_out, cache
-        )
+        cache: dict[str, Tensor] = {}  # a hook both read and reconstructed is scaled once
+        c_in = self._stacked_scale(batch, self.cfg.hooks_in, cache)
+        return c_in, self._stacked_scale(batch, self.cfg.hooks_out, cache)
 
     def _stack(self, batch: Batch, hooks: list[str]) -> Tensor:
         for hook in hooks:
