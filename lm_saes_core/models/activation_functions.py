@@ -23,11 +23,17 @@ def relu(x: Tensor) -> Tensor:
     return x.relu()
 
 
+def _sum_over_tokens(values: Tensor, threshold: Tensor) -> Tensor:
+    """(..., *feature_shape) summed over the leading dims down to the threshold's (feature) shape."""
+    return values.reshape(-1, *threshold.shape).sum(0)
+
+
 class JumpReLUFunction(torch.autograd.Function):
     """y = x * 1[x > theta], with a rectangular-kernel pseudo-derivative for theta (Rajamanoharan et al. 2024).
 
     d/dx is straight-through on the kept entries; d/dtheta = g * (-theta / window) inside the window
-    |x - theta| < window / 2 (x > 0), summed over every leading (token) dim, so theta has shape x.shape[-1:].
+    |x - theta| < window / 2 (x > 0), summed over the leading (token) dims theta does not have: theta has the
+    feature shape, (d_sae,) or e.g. (n_layers, d_sae).
     """
 
     @staticmethod
@@ -44,7 +50,7 @@ class JumpReLUFunction(torch.autograd.Function):
             grad_x = grad_output * (x > threshold)
         if ctx.needs_input_grad[1]:
             in_window = ((x - threshold).abs() < ctx.window / 2) & (x > 0)
-            grad_threshold = (grad_output * in_window * (-threshold / ctx.window)).reshape(-1, x.shape[-1]).sum(0)
+            grad_threshold = _sum_over_tokens(grad_output * in_window * (-threshold / ctx.window), threshold)
         return grad_x, grad_threshold, None
 
 
@@ -72,8 +78,8 @@ class GatedJumpReLUFunction(torch.autograd.Function):
             # |x n - theta| < w / 2 and x n > 0, as bounds on x per feature
             low, high = (threshold - ctx.window / 2) / norm, (threshold + ctx.window / 2) / norm
             in_window = (x > low) & (x < high) & (x > 0)
-            weight = -threshold / (ctx.window * norm)  # (d_sae,)
-            grad_threshold = (grad_output * in_window).reshape(-1, x.shape[-1]).sum(0) * weight
+            weight = -threshold / (ctx.window * norm)  # the feature shape
+            grad_threshold = _sum_over_tokens(grad_output * in_window, threshold) * weight
         return grad_x, None, grad_threshold, None
 
 
@@ -94,7 +100,7 @@ class StepFunction(torch.autograd.Function):
         grad_threshold = None
         if ctx.needs_input_grad[1]:
             in_window = ((x - threshold).abs() < ctx.window / 2) & (x > 0)
-            grad_threshold = (grad_output * in_window * (-1.0 / ctx.window)).reshape(-1, x.shape[-1]).sum(0)
+            grad_threshold = _sum_over_tokens(grad_output * in_window * (-1.0 / ctx.window), threshold)
         return None, grad_threshold, None
 
 
@@ -154,6 +160,9 @@ class ActivationFunction(nn.Module):
     needs_sparsity_penalty: ClassVar[bool] = False
     gated: ClassVar[bool] = True
     """Whether decoder-norm gating changes the result (ReLU: relu(h * n) / n == relu(h), so no norms are needed)."""
+    spans_groups: ClassVar[bool] = False
+    """It ranks features across their groups (the layers of a CLT): only for dictionaries whose features come in
+    groups."""
 
     def __init__(self, feature_shape: tuple[int, ...], window: float, **factory):
         """`feature_shape` and `factory` (device, dtype) size learned state; `window` is JumpReLU's bandwidth."""
@@ -170,8 +179,9 @@ class ActivationFunction(nn.Module):
         return {}
 
     @torch.no_grad()
-    def fold_(self, scale: float) -> None:
-        """Thresholds compare scores that folding divides by `scale`: divide them too (no-op without thresholds)."""
+    def fold_(self, scale: float | Tensor) -> None:
+        """Thresholds compare scores that folding divides by `scale` (a number, or one per group of features (G,)):
+        divide them too (no-op without thresholds)."""
 
     def init_parameters(self, **_: float) -> None:
         """Reset learned state (thresholds) to its initial value."""
@@ -222,16 +232,42 @@ class JumpReLU(ActivationFunction):
         return {"metrics/mean_jumprelu_threshold": self.threshold().mean().item()}
 
     @torch.no_grad()
-    def fold_(self, scale: float) -> None:
-        self.log_jumprelu_threshold -= math.log(scale)
+    def fold_(self, scale: float | Tensor) -> None:
+        if isinstance(scale, Tensor):  # one per group: thresholds (G, F)
+            self.log_jumprelu_threshold -= scale.log()[:, None]
+        else:
+            self.log_jumprelu_threshold -= math.log(scale)
 
     @torch.no_grad()
     def init_parameters(self, init_log_jumprelu_threshold_value: float = math.log(0.1), **_: float) -> None:
         self.log_jumprelu_threshold.fill_(init_log_jumprelu_threshold_value)
 
 
+Selected = list[tuple[kernels.Selection, Tensor | None]]
+"""The sparse form of a TopK-family activation: per group of features (one for an SAE; per layer for a CLT), the
+(row, feature) selection over that group's (N, d_sae) block and a mask of its positive entries (or None: all are)."""
+
+
+def _groups(scores: Tensor) -> Tensor:
+    """Scores (N, *groups, F) as (N, G, F)."""
+    return scores.reshape(scores.shape[0], math.prod(scores.shape[1:-1]), scores.shape[-1])
+
+
+def _split(selection: kernels.Selection, keep: Tensor | None, n_groups: int, width: int) -> Selected:
+    """A selection over (N, G * F) (groups side by side) as one selection per group."""
+    groups, cols = selection.cols // width, selection.cols % width
+    n_rows = selection.offsets.shape[0]
+    parts = []
+    for group in range(n_groups):
+        mine = groups == group
+        rows = selection.rows[mine]
+        part = kernels.Selection(rows, cols[mine], kernels.row_offsets(rows, n_rows))
+        parts.append((part, keep[mine] if keep is not None else None))
+    return parts
+
+
 class TopK(ActivationFunction):
-    """The k largest scores of every token."""
+    """The k largest scores of every token (of every token and group, e.g. layer, when features come in groups)."""
 
     name = "topk"
     uses_k = True
@@ -241,18 +277,36 @@ class TopK(ActivationFunction):
             return topk(hidden_pre, k)
         return topk(hidden_pre * norm, k) / norm
 
-    def select(self, scores: Tensor, k: int, update_state: bool = True) -> tuple[kernels.Selection, Tensor | None]:
-        """The sparse form over scores (N, d_sae): the selection and a mask of its positive entries."""
-        return kernels.select_topk(scores, k)
+    def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
+        """The sparse form over scores (N, *groups, d_sae)."""
+        grouped = _groups(scores)
+        return [kernels.select_topk(grouped[:, group], k) for group in range(grouped.shape[1])]
 
     def statistics(self, k: int) -> dict[str, float]:
         return {"sparsity/k": float(k)}
 
 
+class LayerTopK(TopK):
+    """The k largest scores of every token over all its groups (layers) of features together."""
+
+    name = "layertopk"
+    spans_groups = True
+
+    def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
+        scores = hidden_pre * norm if norm is not None else hidden_pre
+        acts = topk(scores.flatten(1), k).reshape(scores.shape)
+        return acts / norm if norm is not None else acts
+
+    def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
+        grouped = _groups(scores)
+        return _split(*kernels.select_topk(grouped.flatten(1), k), grouped.shape[1], grouped.shape[2])
+
+
 class BatchTopK(ActivationFunction):
     """Training: the k x N largest scores of the batch of N tokens (of every data-parallel rank's tokens with a
-    group's `kth`). Inference: every score above `topk_threshold`, an EMA of the training thresholds, so a token's
-    features do not depend on the other tokens."""
+    group's `kth`), per group (layer) of features when they come in groups. Inference: every score above
+    `topk_threshold` (one per group), an EMA of the training thresholds, so a token's features do not depend on the
+    other tokens."""
 
     name = "batchtopk"
     uses_k = True
@@ -262,47 +316,90 @@ class BatchTopK(ActivationFunction):
     def __init__(self, feature_shape: tuple[int, ...], window: float, **factory):
         super().__init__(feature_shape, window)
         # 0 means "not estimated yet": the first training batch sets it directly.
-        self.register_buffer("topk_threshold", torch.zeros((), **factory))
+        self.register_buffer("topk_threshold", torch.zeros(self._threshold_shape(feature_shape), **factory))
         self.kth: KthLargest | None = None
         """How training finds the threshold: None within this batch; a data-parallel trainer sets its group's
         search, so the threshold is that of the whole distributed batch and the replicas stay identical."""
 
+    @staticmethod
+    def _threshold_shape(feature_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return feature_shape[:-1]  # one per group: () for an SAE
+
     def _update_threshold(self, batch_threshold: Tensor) -> None:
         old, m = self.topk_threshold, self.threshold_momentum
+        batch_threshold = batch_threshold.reshape(old.shape)
         self.topk_threshold.copy_(torch.where(old > 0, m * old + (1 - m) * batch_threshold, batch_threshold))
+
+    def _thresholds(self, grouped: Tensor, k: int, update_state: bool) -> tuple[Tensor, bool]:
+        """(G,) thresholds of scores (N, G, F) and whether they are inclusive."""
+        if not self.training:
+            return self.topk_threshold.reshape(-1), False
+        detached = grouped.detach()
+        thresholds = torch.stack([batchtopk_threshold(detached[:, g], k, self.kth) for g in range(grouped.shape[1])])
+        if update_state and grouped.shape[0] > 0:
+            self._update_threshold(thresholds)
+        return thresholds, True
 
     def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
         scores = hidden_pre * norm if norm is not None else hidden_pre
-        if self.training:
-            threshold = batchtopk_threshold(scores.detach(), k, self.kth)
-            if update_state and scores.shape[0] > 0:
-                self._update_threshold(threshold)
-            acts = threshold_activation(scores, threshold, inclusive=True)
-        else:
-            acts = threshold_activation(scores, self.topk_threshold)
+        grouped = _groups(scores)
+        thresholds, inclusive = self._thresholds(grouped, k, update_state)
+        acts = threshold_activation(grouped, thresholds[:, None], inclusive).reshape(scores.shape)
         return acts / norm if norm is not None else acts
 
-    def select(self, scores: Tensor, k: int, update_state: bool = True) -> tuple[kernels.Selection, Tensor | None]:
+    def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
+        grouped = _groups(scores)
         if not self.training:
-            return kernels.select_above(scores, self.topk_threshold), None
-        selection, threshold = kernels.select_batch_topk(scores, k, self.kth)
+            thresholds = self.topk_threshold.reshape(-1)
+            return [(kernels.select_above(grouped[:, g], thresholds[g]), None) for g in range(grouped.shape[1])]
+        selected, thresholds = [], []
+        for group in range(grouped.shape[1]):
+            selection, threshold = kernels.select_batch_topk(grouped[:, group], k, self.kth)
+            selected.append((selection, None))
+            thresholds.append(threshold)
         if update_state and scores.shape[0] > 0:
-            self._update_threshold(threshold)
-        return selection, None
+            self._update_threshold(torch.stack(thresholds))
+        return selected
 
     def statistics(self, k: int) -> dict[str, float]:
         return {"sparsity/k": float(k)}
 
     @torch.no_grad()
-    def fold_(self, scale: float) -> None:
-        self.topk_threshold /= scale
+    def fold_(self, scale: float | Tensor) -> None:
+        self.topk_threshold /= scale  # one threshold per group, as `scale` has
 
     @torch.no_grad()
     def init_parameters(self, **_: float) -> None:
         self.topk_threshold.zero_()
 
 
-ACTIVATION_FUNCTIONS: dict[str, type[ActivationFunction]] = {cls.name: cls for cls in (ReLU, JumpReLU, TopK, BatchTopK)}
+class BatchLayerTopK(BatchTopK):
+    """BatchTopK over all groups (layers) of features together: the k x N largest scores of the whole batch, one
+    inference threshold."""
+
+    name = "batchlayertopk"
+    spans_groups = True
+
+    @staticmethod
+    def _threshold_shape(feature_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return ()
+
+    def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
+        scores = hidden_pre * norm if norm is not None else hidden_pre
+        flat = scores.flatten(1)[:, None]  # one group of every feature
+        thresholds, inclusive = self._thresholds(flat, k, update_state)
+        acts = threshold_activation(flat, thresholds[:, None], inclusive).reshape(scores.shape)
+        return acts / norm if norm is not None else acts
+
+    def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
+        grouped = _groups(scores)
+        ((selection, _),) = super().select(grouped.flatten(1), k, update_state)
+        return _split(selection, None, grouped.shape[1], grouped.shape[2])
+
+
+ACTIVATION_FUNCTIONS: dict[str, type[ActivationFunction]] = {
+    cls.name: cls for cls in (ReLU, JumpReLU, TopK, BatchTopK, LayerTopK, BatchLayerTopK)
+}
 """act_fn -> module; a config's `act_fn` must be one of these names."""
 
 

@@ -70,7 +70,7 @@ class SparseDictionary(nn.Module):
     legacy_tensor_names: ClassVar[dict[str, str]] = {}
     """Tensor names of files saved by earlier versions -> today's names (applied when loading)."""
     splices_causally: ClassVar[bool] = False
-    """Every input hook fires no later than the outputs it feeds (see `splice`)."""
+    """Each output depends only on inputs that fire no later than it in the forward pass (see `splice`)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,7 +130,10 @@ class SparseDictionary(nn.Module):
 
     @current_k.setter
     def current_k(self, k: int) -> None:
-        if not 0 < k <= self.cfg.d_sae:
+        if self.activation_function.spans_groups:  # k counts features of every group (layer) together
+            if not 0 < k <= self.n_features:
+                raise ValueError(f"current_k must lie in [1, n_features={self.n_features}], got {k}")
+        elif not 0 < k <= self.cfg.d_sae:
             raise ValueError(f"current_k must lie in [1, d_sae={self.cfg.d_sae}], got {k}")
         self._current_k = int(k)
 
@@ -376,7 +379,8 @@ class SparseDictionary(nn.Module):
 
         A kind that `splices_causally` reads its inputs from the spliced pass itself as the pass reaches them
         (inputs that are not outputs through read-only observers), so the errors of earlier replacements reach
-        later ones, as in a replacement model. Any other kind (e.g. one whose features read a later layer) is
+        later ones, as in a replacement model; the inputs the pass has not reached yet do not feed that output, so
+        they are given as zeros. Any other kind (e.g. one whose features read a later layer) is
         reconstructed from the clean activations of `batch` (B, S, width) first, then patched in everywhere."""
         if not self.splices_causally:
             clean = {hook: batch[hook][positions.to(batch[hook].device)] for hook in self.cfg.hook_points}
@@ -388,14 +392,17 @@ class SparseDictionary(nn.Module):
         hooks_in, hooks_out = self.cfg.hooks_in, self.cfg.hooks_out
         seen: dict[str, Tensor] = {}
 
+        widths = self._widths()
+
         def replace(hook: str):
             def splice_at(activation: Tensor) -> Tensor:
-                inputs = {**seen, hook: activation}
-                missing = [h for h in hooks_in if h not in inputs]
-                if missing:
-                    raise ValueError(f"splicing at {hook!r} needs the inputs {missing}, which the model computes later")
                 where = positions.to(activation.device)
-                flat = {h: value[where].to(self.device, self.cfg.dtype) for h, value in inputs.items()}
+                flat = {
+                    h: value[where].to(self.device, self.cfg.dtype) for h, value in {**seen, hook: activation}.items()
+                }
+                n = flat[hook].shape[0]
+                for later in hooks_in:  # not reached yet, so (splicing causally) not read by this output: zeros
+                    flat.setdefault(later, torch.zeros(n, widths[later], dtype=self.cfg.dtype, device=self.device))
                 return _patch(positions, self.reconstruct(flat)[hook])(activation)
 
             return splice_at
@@ -473,7 +480,10 @@ class SparseDictionary(nn.Module):
         state = read_weights(weights_file, config_file, model, strict_loading)
         model.load_state_dict(state, strict=strict_loading)
         if fold_activation_scale and model.cfg.norm_activation == "dataset-wise":
-            model.fold_activation_scale()
+            if model.can_fold:
+                model.fold_activation_scale()
+            else:  # it normalises raw inputs itself, so it is used as it is
+                logger.info("%s: sae_type %r cannot fold its activation scale; loaded as saved", path, cfg.sae_type)
         return model.eval()
 
 

@@ -8,7 +8,8 @@ from pydantic import Field, model_validator
 from lm_saes_core.config import BaseModelConfig
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
 
-ActivationFunctionName = Literal["relu", "jumprelu", "topk", "batchtopk"]
+ActivationFunctionName = Literal["relu", "jumprelu", "topk", "batchtopk", "layertopk", "batchlayertopk"]
+"""The last two rank features across the layers of a CLT."""
 NormActivation = Literal["token-wise", "dataset-wise", "inference"]
 
 
@@ -46,7 +47,8 @@ class SparseDictionaryConfig(BaseModelConfig):
                 )
             object.__setattr__(self, "d_sae", d_sae)
             object.__setattr__(self, "expansion_factor", None)
-        if ACTIVATION_FUNCTIONS[self.act_fn].uses_k and self.top_k > self.d_sae:
+        activation = ACTIVATION_FUNCTIONS[self.act_fn]
+        if activation.uses_k and not activation.spans_groups and self.top_k > self.d_sae:
             raise ValueError(f"top_k ({self.top_k}) cannot exceed d_sae ({self.d_sae})")
         return self
 

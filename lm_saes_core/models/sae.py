@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lm_saes_core.models import kernels
+from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
 from lm_saes_core.models.base import Batch, SparseDictionary
 from lm_saes_core.models.config import SparseDictionaryConfig
 
@@ -36,6 +37,11 @@ class SAEConfig(SparseDictionaryConfig):
     def _transcoder_only(self) -> "SAEConfig":
         if not self.is_transcoder and (self.d_out not in (None, self.d_model) or self.use_skip_connection):
             raise ValueError("d_out and use_skip_connection apply to transcoders (hook_point_in != hook_point_out)")
+        if ACTIVATION_FUNCTIONS[self.act_fn].spans_groups:
+            raise ValueError(
+                f"act_fn {self.act_fn!r} ranks features across layers (sae_type 'clt'); for an SAE it is "
+                f"{self.act_fn.replace('layer', '')!r}"
+            )
         return self
 
     @property
@@ -170,7 +176,7 @@ class SparseAutoEncoder(SparseDictionary):
                 scores = scores * norm
             if latent_mask is not None:
                 scores = scores * latent_mask
-            selection, keep = self.activation_function.select(scores, k, update_state)
+            ((selection, keep),) = self.activation_function.select(scores, k, update_state)
         # act(h * n) / n == h on kept entries, so the values are the plain pre-activations there.
         values = kernels.gather_preacts(x, self.W_E, self.b_E, hidden_pre, selection)
         return selection, values * keep if keep is not None else values
