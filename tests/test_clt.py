@@ -276,3 +276,68 @@ def test_checkpoint_and_resume_reproduce_the_uninterrupted_run_bitwise(tmp_path)
     assert expected.keys() == actual.keys()
     for name in expected:
         assert torch.equal(actual[name], expected[name]), name
+
+
+# ------------------------------------------------------------------ spliced into a language model, layer after layer
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_llama_dir):
+    from lm_saes_core.backend import HuggingFaceLanguageModel, LanguageModelConfig
+
+    return HuggingFaceLanguageModel(LanguageModelConfig(model_name=str(tiny_llama_dir)))
+
+
+def tiny_batches(model, hooks: list[str]) -> list[dict]:
+    from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
+    from lm_saes_core.activation.factory import ActivationFactory
+    from lm_saes_core.data import DatasetConfig, load_dataset
+
+    factory = ActivationFactory(
+        ActivationFactoryConfig(sources=[{"type": "dataset", "name": "docs"}], hook_points=hooks, batch_size=2,
+                                target=ActivationFactoryTarget.ACTIVATIONS_2D, context_size=24, model_batch_size=2)
+    )  # fmt: skip
+    dataset = load_dataset(DatasetConfig(dataset_name_or_path="python-docs", split="train[:10]"))
+    stream = factory.process(model=model, datasets={"docs": dataset})
+    return [next(stream) for _ in range(2)]
+
+
+def test_spliced_layer_after_layer_through_the_generic_evaluator(tiny_model):
+    from lm_saes_core.evaluation import EvalConfig, Evaluator
+
+    d = tiny_model.d_model
+    # Every layer's MLP output replaced at once, each from the MLP inputs the spliced pass computes.
+    mlp_in, mlp_out = (
+        ["blocks.0.hook_mlp_in", "blocks.1.hook_mlp_in"],
+        ["blocks.0.hook_mlp_out", "blocks.1.hook_mlp_out"],
+    )
+    zero_cfg = clt_config(
+        d_model=d, d_sae=8, hook_points_in=mlp_in, hook_points_out=mlp_out, sparsity_include_decoder_norm=False
+    )
+    zero = CrossLayerTranscoder.from_config(zero_cfg)
+    with torch.no_grad():
+        for decoder, bias in zip(zero.W_D, zero.b_D, strict=True):
+            decoder.zero_()
+            bias.zero_()
+    metrics = Evaluator(EvalConfig(total_eval_tokens=10_000)).evaluate(zero, tiny_batches(tiny_model, mlp_in + mlp_out),
+                                                                       tiny_model)  # fmt: skip
+    assert metrics["metrics/ce_loss_spliced"] == metrics["metrics/ce_loss_zero_ablation"]
+    assert metrics["metrics/ce_loss_zero_ablation"] > metrics["metrics/ce_loss_clean"]
+
+    # A CLT reconstructing each residual stream from itself (relu(x) - relu(-x)) replaces both exactly.
+    resid = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    identity = CrossLayerTranscoder(clt_config(d_model=d, d_sae=2 * d, hook_points_in=resid, hook_points_out=resid,
+                                               sparsity_include_decoder_norm=False))  # fmt: skip
+    eye = torch.eye(d)
+    with torch.no_grad():
+        identity.W_E.copy_(torch.cat([eye, -eye], 1).expand(2, d, 2 * d))
+        identity.b_E.zero_()
+        identity.W_D[0].copy_(torch.cat([eye, -eye], 0)[None])
+        identity.W_D[1].copy_(torch.stack([torch.zeros(2 * d, d), torch.cat([eye, -eye], 0)]))
+        for bias in identity.b_D:
+            bias.zero_()
+    metrics = Evaluator(EvalConfig(total_eval_tokens=10_000)).evaluate(identity, tiny_batches(tiny_model, resid),
+                                                                       tiny_model)  # fmt: skip
+    assert metrics["metrics/ce_loss_spliced"] == metrics["metrics/ce_loss_clean"]
+    for hook in resid:
+        assert metrics[f"metrics/{hook}/explained_variance"] == pytest.approx(1.0, abs=1e-9)

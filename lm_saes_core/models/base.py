@@ -396,6 +396,8 @@ class SparseDictionary(nn.Module):
 
         def replace(hook: str):
             def splice_at(activation: Tensor) -> Tensor:
+                if hook in hooks_in:  # what later outputs read here: the activation the pass computed
+                    seen[hook] = activation
                 where = positions.to(activation.device)
                 flat = {
                     h: value[where].to(self.device, self.cfg.dtype) for h, value in {**seen, hook: activation}.items()
