@@ -509,7 +509,7 @@ class FeatureAnalyzer:
             return self.analyze_features(
                 stream,
                 lambda item: encode_contexts(sae, item),
-                n_features=sae.n_features,
+                n_features=sae.n_analysed_features,
                 source_names=source_names,
                 analysis_name=analysis_name,
                 progress=progress,

@@ -1,6 +1,6 @@
 """The family of sparse dictionaries: the `SparseDictionary` base, one module per kind (`sae.py`: SAE and
-transcoder; `clt.py`: cross-layer transcoder), their activation functions and losses, and loading saved dictionaries
-by `sae_type`."""
+transcoder, `crosscoder.py`, `clt.py`: cross-layer transcoder), their activation functions and losses, and loading
+saved dictionaries by `sae_type`."""
 
 from typing import Annotated, Any, Union
 
@@ -16,11 +16,12 @@ from lm_saes_core.models.base import (
 )
 from lm_saes_core.models.clt import CLTConfig, CrossLayerTranscoder
 from lm_saes_core.models.config import SparseDictionaryConfig
+from lm_saes_core.models.crosscoder import CrossCoder, CrossCoderConfig
 from lm_saes_core.models.losses import LossCoefficients, LossConfig, LossOutput
 from lm_saes_core.models.pretrained import PretrainedSAE, load_sparse_dictionary
 from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 
-DICTIONARY_CONFIGS = (SAEConfig, CLTConfig)
+DICTIONARY_CONFIGS = (SAEConfig, CrossCoderConfig, CLTConfig)
 """Every kind's config; a new kind adds its config here so settings files can name its `sae_type`."""
 DEFAULT_SAE_TYPE = "sae"
 """What a config without `sae_type` means (files written before there were other kinds)."""
@@ -55,6 +56,8 @@ __all__ = [
     "DICTIONARY_KINDS",
     "AnySAEConfig",
     "CLTConfig",
+    "CrossCoder",
+    "CrossCoderConfig",
     "CrossLayerTranscoder",
     "LossCoefficients",
     "LossConfig",

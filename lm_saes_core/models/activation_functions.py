@@ -23,6 +23,11 @@ def relu(x: Tensor) -> Tensor:
     return x.relu()
 
 
+def _nonzero(norm: Tensor) -> Tensor:
+    """Decoder norms to divide by: a feature whose decoder is zero has score 0, is never kept, and divides to 0."""
+    return norm.clamp(min=torch.finfo(norm.dtype).tiny)
+
+
 def _sum_over_tokens(values: Tensor, threshold: Tensor) -> Tensor:
     """(..., *feature_shape) summed over the leading dims down to the threshold's (feature) shape."""
     return values.reshape(-1, *threshold.shape).sum(0)
@@ -275,7 +280,7 @@ class TopK(ActivationFunction):
     def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
         if norm is None:
             return topk(hidden_pre, k)
-        return topk(hidden_pre * norm, k) / norm
+        return topk(hidden_pre * norm, k) / _nonzero(norm)
 
     def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
         """The sparse form over scores (N, *groups, d_sae)."""
@@ -295,7 +300,7 @@ class LayerTopK(TopK):
     def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
         scores = hidden_pre * norm if norm is not None else hidden_pre
         acts = topk(scores.flatten(1), k).reshape(scores.shape)
-        return acts / norm if norm is not None else acts
+        return acts / _nonzero(norm) if norm is not None else acts
 
     def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
         grouped = _groups(scores)
@@ -345,7 +350,7 @@ class BatchTopK(ActivationFunction):
         grouped = _groups(scores)
         thresholds, inclusive = self._thresholds(grouped, k, update_state)
         acts = threshold_activation(grouped, thresholds[:, None], inclusive).reshape(scores.shape)
-        return acts / norm if norm is not None else acts
+        return acts / _nonzero(norm) if norm is not None else acts
 
     def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
         grouped = _groups(scores)
@@ -389,7 +394,7 @@ class BatchLayerTopK(BatchTopK):
         flat = scores.flatten(1)[:, None]  # one group of every feature
         thresholds, inclusive = self._thresholds(flat, k, update_state)
         acts = threshold_activation(flat, thresholds[:, None], inclusive).reshape(scores.shape)
-        return acts / norm if norm is not None else acts
+        return acts / _nonzero(norm) if norm is not None else acts
 
     def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
         grouped = _groups(scores)

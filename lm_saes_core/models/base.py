@@ -121,6 +121,12 @@ class SparseDictionary(nn.Module):
         return math.prod(self.feature_shape)
 
     @property
+    def n_analysed_features(self) -> int:
+        """Features as the analysis sees them (`encode_batch`'s last dim): n_features unless a kind merges some (a
+        crosscoder's feature is the largest of its heads)."""
+        return self.n_features
+
+    @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
@@ -368,7 +374,8 @@ class SparseDictionary(nn.Module):
         return self.outputs_by_hook(self.forward(self._stack(batch, self.cfg.hooks_in) * c_in) / c_out)
 
     def encode_batch(self, batch: Batch) -> Tensor:
-        """Feature activations (..., n_features) of a batch of raw activations (scaled as the dictionary expects)."""
+        """Feature activations (..., n_analysed_features) of a batch of raw activations (scaled as the dictionary
+        expects)."""
         x = self.prepare(batch).input
         f = self.encode(x)
         return f.flatten(-len(self.feature_shape)) if len(self.feature_shape) > 1 else f
