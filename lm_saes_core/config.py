@@ -99,7 +99,10 @@ def format_validation_error(error: ValidationError, source: str) -> str:
         elif item["type"] == "missing":
             lines.append(f"  missing required field '{location}'")
         else:
-            lines.append(f"  field '{location}': {item['msg']} (got {item.get('input')!r})")
+            value = item.get("input")
+            got = "" if isinstance(value, dict | list) else f" (got {value!r})"  # a whole section says nothing
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"  field '{location}': {message}{got}")
     return "\n".join(lines)
 
 
