@@ -8,6 +8,12 @@ import importlib
 from typing import Any
 
 _EXPORTS: dict[str, str] = {
+    "ConvertTopKToJumpReLUSettings": "lm_saes_core.runners",
+    "convert_topk_to_jumprelu": "lm_saes_core.runners",
+    "CLTConfig": "lm_saes_core.models",
+    "CrossLayerTranscoder": "lm_saes_core.models",
+    "CrossCoderConfig": "lm_saes_core.models",
+    "CrossCoder": "lm_saes_core.models",
     "ActivationFactoryActivationsSource": "lm_saes_core.activation.config",
     "ActivationFactoryConfig": "lm_saes_core.activation.config",
     "ActivationFactoryDatasetSource": "lm_saes_core.activation.config",

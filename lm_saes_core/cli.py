@@ -46,7 +46,7 @@ def generate(config: ConfigPath, overrides: Overrides = None) -> None:
 
 @app.command()
 def train(config: ConfigPath, overrides: Overrides = None) -> None:
-    """Train a sparse dictionary (SAE or transcoder) on an activation stream."""
+    """Train a sparse dictionary of the kind its `sae_type` names (SAE/transcoder, crosscoder, CLT)."""
     from lm_saes_core.runners.train import TrainSAESettings, train_sae
 
     settings = _load(TrainSAESettings, config, overrides)
@@ -67,6 +67,19 @@ def sweep(config: ConfigPath, overrides: Overrides = None) -> None:
 def _trained(result) -> str:
     done = "a finished run with these settings, reused" if result.reused else "trained"
     return f"dictionary: {result.output_path} ({result.steps} steps, {result.n_tokens} tokens; {done})"
+
+
+@app.command("convert-topk-to-jumprelu")
+def convert_topk_to_jumprelu(config: ConfigPath, overrides: Overrides = None) -> None:
+    """Turn a saved TopK-family dictionary into a JumpReLU one with per-feature thresholds calibrated on a stream."""
+    from lm_saes_core.runners.convert import ConvertTopKToJumpReLUSettings, convert_topk_to_jumprelu
+
+    settings = _load(ConvertTopKToJumpReLUSettings, config, overrides)
+    with _config_errors():
+        result = convert_topk_to_jumprelu(settings)
+    typer.echo(f"dictionary: {result.output_path}")
+    for key, before in result.topk_metrics.items():
+        typer.echo(f"{key:35s} {before:.5g} -> {result.jumprelu_metrics[key]:.5g}")
 
 
 @app.command()

@@ -7,6 +7,7 @@ from lm_saes_core.runners.consistency import (
     ConsistencyReport,
     check_activation_consistency,
 )
+from lm_saes_core.runners.convert import ConversionResult, ConvertTopKToJumpReLUSettings, convert_topk_to_jumprelu
 from lm_saes_core.runners.dla import DirectLogitAttributeSettings, direct_logit_attribute
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.generate import GenerateActivationsSettings, GenerationResult, generate_activations
@@ -22,6 +23,9 @@ __all__ = [
     "direct_logit_attribute",
     "CheckActivationConsistencySettings",
     "ConsistencyReport",
+    "ConversionResult",
+    "ConvertTopKToJumpReLUSettings",
+    "convert_topk_to_jumprelu",
     "EvaluateSAESettings",
     "GenerateActivationsSettings",
     "GenerationResult",
