@@ -1,6 +1,6 @@
 """The family of sparse dictionaries: the `SparseDictionary` base, one module per kind (`sae.py`: SAE and
-transcoder, `crosscoder.py`, `clt.py`: cross-layer transcoder), their activation functions and losses, and loading
-saved dictionaries by `sae_type`."""
+transcoder, `crosscoder.py`, `clt.py`: cross-layer transcoder; the first three share `sparse_coder.py`'s dense and
+sparse paths), their activation functions and losses, and loading saved dictionaries by `sae_type`."""
 
 from typing import Annotated, Any, Union
 

@@ -22,11 +22,9 @@ from torch import Tensor, nn
 
 from lm_saes_core.models import kernels
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
-from lm_saes_core.models.base import Batch, SparseDictionary
+from lm_saes_core.models.base import Batch
 from lm_saes_core.models.config import SparseDictionaryConfig
-
-Sparse = list[tuple[kernels.Selection, Tensor]]
-"""Per source layer: the selected (token, feature) pairs and their activations."""
+from lm_saes_core.models.sparse_coder import Sparse, SparseCoder
 
 
 class CLTConfig(SparseDictionaryConfig):
@@ -79,7 +77,7 @@ class CLTConfig(SparseDictionaryConfig):
         return [(hook, width, field) for hook, (width, field) in widths.items()]
 
 
-class CrossLayerTranscoder(SparseDictionary):
+class CrossLayerTranscoder(SparseCoder):
     config_class = CLTConfig
     cfg: CLTConfig
     splices_causally = True  # layer t's output reads the inputs of layers s <= t, which the forward pass reaches first
@@ -95,8 +93,6 @@ class CrossLayerTranscoder(SparseDictionary):
         self.b_D = None
         if cfg.use_decoder_bias:
             self.b_D = nn.ParameterList(nn.Parameter(torch.empty(D_out, **factory)) for _ in range(L))
-        self.sparse_kernels: bool | None = None
-        """True/False forces the sparse/dense path of the TopK family; None picks sparse when k <= d_sae / 8."""
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -181,96 +177,32 @@ class CrossLayerTranscoder(SparseDictionary):
 
     # ---------------------------------------------------------------- encode / decode
 
-    def _use_sparse_kernels(self, k: int) -> bool:
-        if not self.uses_k:
-            return False
-        per_layer = k / self.cfg.n_layers if self.activation_function.spans_groups else k
-        return self.sparse_kernels if self.sparse_kernels is not None else per_layer * 8 <= self.cfg.d_sae
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.cfg.n_layers, self.cfg.d_model)
 
     def _hidden_pre(self, x: Tensor) -> Tensor:
         return torch.einsum("nld,ldf->nlf", x, self.W_E) + self.b_E
 
-    def _select(
-        self, x: Tensor, hidden_pre: Tensor, k: int, latent_mask: Tensor | None = None, update_state: bool = True
-    ) -> Sparse:
-        """The TopK family's selection per source layer and its values (the pre-activations there)."""
-        with torch.no_grad():
-            scores = hidden_pre.detach()
-            norm = self.gating_norm()
-            if norm is not None:
-                scores = scores * norm
-            if latent_mask is not None:
-                scores = scores * latent_mask
-            selected = self.activation_function.select(scores, k, update_state)
-        sparse = []
-        for s, (selection, keep) in enumerate(selected):
-            values = kernels.gather_preacts(x[:, s], self.W_E[s], self.b_E[s], hidden_pre[:, s], selection)
-            sparse.append((selection, values * keep if keep is not None else values))
-        return sparse
+    def _gather(self, x: Tensor, hidden_pre: Tensor, group: int, selection: kernels.Selection) -> Tensor:
+        s = group  # the source layer
+        return kernels.gather_preacts(x[:, s], self.W_E[s], self.b_E[s], hidden_pre[:, s], selection)
 
-    def _features(self, x: Tensor) -> tuple[Tensor, Tensor, Sparse | None]:
-        """(f (N, L, F), h (N, L, F), per-layer sparse form or None) for normalised x (N, L, D)."""
-        k = self.current_k
-        if self._use_sparse_kernels(k):
-            with torch.no_grad():
-                hidden_pre = self._hidden_pre(x)
-            sparse = self._select(x, hidden_pre, k)
-            n, F = x.shape[0], self.cfg.d_sae
-            f = torch.stack([kernels.densify(selection, values, n, F) for selection, values in sparse], dim=1)
-            return f, hidden_pre, sparse
-        hidden_pre = self._hidden_pre(x)
-        return self.activation_function(hidden_pre, self.gating_norm(), k), hidden_pre, None
-
-    def encode(self, x: Tensor, return_hidden_pre: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Feature activations (..., L, F) of normalised inputs x (..., L, D)."""
-        leading = x.shape[:-2]
-        f, h, _ = self._features(x.to(self.cfg.dtype).reshape(-1, self.cfg.n_layers, self.cfg.d_model))
-        f, h = f.reshape(*leading, *self.feature_shape), h.reshape(*leading, *self.feature_shape)
-        return (f, h) if return_hidden_pre else f
-
-    def _decode_dense(self, feature_acts: Tensor, bias: bool = True) -> Tensor:
+    def _decode_rows(self, x: Tensor, f: Tensor | None, sparse: Sparse | None, features_only: bool = False) -> Tensor:
+        """y_hat_t = sum_{s <= t} f_s @ W_D[t][s] (+ b_D[t]), from each source layer's selected pairs when sparse."""
         outputs = []
         for t, decoder in enumerate(self.W_D):
-            y = torch.einsum("...sf,sfd->...d", feature_acts[..., : t + 1, :], decoder)
-            outputs.append(y + self.b_D[t] if bias and self.b_D is not None else y)
-        return torch.stack(outputs, dim=-2)
-
-    def _decode_sparse(self, sparse: Sparse, bias: bool = True) -> Tensor:
-        outputs = []
-        for t, decoder in enumerate(self.W_D):
-            y = sum(kernels.sparse_decode(selection, values, decoder[s]) for s, (selection, values) in
-                    enumerate(sparse[: t + 1]))  # fmt: skip
-            outputs.append(y + self.b_D[t] if bias and self.b_D is not None else y)
+            if sparse is not None:
+                y = sum(kernels.sparse_decode(selection, values, decoder[s]) for s, (selection, values) in
+                        enumerate(sparse[: t + 1]))  # fmt: skip
+            else:
+                y = torch.einsum("...sf,sfd->...d", f[..., : t + 1, :], decoder)
+            outputs.append(y + self.b_D[t] if not features_only and self.b_D is not None else y)
         return torch.stack(outputs, dim=-2)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         """Outputs (..., L, D_out): y_hat_t = sum_{s <= t} f_s @ W_D[t][s] + b_D[t]."""
-        return self._decode_dense(feature_acts)
-
-    def encode_and_reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        leading = x.shape[:-2]
-        x = x.to(self.cfg.dtype).reshape(-1, self.cfg.n_layers, self.cfg.d_model)
-        f, h, sparse = self._features(x)
-        y = self._decode_sparse(sparse) if sparse is not None else self._decode_dense(f)
-        shape = self.feature_shape
-        return f.reshape(*leading, *shape), h.reshape(*leading, *shape), y.reshape(*leading, *y.shape[1:])
-
-    def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
-        """Mean over tokens and layers of ||residual_t - sum_{s <= t} f_dead_s @ W_D[t][s]||^2, f_dead = the
-        activation over the dead latents alone (k_aux of them, as k is counted for this act_fn)."""
-        n_dead = int(dead_latents.sum())
-        if n_dead == 0:
-            return residual.new_zeros(())
-        k = min(k_aux, n_dead)
-        if not self.activation_function.spans_groups:
-            k = min(k, self.cfg.d_sae)
-        dead = dead_latents.reshape(self.feature_shape).to(hidden_pre.dtype)
-        if self._use_sparse_kernels(k):
-            residual_hat = self._decode_sparse(self._select(x, hidden_pre, k, dead, update_state=False), bias=False)
-        else:
-            f_dead = self.activation_function(hidden_pre * dead, self.gating_norm(), k, update_state=False)
-            residual_hat = self._decode_dense(f_dead, bias=False)
-        return (residual - residual_hat).pow(2).sum(-1).mean()
+        return self._decode_rows(None, feature_acts, None)
 
     # ---------------------------------------------------------------- folding
 

@@ -21,11 +21,9 @@ from torch import Tensor, nn
 
 from lm_saes_core.models import kernels
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
-from lm_saes_core.models.base import Batch, SparseDictionary
+from lm_saes_core.models.base import Batch
 from lm_saes_core.models.config import SparseDictionaryConfig
-
-Sparse = list[tuple[kernels.Selection, Tensor]]
-"""Per head: the selected (token, feature) pairs and their activations."""
+from lm_saes_core.models.sparse_coder import Sparse, SparseCoder
 
 
 class CrossCoderConfig(SparseDictionaryConfig):
@@ -61,7 +59,7 @@ class CrossCoderConfig(SparseDictionaryConfig):
         return [(hook, self.d_model, "d_model") for hook in self.heads]
 
 
-class CrossCoder(SparseDictionary):
+class CrossCoder(SparseCoder):
     config_class = CrossCoderConfig
     cfg: CrossCoderConfig
 
@@ -73,8 +71,6 @@ class CrossCoder(SparseDictionary):
         self.b_E = nn.Parameter(torch.empty(H, F, **factory))
         self.W_D = nn.Parameter(torch.empty(H, F, D, **factory))
         self.b_D = nn.Parameter(torch.empty(H, D, **factory)) if cfg.use_decoder_bias else None
-        self.sparse_kernels: bool | None = None
-        """True/False forces the sparse/dense path of the TopK family; None picks sparse when k <= d_sae / 8."""
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
@@ -155,92 +151,37 @@ class CrossCoder(SparseDictionary):
 
     # ---------------------------------------------------------------- encode / decode
 
-    def _use_sparse_kernels(self, k: int) -> bool:
-        if not self.uses_k:
-            return False
-        return self.sparse_kernels if self.sparse_kernels is not None else k * 8 <= self.cfg.d_sae
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.cfg.n_heads, self.cfg.d_model)
 
-    def _shared_pre(self, x: Tensor) -> Tensor:
-        """(N, F) = x (N, H, D) side by side times the stacked encoders, plus the summed biases."""
+    def _hidden_pre(self, x: Tensor) -> Tensor:
+        """The shared pre-activation (N, F), repeated for every head (N, H, F): the heads' inputs side by side times
+        the stacked encoders, plus the summed biases."""
         n, H, D = x.shape
-        return torch.addmm(self.b_E.sum(0), x.reshape(n, H * D), self.W_E.reshape(H * D, -1))
+        shared = torch.addmm(self.b_E.sum(0), x.reshape(n, H * D), self.W_E.reshape(H * D, -1))
+        return shared[:, None, :].expand(-1, H, -1)
 
-    def _select(
-        self, x: Tensor, shared: Tensor, k: int, latent_mask: Tensor | None = None, update_state: bool = True
-    ) -> Sparse:
-        with torch.no_grad():
-            scores = shared.detach()[:, None, :].expand(-1, self.cfg.n_heads, -1)
-            norm = self.gating_norm()
-            if norm is not None:
-                scores = scores * norm
-            if latent_mask is not None:
-                scores = scores * latent_mask
-            selected = self.activation_function.select(scores, k, update_state)
-        n, H, D = x.shape
-        inputs, encoders, bias = x.reshape(n, H * D), self.W_E.reshape(H * D, -1), self.b_E.sum(0)
-        sparse = []
-        for selection, keep in selected:
-            values = kernels.gather_preacts(inputs, encoders, bias, shared, selection)
-            sparse.append((selection, values * keep if keep is not None else values))
-        return sparse
+    def _gather(self, x: Tensor, hidden_pre: Tensor, group: int, selection: kernels.Selection) -> Tensor:
+        n, H, D = x.shape  # every head's selection reads the one shared pre-activation
+        return kernels.gather_preacts(
+            x.reshape(n, H * D), self.W_E.reshape(H * D, -1), self.b_E.sum(0), hidden_pre[:, group], selection
+        )
 
-    def _features(self, x: Tensor) -> tuple[Tensor, Tensor, Sparse | None]:
-        """(f (N, H, F), h (N, H, F): the shared pre-activation repeated, sparse form or None) of x (N, H, D)."""
-        k, H = self.current_k, self.cfg.n_heads
-        if self._use_sparse_kernels(k):
-            with torch.no_grad():
-                shared = self._shared_pre(x)
-            sparse = self._select(x, shared, k)
-            f = torch.stack([kernels.densify(s, v, x.shape[0], self.cfg.d_sae) for s, v in sparse], dim=1)
-            return f, shared[:, None, :].expand(-1, H, -1), sparse
-        hidden_pre = self._shared_pre(x)[:, None, :].expand(-1, H, -1)
-        return self.activation_function(hidden_pre, self.gating_norm(), k), hidden_pre, None
-
-    def encode(self, x: Tensor, return_hidden_pre: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Per-head feature activations (..., H, F) of normalised heads x (..., H, D)."""
-        leading = x.shape[:-2]
-        f, h, _ = self._features(x.to(self.cfg.dtype).reshape(-1, self.cfg.n_heads, self.cfg.d_model))
-        f, h = f.reshape(*leading, *self.feature_shape), h.reshape(*leading, *self.feature_shape)
-        return (f, h) if return_hidden_pre else f
-
-    def _decode_dense(self, feature_acts: Tensor, bias: bool = True) -> Tensor:
-        y = torch.einsum("...hf,hfd->...hd", feature_acts, self.W_D)
-        return y + self.b_D if bias and self.b_D is not None else y
-
-    def _decode_sparse(self, sparse: Sparse, bias: bool = True) -> Tensor:
-        y = torch.stack([kernels.sparse_decode(s, v, self.W_D[h]) for h, (s, v) in enumerate(sparse)], dim=1)
-        return y + self.b_D if bias and self.b_D is not None else y
+    def _decode_rows(self, x: Tensor, f: Tensor | None, sparse: Sparse | None, features_only: bool = False) -> Tensor:
+        if sparse is not None:
+            y = torch.stack([kernels.sparse_decode(s, v, self.W_D[h]) for h, (s, v) in enumerate(sparse)], dim=1)
+        else:
+            y = torch.einsum("...hf,hfd->...hd", f, self.W_D)
+        return y + self.b_D if not features_only and self.b_D is not None else y
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         """Heads (..., H, D): y_hat_h = f_h @ W_D[h] + b_D[h]."""
-        return self._decode_dense(feature_acts)
-
-    def encode_and_reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        leading = x.shape[:-2]
-        x = x.to(self.cfg.dtype).reshape(-1, self.cfg.n_heads, self.cfg.d_model)
-        f, h, sparse = self._features(x)
-        y = self._decode_sparse(sparse) if sparse is not None else self._decode_dense(f)
-        shape = self.feature_shape
-        return f.reshape(*leading, *shape), h.reshape(*leading, *shape), y.reshape(*leading, *y.shape[1:])
+        return self._decode_rows(None, feature_acts, None)
 
     def encode_batch(self, batch: Batch) -> Tensor:
         """A feature's activation on each token: the largest of its heads' (..., F)."""
         return self.encode(self.prepare(batch).input).amax(dim=-2)
-
-    def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
-        """Mean over tokens and heads of ||residual_h - f_dead_h @ W_D[h]||^2 over the top k_aux dead latents."""
-        n_dead = int(dead_latents.sum())
-        if n_dead == 0:
-            return residual.new_zeros(())
-        k = min(k_aux, n_dead, self.cfg.d_sae)
-        dead = dead_latents.reshape(self.feature_shape).to(hidden_pre.dtype)
-        if self._use_sparse_kernels(k):
-            sparse = self._select(x, hidden_pre[:, 0], k, dead, update_state=False)
-            residual_hat = self._decode_sparse(sparse, bias=False)
-        else:
-            f_dead = self.activation_function(hidden_pre * dead, self.gating_norm(), k, update_state=False)
-            residual_hat = self._decode_dense(f_dead, bias=False)
-        return (residual - residual_hat).pow(2).sum(-1).mean()
 
     # ---------------------------------------------------------------- folding
 

@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from lm_saes_core.models import kernels
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
-from lm_saes_core.models.base import Batch, SparseDictionary
+from lm_saes_core.models.base import Batch
 from lm_saes_core.models.config import SparseDictionaryConfig
+from lm_saes_core.models.sparse_coder import Sparse, SparseCoder
 
 
 class SAEConfig(SparseDictionaryConfig):
@@ -67,7 +68,7 @@ class SAEConfig(SparseDictionaryConfig):
         return widths
 
 
-class SparseAutoEncoder(SparseDictionary):
+class SparseAutoEncoder(SparseCoder):
     config_class = SAEConfig
     cfg: SAEConfig
     legacy_tensor_names = {
@@ -85,9 +86,6 @@ class SparseAutoEncoder(SparseDictionary):
         self.W_D = nn.Parameter(torch.empty(d_sae, d_out, **factory))
         self.b_D = nn.Parameter(torch.empty(d_out, **factory)) if cfg.use_decoder_bias else None
         self.W_skip = nn.Parameter(torch.empty(d_out, d_in, **factory)) if cfg.use_skip_connection else None
-        self.sparse_kernels: bool | None = None
-        """True/False forces the sparse/dense TopK path; None picks sparse when k <= d_sae / 8 (measured break-even
-        on CPU is near d_sae / 4)."""
 
     # ---------------------------------------------------------------- parameters and norms
 
@@ -160,77 +158,30 @@ class SparseAutoEncoder(SparseDictionary):
 
     # ---------------------------------------------------------------- encode / decode
 
-    def _use_sparse_kernels(self, k: int) -> bool:
-        if not self.uses_k:
-            return False
-        return self.sparse_kernels if self.sparse_kernels is not None else k * 8 <= self.cfg.d_sae
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.cfg.d_model,)
 
-    def _select_sparse(
-        self, x: Tensor, hidden_pre: Tensor, k: int, latent_mask: Tensor | None = None, update_state: bool = True
-    ) -> tuple[kernels.Selection, Tensor]:
-        """TopK/BatchTopK as a selection and its values (M,): the values equal the dense activations there."""
-        with torch.no_grad():
-            scores = hidden_pre.detach()
-            norm = self.gating_norm()
-            if norm is not None:
-                scores = scores * norm
-            if latent_mask is not None:
-                scores = scores * latent_mask
-            ((selection, keep),) = self.activation_function.select(scores, k, update_state)
-        # act(h * n) / n == h on kept entries, so the values are the plain pre-activations there.
-        values = kernels.gather_preacts(x, self.W_E, self.b_E, hidden_pre, selection)
-        return selection, values * keep if keep is not None else values
+    def _hidden_pre(self, x: Tensor) -> Tensor:
+        return torch.addmm(self.b_E, x, self.W_E)
 
-    def _features(self, x: Tensor) -> tuple[Tensor, Tensor, tuple[kernels.Selection, Tensor] | None]:
-        """(f (N, d_sae), h (N, d_sae), sparse (selection, values) or None) for normalised x (N, d_in)."""
-        k = self.current_k
-        if self._use_sparse_kernels(k):
-            with torch.no_grad():
-                hidden_pre = torch.addmm(self.b_E, x, self.W_E)
-            selection, values = self._select_sparse(x, hidden_pre, k)
-            f = kernels.densify(selection, values, x.shape[0], self.cfg.d_sae)
-            return f, hidden_pre, (selection, values)
-        hidden_pre = torch.addmm(self.b_E, x, self.W_E)
-        return self.activation_function(hidden_pre, self.gating_norm(), k), hidden_pre, None
-
-    def encode(self, x: Tensor, return_hidden_pre: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Feature activations (..., d_sae) of normalised x (..., d_in); in the sparse TopK path h is detached."""
-        leading = x.shape[:-1]
-        f, h, _ = self._features(x.to(self.cfg.dtype).reshape(-1, self.cfg.d_model))
-        f, h = f.reshape(*leading, self.cfg.d_sae), h.reshape(*leading, self.cfg.d_sae)
-        return (f, h) if return_hidden_pre else f
+    def _gather(self, x: Tensor, hidden_pre: Tensor, group: int, selection: kernels.Selection) -> Tensor:
+        return kernels.gather_preacts(x, self.W_E, self.b_E, hidden_pre, selection)
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         """f @ W_D + b_D, without the skip term (which needs x; `forward` adds it)."""
         y = feature_acts @ self.W_D
         return y + self.b_D if self.b_D is not None else y
 
-    def encode_and_reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        leading = x.shape[:-1]
-        x = x.to(self.cfg.dtype).reshape(-1, self.cfg.d_model)
-        f, h, sparse = self._features(x)
-        y = kernels.sparse_decode(*sparse, self.W_D) if sparse is not None else f @ self.W_D
+    def _decode_rows(self, x: Tensor, f: Tensor | None, sparse: Sparse | None, features_only: bool = False) -> Tensor:
+        y = kernels.sparse_decode(*sparse[0], self.W_D) if sparse is not None else f @ self.W_D
+        if features_only:
+            return y
         if self.b_D is not None:
             y = y + self.b_D
         if self.W_skip is not None:
             y = y + x @ self.W_skip.t()
-        d_sae, d_out = self.cfg.d_sae, self.cfg.d_output
-        return f.reshape(*leading, d_sae), h.reshape(*leading, d_sae), y.reshape(*leading, d_out)
-
-    def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
-        """Mean over tokens of ||residual - f_dead @ W_D||^2, f_dead = the activation over the top dead latents."""
-        n_dead = int(dead_latents.sum())
-        if n_dead == 0:
-            return residual.new_zeros(())
-        k = min(k_aux, n_dead)
-        dead = dead_latents.to(hidden_pre.dtype)
-        if self._use_sparse_kernels(k):
-            selection, values = self._select_sparse(x, hidden_pre, k, latent_mask=dead, update_state=False)
-            residual_hat = kernels.sparse_decode(selection, values, self.W_D)
-        else:
-            f_dead = self.activation_function(hidden_pre * dead, self.gating_norm(), k, update_state=False)
-            residual_hat = f_dead @ self.W_D
-        return (residual - residual_hat).pow(2).sum(-1).mean()
+        return y
 
     # ---------------------------------------------------------------- folding
 
