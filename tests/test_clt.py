@@ -255,8 +255,10 @@ def test_the_generic_trainer_learns_it_per_layer(tmp_path, act_fn, min_explained
         model, stream
     )
     metrics = result.last_metrics
-    for hook in OUT:
-        assert metrics[f"metrics/{hook}/explained_variance"] > min_explained_variance, metrics
+    for layer in range(len(OUT)):
+        assert metrics[f"metrics/explained_variance_L{layer}"] > min_explained_variance, metrics
+    if act_fn == "topk":  # k per layer of its own features
+        assert [metrics[f"metrics/l0_layer{layer}"] for layer in range(len(OUT))] == pytest.approx([4.0] * 3)
     assert metrics["metrics/l0"] == pytest.approx(12.0 if act_fn == "topk" else 8.0)
     loaded = load_sparse_dictionary(tmp_path)
     assert type(loaded) is CrossLayerTranscoder and loaded.cfg.act_fn == act_fn
@@ -339,8 +341,9 @@ def test_spliced_layer_after_layer_through_the_generic_evaluator(tiny_model):
     metrics = Evaluator(EvalConfig(total_eval_tokens=10_000)).evaluate(identity, tiny_batches(tiny_model, resid),
                                                                        tiny_model)  # fmt: skip
     assert metrics["metrics/ce_loss_spliced"] == metrics["metrics/ce_loss_clean"]
-    for hook in resid:
-        assert metrics[f"metrics/{hook}/explained_variance"] == pytest.approx(1.0, abs=1e-9)
+    for layer in range(len(resid)):
+        assert metrics[f"metrics/explained_variance_L{layer}"] == pytest.approx(1.0, abs=1e-9)
+        assert metrics[f"metrics/l_rec_L{layer}"] == pytest.approx(0.0, abs=1e-9)
 
 
 # ------------------------------------------------------------------ TopK -> JumpReLU

@@ -90,6 +90,25 @@ def test_decoder_similarities_across_heads():
     assert similarities[2, 0, 1].item() == pytest.approx(3 / (2**0.5 * 3))
 
 
+def test_metrics_per_head_by_hand():
+    """Head norms [1, 1, sqrt2] and [2, 0, 3]; features 0 (head 0) and 2 (head 1) fire: head 0's share is the mean of
+    1/3 and sqrt2/(sqrt2 + 3). Head 0's reconstruction is exact, head 1's off by 1 in one of two tokens."""
+    model = fixed_crosscoder()
+    f = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=F64)
+    label = torch.tensor([[[1.0, 0.0], [2.0, 0.0]], [[-1.0, 0.0], [0.0, 0.0]]], dtype=F64)  # (N, H, D)
+    reconstructed = label.clone()
+    reconstructed[0, 1, 0] += 1.0
+    stats = {key: value.item() for key, value in model.group_statistics(label, reconstructed, f).items()}
+    head0, head1 = (f"crosscoder_metrics/{hook}" for hook in HEADS[:2])
+    share0 = (1 / 3 + 2**0.5 / (2**0.5 + 3)) / 2
+    assert stats[f"{head0}/decoder_norm_share"] == pytest.approx(share0)
+    assert stats[f"{head1}/decoder_norm_share"] == pytest.approx(1 - share0)
+    assert stats[f"{head0}/l0"] == 0.5 and stats[f"{head1}/l0"] == 0.5
+    assert stats[f"{head0}/explained_variance"] == 1.0 and stats[f"{head0}/l_rec"] == 0.0
+    # head 1: squared errors [1, 0] -> mean 0.5; labels [2, 0] around their mean 1 -> spread 1
+    assert stats[f"{head1}/l_rec"] == 0.5 and stats[f"{head1}/explained_variance"] == 0.5
+
+
 # ------------------------------------------------------------------ sparse path, folding, persistence
 
 
@@ -208,7 +227,10 @@ def test_the_generic_trainer_learns_it_per_head_from_masked_batches(tmp_path):
     result = Trainer(train_config(tmp_path, 150)).fit(model, stream)
     metrics = result.last_metrics
     for hook in HEADS:
-        assert metrics[f"metrics/{hook}/explained_variance"] > 0.8, metrics
+        assert metrics[f"crosscoder_metrics/{hook}/explained_variance"] > 0.8, metrics
+        assert metrics[f"crosscoder_metrics/{hook}/l0"] == pytest.approx(4.0)  # topk: k per head
+    shares = [metrics[f"crosscoder_metrics/{hook}/decoder_norm_share"] for hook in HEADS]
+    assert sum(shares) == pytest.approx(1.0) and min(shares) > 0.2  # mostly shared codes: about a third each
     assert result.n_tokens == 150 * (ROWS * CONTEXT - ROWS - 8)  # the masked positions are not counted
     # The 8 codes missing from one head each are learnt by features with almost no decoder in that head (measured: 8
     # features with a head's share under 0.1; per-head EV 0.98, 0.97, 0.97).

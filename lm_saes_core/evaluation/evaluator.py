@@ -86,6 +86,7 @@ class _Totals:
     sum_abs_acts: float = 0.0
     sum_acts: float = 0.0
     feature_counts: torch.Tensor | None = None  # (n_features,)
+    group_sums: dict[str, float] = field(default_factory=dict)  # token-weighted sums of the per-group statistics
     # downstream, over predicted positions
     n_predicted: int = 0
     n_spliced: int = 0
@@ -123,7 +124,10 @@ class Evaluator:
       frequency 0, metrics/dense_fraction = fraction above `dense_threshold`, sparsity/* = counts above/below the
       bounds of the training logs.
     With several output hooks, the reconstruction metrics pool them (sums over every hook's tokens; `l2_norm_error`
-    per token and hook) and `metrics/<hook>/<metric>` gives each hook's own.
+    per token and hook) and each group (hook, head, layer) gets its own under the kind's name for it
+    (`SparseDictionary.group_metric_key`: `metrics/<hook>/<metric>`, a crosscoder's
+    `crosscoder_metrics/<head>/<metric>`, a CLT's `metrics/explained_variance_L<l>`, `metrics/l0_layer<l>`), with
+    the kind's other per-group statistics (`l0`, `l_rec`, ...) averaged over the evaluated tokens.
     Downstream, over predicted positions p (position t of a 2-D row predicts token t + 1 and counts when that
     token is an evaluated document token, i.e. mask[:, 1:]); the dictionary's reconstructions replace the
     activations at its output hooks on the evaluated document positions only (BOS and padding keep theirs):
@@ -210,6 +214,8 @@ class Evaluator:
         totals.sum_acts += acts.sum().item()
         counts = active.sum(0)
         totals.feature_counts = counts if totals.feature_counts is None else totals.feature_counts + counts
+        for key, value in model.group_statistics(out.label, out.reconstructed, out.feature_acts).items():
+            totals.group_sums[key] = totals.group_sums.get(key, 0.0) + value.item() * n
 
     def _accumulate_downstream(
         self,
@@ -266,10 +272,11 @@ class Evaluator:
             **model.log_statistics(),
             "details/n_tokens": float(n),
         }
-        if len(hooks) > 1:
-            for hook, hook_totals in hooks.items():
+        metrics |= {key: total / n for key, total in totals.group_sums.items()}
+        if len(hooks) > 1:  # the exact values over all tokens replace the per-batch explained variance
+            for group, hook_totals in enumerate(hooks.values()):
                 metrics |= {
-                    key.replace("metrics/", f"metrics/{hook}/"): value
+                    model.group_metric_key(group, key.removeprefix("metrics/")): value
                     for key, value in _reconstruction_metrics([hook_totals], n).items()
                 }
         if downstream and totals.n_predicted:

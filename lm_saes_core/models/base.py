@@ -187,6 +187,44 @@ class SparseDictionary(nn.Module):
     def log_statistics(self) -> dict[str, float]:
         return self.norm_statistics() | self.activation_function.statistics(self.current_k)
 
+    # ------------------------------------------------------------------------------ metrics per group
+
+    @property
+    def metric_groups(self) -> list[str]:
+        """The groups (output hooks; a kind's heads or layers) that get metrics of their own: their stacked outputs
+        are dim -2 of label and reconstruction, and when `feature_shape` has one leading entry per group, the
+        features of group g are `feature_acts[:, g]`. [] for a kind with one output."""
+        return list(self.cfg.hooks_out) if len(self.cfg.hooks_out) > 1 else []
+
+    def group_metric_key(self, group: int, metric: str) -> str:
+        """The logged name of `metric` for group `group` (kinds keep the names their users know)."""
+        return f"metrics/{self.metric_groups[group]}/{metric}"
+
+    def groups_own_features(self) -> bool:
+        return len(self.feature_shape) == 2 and self.feature_shape[0] == len(self.metric_groups)
+
+    @torch.no_grad()
+    def group_statistics(self, label: Tensor, reconstructed: Tensor, feature_acts: Tensor) -> dict[str, Tensor]:
+        """One step's metrics per group, as device tensors (no host sync), over N normalised tokens: explained
+        variance (1 - mean squared error / mean squared deviation from the batch mean), `l_rec` (the mean squared
+        error summed over the width) and, when the groups own features, `l0` (active features of the group per
+        token)."""
+        groups = self.metric_groups
+        if not groups:
+            return {}
+        y = label.reshape(-1, len(groups), label.shape[-1]).float()
+        error = (reconstructed.reshape(y.shape).float() - y).square().sum(-1).mean(0)  # (G,)
+        spread = (y - y.mean(0)).square().sum(-1).mean(0)
+        stats = {}
+        for g in range(len(groups)):
+            stats[self.group_metric_key(g, "explained_variance")] = 1 - error[g] / spread[g]
+            stats[self.group_metric_key(g, "l_rec")] = error[g]
+        if self.groups_own_features():
+            l0 = (feature_acts.reshape(-1, *self.feature_shape) > 0).sum(-1).float().mean(0)  # (G,)
+            for g in range(len(groups)):
+                stats[self.group_metric_key(g, "l0")] = l0[g]
+        return stats
+
     # ------------------------------------------------------------------------------ activation scaling
 
     def set_dataset_average_activation_norm(self, norms: dict[str, float]) -> None:

@@ -141,6 +141,11 @@ class CrossLayerTranscoder(SparseCoder):
             stats["metrics/decoder_bias_norm"] = torch.stack([bias.norm() for bias in self.b_D]).mean().item()
         return stats
 
+    def group_metric_key(self, group: int, metric: str) -> str:
+        """Layer l of the CLT (0-based, in `hook_points_out` order): `metrics/explained_variance_L{l}`,
+        `metrics/l0_layer{l}` (its own features' L0) and `metrics/l_rec_L{l}`, the reference system's names."""
+        return f"metrics/l0_layer{group}" if metric == "l0" else f"metrics/{metric}_L{group}"
+
     @torch.no_grad()
     def set_decoder_to_fixed_norm(self, value: float, force_exact: bool) -> None:
         """Exact: every feature's decoders together get norm `value`; otherwise longer ones are shrunk to it."""

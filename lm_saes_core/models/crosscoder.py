@@ -116,6 +116,25 @@ class CrossCoder(SparseCoder):
             stats["metrics/decoder_bias_norm"] = self.b_D.norm(dim=-1).mean().item()
         return stats
 
+    # ---------------------------------------------------------------- metrics per head
+
+    def group_metric_key(self, group: int, metric: str) -> str:
+        return f"crosscoder_metrics/{self.cfg.heads[group]}/{metric}"
+
+    @torch.no_grad()
+    def group_statistics(self, label: Tensor, reconstructed: Tensor, feature_acts: Tensor) -> dict[str, Tensor]:
+        """Per head: explained variance, l_rec, l0 and `decoder_norm_share`, head h's share n_h / sum_h' n_h' of
+        the decoder norm of the features that fire (any head active), averaged over firings: 1/H each when the
+        active features are shared evenly, near 1 for a head whose exclusive features do the work."""
+        stats = super().group_statistics(label, reconstructed, feature_acts)
+        firing = (feature_acts.reshape(-1, *self.feature_shape) > 0).any(1).sum(0).float()  # (F,)
+        norms = self.decoder_norm().float()  # (H, F)
+        share = norms / norms.sum(0).clamp(min=1e-12)
+        per_head = share @ firing / firing.sum().clamp(min=1)
+        for h in range(self.cfg.n_heads):
+            stats[self.group_metric_key(h, "decoder_norm_share")] = per_head[h]
+        return stats
+
     def decoder_inner_products(self) -> Tensor:
         """(F, H, H): <W_D[i, f], W_D[j, f]> for every feature and pair of heads."""
         return torch.einsum("ifd,jfd->fij", self.W_D, self.W_D)

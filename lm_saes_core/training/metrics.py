@@ -52,12 +52,18 @@ class DeadLatentStatistics:
 class MetricWindow:
     """Accumulates per-step values between two reports; `report()` returns the window's values and resets it.
 
-    A dictionary with several output hooks (stacked on dim -2 of label and reconstruction) also gets
-    `metrics/<hook>/explained_variance` per hook; the overall values pool the hooks."""
+    A dictionary with several output hooks (stacked on dim -2 of label and reconstruction) pools them in the overall
+    values; `group_statistics` (the model's) adds each group's own (per head, per layer)."""
 
-    def __init__(self, n_features: int, device: torch.device | str, output_hooks: list[str] | None = None):
-        self.n_features, self.device = n_features, device
-        self.output_hooks = output_hooks if output_hooks and len(output_hooks) > 1 else []
+    def __init__(
+        self,
+        n_features: int,
+        device: torch.device | str,
+        n_outputs: int = 1,
+        group_statistics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+    ):
+        self.n_features, self.device, self.n_outputs = n_features, device, n_outputs
+        self.group_statistics = group_statistics
         self.reset()
 
     def reset(self) -> None:
@@ -83,7 +89,7 @@ class MetricWindow:
         for name, value in out.terms.items():
             self._add(f"losses/{name}", torch.as_tensor(value))
         width = out.label.shape[-1]
-        outputs = (-1, len(self.output_hooks), width) if self.output_hooks else (-1, width)
+        outputs = (-1, self.n_outputs, width) if self.n_outputs > 1 else (-1, width)
         y = out.label.reshape(outputs).float()
         y_hat = out.reconstructed.reshape(outputs).float()
         f = out.feature_acts.reshape(-1, self.n_features).float()
@@ -91,8 +97,9 @@ class MetricWindow:
         spread = (y - y.mean(0)).square().sum(-1)  # (N,) or (N, hooks)
         self._add("metrics/explained_variance", 1 - error.mean() / spread.mean())
         self._add("metrics/explained_variance_legacy", (1 - error / spread).mean())
-        for index, hook in enumerate(self.output_hooks):
-            self._add(f"metrics/{hook}/explained_variance", 1 - error[:, index].mean() / spread[:, index].mean())
+        if self.group_statistics is not None:
+            for key, value in self.group_statistics(out.label, out.reconstructed, out.feature_acts).items():
+                self._add(key, value)
         active = f > 0
         self._add("metrics/mean_feature_act", f.sum() / active.sum().clamp(min=1))
         l2_error = error.sqrt().mean()

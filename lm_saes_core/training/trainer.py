@@ -102,7 +102,7 @@ class Trainer:
         T = progress.total_steps
         planned = checkpoint_steps(T, cfg.n_checkpoints, cfg.check_point_save_mode, cfg.checkpoint_every_steps)
         saves = [s for s in planned if s > progress.step]
-        window = MetricWindow(model.n_features, model.cfg.device, model.cfg.hooks_out)
+        window = MetricWindow(model.n_features, model.cfg.device, len(model.cfg.hooks_out), model.group_statistics)
         result = TrainResult(progress.step, T, progress.n_tokens, False, Path(cfg.exp_result_path))
         label, line = progress_bar
         bar = tqdm(total=T, initial=progress.step, desc=label, position=line, unit="step", dynamic_ncols=True,
