@@ -21,6 +21,16 @@ def _load(cls, config: Path, overrides: list[str] | None):
         return load_config(cls, config, overrides)
 
 
+def _load_for_factories(single, several, config: Path, overrides: list[str] | None):
+    """Settings of `several` (a crosscoder's `activation_factories`, one per group of heads) when the file has that
+    key, else of `single` (one `activation_factory`)."""
+    from lm_saes_core.config import apply_overrides, read_config_file, validate_config
+
+    with _config_errors():
+        data = apply_overrides(read_config_file(config), overrides or [])
+        return validate_config(several if "activation_factories" in data else single, data, source=str(config))
+
+
 @contextmanager
 def _config_errors() -> Iterator[None]:
     """A settings problem found on the way (file or run time) is a red message and exit status 2, not a traceback."""
@@ -47,9 +57,9 @@ def generate(config: ConfigPath, overrides: Overrides = None) -> None:
 @app.command()
 def train(config: ConfigPath, overrides: Overrides = None) -> None:
     """Train a sparse dictionary of the kind its `sae_type` names (SAE/transcoder, crosscoder, CLT)."""
-    from lm_saes_core.runners.train import TrainSAESettings, train_sae
+    from lm_saes_core.runners.train import TrainCrossCoderSettings, TrainSAESettings, train_sae
 
-    settings = _load(TrainSAESettings, config, overrides)
+    settings = _load_for_factories(TrainSAESettings, TrainCrossCoderSettings, config, overrides)
     with _config_errors():  # e.g. data_parallel_size without torchrun
         result = train_sae(settings)
     typer.echo(_trained(result))
@@ -85,9 +95,19 @@ def convert_topk_to_jumprelu(config: ConfigPath, overrides: Overrides = None) ->
 @app.command()
 def evaluate(config: ConfigPath, overrides: Overrides = None) -> None:
     """Evaluate a saved dictionary (reconstruction, sparsity and, with a model, spliced language-model loss)."""
-    from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
+    from lm_saes_core.runners.evaluate import (
+        EvaluateCrossCoderSettings,
+        EvaluateSAESettings,
+        evaluate_crosscoder,
+        evaluate_sae,
+    )
 
-    result = evaluate_sae(_load(EvaluateSAESettings, config, overrides))
+    settings = _load_for_factories(EvaluateSAESettings, EvaluateCrossCoderSettings, config, overrides)
+    with _config_errors():
+        if isinstance(settings, EvaluateCrossCoderSettings):
+            result = evaluate_crosscoder(settings)
+        else:
+            result = evaluate_sae(settings)
     for key, value in sorted(result.metrics.items()):
         typer.echo(f"{key:45s} {value:.6g}")
 
@@ -95,10 +115,19 @@ def evaluate(config: ConfigPath, overrides: Overrides = None) -> None:
 @app.command()
 def analyze(config: ConfigPath, overrides: Overrides = None) -> None:
     """Analyse every feature of a dictionary (statistics and sample contexts) into the record store."""
-    from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
+    from lm_saes_core.runners.analyze import (
+        AnalyzeCrossCoderSettings,
+        AnalyzeSAESettings,
+        analyze_crosscoder,
+        analyze_sae,
+    )
 
-    settings = _load(AnalyzeSAESettings, config, overrides)
-    analyses = analyze_sae(settings)
+    settings = _load_for_factories(AnalyzeSAESettings, AnalyzeCrossCoderSettings, config, overrides)
+    with _config_errors():
+        if isinstance(settings, AnalyzeCrossCoderSettings):
+            analyses = analyze_crosscoder(settings)
+        else:
+            analyses = analyze_sae(settings)
     alive = sum(analysis.act_times > 0 for analysis in analyses)
     typer.echo(f"analysed {len(analyses)} features of {settings.sae_name} ({alive} active)")
 
@@ -145,6 +174,65 @@ def check_activations(
     raise typer.Exit(0 if report.ok else 1)
 
 
+# ------------------------------------------------------------------------------------------- circuit-tracer files
+
+
+@contextmanager
+def _conversion_errors() -> Iterator[None]:
+    """A model or file that cannot be converted, or a missing file, is reported as settings problems are."""
+    from lm_saes_core.interop.saelens import InteropError
+
+    with _config_errors():
+        try:
+            yield
+        except (InteropError, OSError) as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@app.command("export-circuit-tracer")
+def export_circuit_tracer(
+    sources: Annotated[list[Path], typer.Argument(help="A saved CLT, or saved transcoders, one per block")],
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write (absent or empty)")],
+    scan: Annotated[str | None, typer.Option(help="circuit-tracer's feature-visualisation id (config `scan`)")] = None,
+    hf_repo: Annotated[
+        str | None, typer.Option(help="Transcoders: list them in the config as hf://HF_REPO/layer_N.safetensors")
+    ] = None,
+) -> None:
+    """Write a saved CLT or per-layer transcoders in circuit-tracer's format (activation scale folded in)."""
+    from lm_saes_core.interop.circuit_tracer import export_circuit_tracer as export
+    from lm_saes_core.models import SparseDictionary
+
+    with _conversion_errors():
+        models = [SparseDictionary.from_pretrained(source) for source in sources]
+        directory = export(models, out_dir, scan=scan, hf_repo=hf_repo)
+    layers = len(models) if len(models) > 1 else len(models[0].cfg.hooks_in)
+    typer.echo(f"circuit-tracer: {directory} ({layers} layers)")
+
+
+@app.command("import-circuit-tracer")
+def import_circuit_tracer(
+    source: Annotated[Path, typer.Argument(help="A circuit-tracer directory (config.yaml beside the weights)")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to save the dictionary (transcoders: OUT_DIR/layer_N)")],
+    hook_in: Annotated[
+        str | None, typer.Option(help="Our input hooks, e.g. blocks.{layer}.hook_resid_mid (default: the config's)")
+    ] = None,
+    hook_out: Annotated[
+        str | None, typer.Option(help="Our output hooks, e.g. blocks.{layer}.hook_mlp_out (default: the config's)")
+    ] = None,
+) -> None:
+    """Save a circuit-tracer CLT or transcoder set as our dictionaries."""
+    from lm_saes_core.interop.circuit_tracer import import_circuit_tracer as load
+
+    with _conversion_errors():
+        imported = load(source, hook_points_in=hook_in, hook_points_out=hook_out)
+        if isinstance(imported, list):
+            saved = [model.save_pretrained(out_dir / f"layer_{layer}") for layer, model in enumerate(imported)]
+        else:
+            saved = [imported.save_pretrained(out_dir)]
+    for path in saved:
+        typer.echo(f"dictionary: {path}")
+
+
 # ------------------------------------------------------------------------------------------- record-store views
 
 show_app = typer.Typer(no_args_is_help=True, help="Show records of the record store.")
@@ -181,7 +269,9 @@ def _open_store(store_path: Path | None, mongo_uri: str | None, mongo_db: str):
 @show_app.command("feature")
 def show_feature(
     name: Annotated[str, typer.Argument(help="Dictionary name")],
-    index: Annotated[int, typer.Argument(help="Feature index (0 <= INDEX < d_sae)")],
+    index: Annotated[
+        int, typer.Argument(help="Feature index (0 <= INDEX < d_sae; a CLT's: layer * d_sae + feature of the layer)")
+    ],
     series: Annotated[str, typer.Option("--series", "-s", help="Dictionary series")] = "default",
     analysis: Annotated[
         str | None, typer.Option("--analysis", "-a", help="Analysis name [default: 'default', else the first]")
@@ -197,21 +287,21 @@ def show_feature(
     mongo_uri: MongoUri = None,
     mongo_db: MongoDb = "mechinterp",
 ) -> None:
-    """Print one feature: statistics, explanation, top contexts with activating tokens highlighted, DLA tokens."""
+    """Print one feature: where it lives (crosscoder, CLT), statistics, explanation, top contexts with activating
+    tokens highlighted, DLA tokens."""
     from rich.console import Console
 
-    from lm_saes_core.analysis.render import feature_view, load_tokenizer
+    from lm_saes_core.analysis.render import analysed_feature_count, feature_view, load_tokenizer
 
     with _open_store(store_path, mongo_uri, mongo_db) as store:
         dictionary = store.get_dictionary(name, series)
         if dictionary is None:
             known = ", ".join(f"{d.name} ({d.series})" for d in store.list_dictionaries()) or "none"
             _fail(f"no dictionary {name!r} in series {series!r}; stored dictionaries: {known}")
-        d_sae = dictionary.cfg.get("d_sae")
-        if index < 0 or (d_sae is not None and index >= d_sae):
-            _fail(
-                f"feature index {index} is out of range: dictionary {name!r} has d_sae {d_sae} (0 <= INDEX < {d_sae})"
-            )
+        d_sae, n_features = dictionary.cfg.get("d_sae"), analysed_feature_count(dictionary.cfg)
+        if index < 0 or (n_features is not None and index >= n_features):
+            has = f"d_sae {d_sae}" if n_features == d_sae else f"{n_features} features ({d_sae} per layer)"
+            _fail(f"feature index {index} is out of range: dictionary {name!r} has {has} (0 <= INDEX < {n_features})")
         feature = store.get_feature(name, series, index)
         if feature is None:
             _fail(f"feature {index} of {name!r} (series {series!r}) has no records yet: run the analysis first")

@@ -22,12 +22,17 @@ when the max grows are dropped, and at the end every row is re-checked against t
 the max grew can therefore be missed by a band (it was above the band then, or lost the draw to rows that were
 later dropped), but a band never holds a context outside its final range. Unlike the reference, pools are cut per
 feature, never with one count shared by all features, so no row that failed its pool's condition survives.
+
+A crosscoder's or CLT's feature also gets where it lives, from the weights (`decoder_locations`): its decoder norm
+per head or output layer, a crosscoder's cosines between its heads' decoders, and a label ("shared", "exclusive to
+<head>", ...) by `location_threshold`.
 """
 
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +41,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from lm_saes_core.config import BaseConfig
+from lm_saes_core.models.clt import CrossLayerTranscoder
+from lm_saes_core.models.crosscoder import CrossCoder
 from lm_saes_core.store.records import FeatureAnalysis, FeatureSamples
 
 logger = logging.getLogger(__name__)
@@ -87,6 +94,12 @@ class FeatureAnalyzerConfig(BaseConfig):
     """Token ids that never count (in addition to the batch `mask`, which already excludes BOS and padding)."""
     seed: int = 0
     """Seed of the random draws of the band and non-activating pools."""
+    location_threshold: float = Field(default=0.1, gt=0, le=1)
+    """Where a crosscoder's or CLT's feature lives: a head (crosscoder) or output layer (CLT) holds the feature when
+    its decoder norm is at least this fraction of the feature's largest decoder norm. A crosscoder feature held by
+    every head is "shared", by one "exclusive to <head>", else "shared by <heads>". The default 0.1 calls a
+    two-head feature exclusive when its relative decoder norm ||d_A|| / (||d_A|| + ||d_B||) is above about 0.91 (the
+    usual cut in model diffing is 0.9)."""
 
     @model_validator(mode="after")
     def _check(self) -> "FeatureAnalyzerConfig":
@@ -506,7 +519,7 @@ class FeatureAnalyzer:
         was_training = sae.training
         sae.eval()
         try:
-            return self.analyze_features(
+            analyses = self.analyze_features(
                 stream,
                 lambda item: encode_contexts(sae, item),
                 n_features=sae.n_analysed_features,
@@ -516,6 +529,11 @@ class FeatureAnalyzer:
             )
         finally:
             sae.train(was_training)
+        locations = decoder_locations(sae, self.cfg.location_threshold)
+        if locations is not None:
+            for analysis, location in zip(analyses, locations, strict=True):
+                analysis.decoder_norms, analysis.decoder_cosines, analysis.location = location
+        return analyses
 
     @torch.no_grad()
     def analyze_features(
@@ -574,3 +592,84 @@ def encode_contexts(sae, item: Item) -> Tensor:
     if missing:
         raise KeyError(f"the activation stream has no {missing}; it has {sorted(item)}")
     return sae.encode_batch({hook: item[hook].to(sae.device) for hook in hooks})
+
+
+# ---------------------------------------------------------------------------------------------------- decoder locations
+
+
+class DecoderLocation(NamedTuple):
+    """Where one feature writes (the FeatureAnalysis fields of the same names)."""
+
+    decoder_norms: dict[str, float]
+    decoder_cosines: list[list[float]] | None
+    location: str
+
+
+@torch.no_grad()
+def decoder_locations(sae, threshold: float) -> list[DecoderLocation] | None:
+    """Per analysed feature (in `encode_batch` order), where its decoders write: a crosscoder's heads or a CLT's
+    output layers; None for kinds with one decoder per feature. Computed once from the weights, all features of a
+    head or layer at a time.
+
+    A norm is that of what one unit of the feature's activation, as the analysis reports it, adds to the raw
+    output: a folded dictionary's decoder as it is; an unfolded dataset-wise one's divided by the output hook's
+    dataset-wise scale, which gives the folded numbers (a CLT's differ from its folded ones by the input scale its
+    activations differ by). Cosines are those of the decoder vectors, which positive scales do not change."""
+    if isinstance(sae, CrossCoder):
+        return _crosscoder_locations(sae, threshold)
+    if isinstance(sae, CrossLayerTranscoder):
+        return _clt_locations(sae, threshold)
+    return None
+
+
+def _crosscoder_locations(sae: CrossCoder, threshold: float) -> list[DecoderLocation]:
+    heads = sae.cfg.heads
+    norms = sae.decoder_norm().float() / _output_scales(sae, heads)[:, None]  # (H, F)
+    cosines = sae.decoder_similarities().float().clamp(-1, 1)  # (F, H, H)
+
+    def label(holding: list[str]) -> str:
+        if len(holding) == 1:
+            return f"exclusive to {holding[0]}"
+        return "shared" if len(holding) == len(heads) else f"shared by {', '.join(holding)}"
+
+    labels = _labels(norms, threshold, heads, label)
+    return [
+        DecoderLocation(dict(zip(heads, row, strict=True)), matrix, name)
+        for row, matrix, name in zip(norms.t().tolist(), cosines.tolist(), labels, strict=True)
+    ]
+
+
+def _clt_locations(sae: CrossLayerTranscoder, threshold: float) -> list[DecoderLocation]:
+    """Feature s * d_sae + i is feature i of layer s (`encode_batch` flattens (L, F)); it writes to outputs t >= s."""
+    hooks_in, hooks_out = sae.cfg.hook_points_in, sae.cfg.hook_points_out
+    scales = _output_scales(sae, hooks_out)
+    locations = []
+    for s, hook_in in enumerate(hooks_in):  # a few layers; each at once for all its features
+        targets = hooks_out[s:]
+        norms = torch.stack([sae.W_D[t][s].float().norm(dim=-1) / scales[t] for t in range(s, len(hooks_out))])
+        reads = f"reads {hook_in}, writes to "
+        labels = _labels(norms, threshold, targets, lambda holding, reads=reads: reads + ", ".join(holding))
+        locations += [
+            DecoderLocation(dict(zip(targets, row, strict=True)), None, name)
+            for row, name in zip(norms.t().tolist(), labels, strict=True)
+        ]
+    return locations
+
+
+def _output_scales(sae, hooks: Sequence[str]) -> Tensor:
+    """(len(hooks),) the dataset-wise scale of each output hook of an unfolded dataset-wise dictionary, else ones."""
+    if sae.cfg.norm_activation != "dataset-wise":
+        return torch.ones(len(hooks), device=sae.device)
+    return torch.tensor([sae.dataset_scale(hook) for hook in hooks], device=sae.device)
+
+
+def _labels(norms: Tensor, threshold: float, names: Sequence[str], label: Callable[[list[str]], str]) -> list[str]:
+    """Per feature (column of `norms` (K, F)), `label` of the names whose norm is at least `threshold` times the
+    feature's largest; "nowhere (zero decoder)" when every norm is 0. Each distinct pattern is labelled once."""
+    holds = (norms >= threshold * norms.amax(0)) & (norms.amax(0) > 0)  # (K, F)
+    patterns, inverse = torch.unique(holds.t(), dim=0, return_inverse=True)
+    texts = []
+    for pattern in patterns.tolist():
+        holding = [name for name, held in zip(names, pattern, strict=True) if held]
+        texts.append(label(holding) if holding else "nowhere (zero decoder)")
+    return [texts[i] for i in inverse.tolist()]

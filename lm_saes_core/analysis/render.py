@@ -1,5 +1,5 @@
-"""Terminal views of the record store with rich: one feature (statistics, explanation, contexts with the activating
-tokens highlighted, DLA tokens) and the table of dictionaries.
+"""Terminal views of the record store with rich: one feature (where a crosscoder's or CLT's feature lives,
+statistics, explanation, contexts with the activating tokens highlighted, DLA tokens) and the table of dictionaries.
 
 Highlighting: a token with activation a > 0 gets a background colour by its share of the feature's max activation m:
 yellow up to m/3, orange up to 2m/3, red above. Without colours (`markers=True`, used when the console has none, e.g.
@@ -184,6 +184,26 @@ def statistics_table(analysis: FeatureAnalysis) -> Table:
     return table
 
 
+def location_view(analysis: FeatureAnalysis) -> RenderableType | None:
+    """`lives in: <location> (<hook> <decoder norm>, ...)` and, for a crosscoder, the cosines of its heads' decoders
+    (one row per head, columns in the same order); None for a feature with one decoder."""
+    if analysis.decoder_norms is None and analysis.location is None:
+        return None
+    norms = ", ".join(f"{hook} {norm:.3g}" for hook, norm in (analysis.decoder_norms or {}).items())
+    line = Text.assemble(("lives in: ", "bold"), analysis.location or "?", f" ({norms})" if norms else "")
+    cosines = analysis.decoder_cosines
+    if cosines is None:
+        return line
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="dim")
+    for _ in cosines:
+        table.add_column(justify="right")
+    heads = list(analysis.decoder_norms or {}) or [f"head {h}" for h in range(len(cosines))]
+    for head, row in zip(heads, cosines, strict=True):
+        table.add_row(head, *(f"{value:.2f}" for value in row))
+    return Group(line, Text("decoder cosines between heads:", style="dim"), table)
+
+
 def interpretation_view(interpretation: Interpretation) -> RenderableType:
     if interpretation.explanation is None:
         head = Text(f"no explanation: {interpretation.error or 'unknown error'}", style="red")
@@ -244,6 +264,9 @@ def feature_view(
         (f" · analysis {analysis.name!r}" if analysis else " · no analysis stored", "dim"),
     )
     parts: list[RenderableType] = [Panel(info, title=title, title_align="left")]
+    location = location_view(analysis) if analysis is not None else None
+    if location is not None:  # model diffing looks here first
+        parts.append(Panel(location, title="Where it lives", title_align="left"))
     if feature.interpretation is not None:
         parts.append(Panel(interpretation_view(feature.interpretation), title="Explanation", title_align="left"))
     if analysis is not None:
@@ -289,6 +312,17 @@ def _pool_panels(
         title = f"{pool.name} ({shown} of {len(pool)} contexts)"
         panels.append(Panel(Group(*body), title=title, title_align="left"))
     return panels
+
+
+def analysed_feature_count(cfg: Mapping) -> int | None:
+    """How many features the analysis of a stored dictionary numbers (None when its config has no d_sae): d_sae,
+    but d_sae per layer for a CLT, whose feature s * d_sae + i is feature i of layer s."""
+    d_sae = cfg.get("d_sae")
+    if d_sae is None:
+        return None
+    if cfg.get("sae_type") == "clt":
+        return int(d_sae) * len(cfg.get("hook_points_in") or ())
+    return int(d_sae)
 
 
 def dictionary_label(cfg: Mapping) -> tuple[str, str]:

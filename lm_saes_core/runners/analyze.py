@@ -3,10 +3,11 @@ contexts), stored in the record store and optionally exported to a file."""
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
 from lm_saes_core.activation.factory import ActivationFactory
@@ -16,11 +17,24 @@ from lm_saes_core.config import BaseConfig, ConfigError
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.io import read_json_object
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models import PretrainedSAE, SparseDictionaryConfig, locate_pretrained, read_dictionary_config
+from lm_saes_core.models import (
+    PretrainedSAE,
+    SparseDictionary,
+    SparseDictionaryConfig,
+    locate_pretrained,
+    read_dictionary_config,
+)
 from lm_saes_core.runners.common import (
     check_dictionary_fits,
     check_sources_configured,
     load_language_model_and_datasets,
+)
+from lm_saes_core.runners.head_groups import (
+    HeadGroupFactory,
+    check_dictionary_fits_groups,
+    check_head_groups,
+    load_head_groups,
+    merged_stream,
 )
 from lm_saes_core.store import DictionaryRecord, FeatureAnalysis, RecordStoreConfig, open_store
 from lm_saes_core.store.export import analysis_export_path, write_analysis_export
@@ -28,13 +42,11 @@ from lm_saes_core.store.export import analysis_export_path, write_analysis_expor
 logger = logging.getLogger(__name__)
 
 
-class AnalyzeSAESettings(BaseConfig):
+class _AnalyzeSettings(BaseConfig):
     sae: PretrainedSAE
     """The dictionary; `fold_activation_scale` (default true) makes the analysis see features of raw activations."""
     sae_name: str
     sae_series: str = "default"
-    activation_factory: ActivationFactoryConfig
-    """Must produce whole contexts (target activations-2d): the samples are contexts."""
     model: LanguageModelConfig | None = None
     """Needed by dataset sources."""
     model_name: str | None = None
@@ -45,6 +57,24 @@ class AnalyzeSAESettings(BaseConfig):
     store: RecordStoreConfig = Field(default_factory=RecordStoreConfig)
     output_dir: str | None = None
     """Also write the analyses to `<output_dir>/<series>/<name>/<analysis>_analysis_<n>_features.npz`."""
+
+
+class AnalyzeSAESettings(_AnalyzeSettings):
+    activation_factory: ActivationFactoryConfig
+    """Must produce whole contexts (target activations-2d): the samples are contexts."""
+
+
+class AnalyzeCrossCoderSettings(_AnalyzeSettings):
+    """`analyze_crosscoder`'s settings: a dictionary over the heads that `activation_factories` produce (one
+    factory per group of heads, each may run its own model; see `runners.head_groups`)."""
+
+    activation_factories: list[HeadGroupFactory] = Field(min_length=1)
+    """Must produce whole contexts (target activations-2d); the samples keep the first factory's tokens."""
+
+    @model_validator(mode="after")
+    def _groups(self) -> "AnalyzeCrossCoderSettings":
+        check_head_groups(self.activation_factories)
+        return self
 
 
 def read_sae_config(sae: PretrainedSAE) -> tuple[SparseDictionaryConfig, dict]:
@@ -61,31 +91,64 @@ def analyze_sae(settings: AnalyzeSAESettings) -> list[FeatureAnalysis]:
     before the language model loads."""
     setup_logging()
     factory_cfg = settings.activation_factory
-    if factory_cfg.target != ActivationFactoryTarget.ACTIVATIONS_2D:
-        raise ValueError(
-            f"activation_factory.target is {factory_cfg.target.value!r}, but feature analysis keeps whole contexts: "
-            "use activations-2d"
-        )
+    _check_target(factory_cfg, "activation_factory")
     sae_cfg, saved_cfg = read_sae_config(settings.sae)
     check_dictionary_fits(sae_cfg, factory_cfg)
     check_sources_configured(factory_cfg, settings.model, settings.datasets)
-    if settings.output_dir is not None:
-        analysis_export_path(settings.output_dir, settings.sae_name, settings.sae_series, settings.analysis_name, 0)
-    with open_store(settings.store) as store:
-        sae = settings.sae.load()
+
+    def open_stream(sae: SparseDictionary) -> tuple[Iterator, str | None]:
         language_model, datasets = load_language_model_and_datasets(factory_cfg, settings.model, settings.datasets)
         check_dictionary_fits(sae.cfg, factory_cfg, language_model)
         factory = ActivationFactory(factory_cfg)
         factory.validate(language_model)
         model_name = settings.model_name or (settings.model.model_name if settings.model else None)
-        stream = factory.process(model=language_model, model_name=model_name, datasets=datasets)
+        return factory.process(model=language_model, model_name=model_name, datasets=datasets), model_name
+
+    return _analyze(settings, saved_cfg, [source.name for source in factory_cfg.sources], open_stream)
+
+
+@torch.no_grad()
+def analyze_crosscoder(settings: AnalyzeCrossCoderSettings) -> list[FeatureAnalysis]:
+    """`analyze_sae` over the merged stream of `activation_factories` (a feature's activation is its heads'
+    largest; the store also records where each feature lives: see `FeatureAnalysis.location`)."""
+    setup_logging()
+    factories = settings.activation_factories
+    _check_target(factories[0], "activation_factories[0]")
+    sae_cfg, saved_cfg = read_sae_config(settings.sae)
+    check_dictionary_fits_groups(sae_cfg, factories)
+
+    def open_stream(sae: SparseDictionary) -> tuple[Iterator, str | None]:
+        groups = load_head_groups(factories, settings.model, settings.model_name, settings.datasets)
+        check_dictionary_fits_groups(sae.cfg, factories, [group.model for group in groups])
+        return merged_stream(groups, epochs=False), groups[0].model_name
+
+    return _analyze(settings, saved_cfg, [source.name for source in factories[0].sources], open_stream)
+
+
+def _check_target(factory_cfg: ActivationFactoryConfig, field: str) -> None:
+    if factory_cfg.target != ActivationFactoryTarget.ACTIVATIONS_2D:
+        raise ValueError(
+            f"{field}.target is {factory_cfg.target.value!r}, but feature analysis keeps whole contexts: "
+            "use activations-2d"
+        )
+
+
+def _analyze(
+    settings: _AnalyzeSettings,
+    saved_cfg: dict,
+    source_names: list[str],
+    open_stream: Callable[[SparseDictionary], tuple[Iterator, str | None]],
+) -> list[FeatureAnalysis]:
+    """Open the store, load the dictionary, stream, analyse, and record the dictionary and its analyses."""
+    if settings.output_dir is not None:
+        analysis_export_path(settings.output_dir, settings.sae_name, settings.sae_series, settings.analysis_name, 0)
+    with open_store(settings.store) as store:
+        sae = settings.sae.load()
+        stream, model_name = open_stream(sae)
 
         started = time.perf_counter()
         analyses = FeatureAnalyzer(settings.analyzer).analyze(
-            sae,
-            stream,
-            source_names=[source.name for source in factory_cfg.sources],
-            analysis_name=settings.analysis_name,
+            sae, stream, source_names=source_names, analysis_name=settings.analysis_name
         )
         elapsed = time.perf_counter() - started
         n_tokens = analyses[0].n_analyzed_tokens

@@ -71,9 +71,14 @@ def load_language_model_and_datasets(
     if not needs_language_model(factory_cfg):
         return None, {}
     from lm_saes_core.backend import load_model
+
+    return load_model(model_cfg), load_datasets(factory_cfg, dataset_cfgs)
+
+
+def load_datasets(factory_cfg: ActivationFactoryConfig, dataset_cfgs: dict[str, DatasetConfig | None] | None) -> dict:
+    """The datasets of the factory's dataset sources, as `ActivationFactory.process` takes them."""
     from lm_saes_core.data import load_dataset
 
-    model = load_model(model_cfg)
     datasets = {}
     for source in factory_cfg.sources:
         if source.type == "dataset":
@@ -82,7 +87,7 @@ def load_language_model_and_datasets(
             if len(dataset) == 0:
                 raise ValueError(f"dataset {source.name!r} ({cfg.dataset_name_or_path}) has no documents")
             datasets[source.name] = (dataset, {"text_field": cfg.text_field})
-    return model, datasets
+    return datasets
 
 
 def activation_epochs(factory: ActivationFactory, **process_kwargs) -> Iterator[Item]:

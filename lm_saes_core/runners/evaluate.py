@@ -5,7 +5,7 @@ import json
 import logging
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from lm_saes_core.activation.config import (
     ActivationFactoryActivationsSource,
@@ -22,16 +22,22 @@ from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
 from lm_saes_core.models.pretrained import PretrainedSAE
 from lm_saes_core.runners.common import check_dictionary_fits, load_language_model_and_datasets
+from lm_saes_core.runners.head_groups import (
+    HeadGroupFactory,
+    check_dictionary_fits_groups,
+    check_head_groups,
+    load_head_groups,
+    merged_stream,
+)
 from lm_saes_core.wandb_logging import WandbConfig, start_wandb_run
 
 logger = logging.getLogger(__name__)
 
 
-class EvaluateSAESettings(BaseConfig):
+class _EvaluateSettings(BaseConfig):
     sae: PretrainedSAE
     sae_name: str
     sae_series: str | None = None
-    activation_factory: ActivationFactoryConfig
     model: LanguageModelConfig | None = None
     """Needed by dataset sources; with cached sources it is loaded only for the downstream metrics."""
     model_name: str | None = None
@@ -42,6 +48,22 @@ class EvaluateSAESettings(BaseConfig):
     """Write the metrics (and the frequency histogram) here as JSON."""
     wandb: WandbConfig | None = None
     """Log the metrics once to a W&B run (`exp_name` defaults to `sae_name`)."""
+
+
+class EvaluateSAESettings(_EvaluateSettings):
+    activation_factory: ActivationFactoryConfig
+
+
+class EvaluateCrossCoderSettings(_EvaluateSettings):
+    """`evaluate_crosscoder`'s settings: a dictionary over the heads that `activation_factories` produce (one factory
+    per group of heads, each may run its own model; see `runners.head_groups`)."""
+
+    activation_factories: list[HeadGroupFactory] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _groups(self) -> "EvaluateCrossCoderSettings":
+        check_head_groups(self.activation_factories)
+        return self
 
 
 def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
@@ -70,6 +92,45 @@ def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
     stream = factory.process(model=language_model, model_name=model_name, datasets=datasets)
 
     result = Evaluator(settings.eval).run(sae, stream, language_model if downstream else None)
+    return _report(settings, result, model_name)
+
+
+def evaluate_crosscoder(settings: EvaluateCrossCoderSettings) -> EvalResult:
+    """Evaluate `settings.sae` on the merged stream of `activation_factories`. The downstream (spliced-loss)
+    metrics need every head to be a hook of the one language model they splice into: factories without a `name` or
+    a model of their own (heads of several models have no single forward pass to splice into)."""
+    setup_logging()
+    factories = settings.activation_factories
+    one_model = all(factory.name is None and factory.model is None for factory in factories)
+    downstream = settings.eval.compute_downstream and settings.model is not None
+    if downstream and not one_model:
+        logger.warning(
+            "downstream metrics skipped: the heads come from several models (factories with a name or a model of "
+            "their own), so there is no one forward pass to splice the crosscoder into"
+        )
+        downstream = False
+    if downstream and factories[0].target != ActivationFactoryTarget.ACTIVATIONS_2D:
+        raise ValueError(
+            f"activation_factories[0].target is {factories[0].target.value!r}, but the downstream metrics run the "
+            "language model on whole sequences: use activations-2d, or set eval.compute_downstream=false"
+        )
+    sae = settings.sae.load()
+    check_dictionary_fits_groups(sae.cfg, factories)
+    groups = load_head_groups(factories, settings.model, settings.model_name, settings.datasets)
+    check_dictionary_fits_groups(sae.cfg, factories, [group.model for group in groups])
+    language_model = None
+    if downstream:
+        language_model = next((group.model for group in groups if group.model is not None), None)
+        if language_model is None:
+            from lm_saes_core.backend import load_model
+
+            language_model = load_model(settings.model)
+    result = Evaluator(settings.eval).run(sae, merged_stream(groups, epochs=False), language_model)
+    return _report(settings, result, groups[0].model_name)
+
+
+def _report(settings: _EvaluateSettings, result: EvalResult, model_name: str | None) -> EvalResult:
+    """Log the metrics, and write them to `output_path` and W&B when asked."""
     logger.info(
         "evaluation of %s:\n%s",
         settings.sae_name,
@@ -106,7 +167,7 @@ def _warn_on_other_model(factory_cfg: ActivationFactoryConfig, model_name: str) 
                 )
 
 
-def _log_to_wandb(settings: EvaluateSAESettings, result: EvalResult) -> None:
+def _log_to_wandb(settings: _EvaluateSettings, result: EvalResult) -> None:
     cfg = (
         settings.wandb if settings.wandb.exp_name else settings.wandb.model_copy(update={"exp_name": settings.sae_name})
     )

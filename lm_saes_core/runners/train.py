@@ -20,7 +20,7 @@ from lm_saes_core.activation.buffer import Item
 from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import BaseConfig, MongoDBConfig
+from lm_saes_core.config import BaseConfig, ConfigError, MongoDBConfig
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
@@ -37,6 +37,13 @@ from lm_saes_core.runners.common import (
     check_dictionary_fits,
     check_sources_configured,
     load_language_model_and_datasets,
+)
+from lm_saes_core.runners.head_groups import (
+    HeadGroupFactory,
+    check_dictionary_fits_groups,
+    check_head_groups,
+    load_head_groups,
+    merged_stream,
 )
 from lm_saes_core.training.checkpoint import find_latest_checkpoint
 from lm_saes_core.training.config import TrainerConfig
@@ -63,8 +70,9 @@ SAESpec = Annotated[
 ]
 
 
-class _SourceSettings(BaseConfig):
-    activation_factory: ActivationFactoryConfig
+class _StreamSettings(BaseConfig):
+    """Where a run's activations come from, besides the factories: the model, datasets and process layout."""
+
     model: LanguageModelConfig | None = None
     model_name: str | None = None
     datasets: dict[str, DatasetConfig | None] | None = None
@@ -72,13 +80,16 @@ class _SourceSettings(BaseConfig):
     model_parallel_size: int = Field(default=1, ge=1)
     mongo: MongoDBConfig | None = None
 
-    @model_validator(mode="after")
-    def _supported(self) -> "_SourceSettings":
+    def factory_configs(self) -> list[ActivationFactoryConfig]:
+        raise NotImplementedError
+
+    def _check_layout(self) -> None:
+        batch_size = self.factory_configs()[0].batch_size
         if self.mongo is not None:
             raise ValueError("mongo: the MongoDB record store is not available yet; give configs inline")
-        if self.activation_factory.batch_size % self.data_parallel_size:
+        if batch_size % self.data_parallel_size:
             raise ValueError(
-                f"activation_factory.batch_size={self.activation_factory.batch_size} does not split evenly over "
+                f"activation_factory.batch_size={batch_size} does not split evenly over "
                 f"data_parallel_size={self.data_parallel_size}"
             )
         if self.model_parallel_size > 1:
@@ -86,8 +97,77 @@ class _SourceSettings(BaseConfig):
                 "model_parallel_size > 1: model parallelism is not available; use data_parallel_size (one replica of "
                 "the dictionary per process, under torchrun)"
             )
+
+    def open_stream(
+        self, sae_configs: list[SparseDictionaryConfig], data_parallel: DataParallel | None = None
+    ) -> Iterator[Item]:
+        """Check every dictionary fits the stream (cheap checks first), then load the model(s) and start streaming
+        epoch after epoch (a data-parallel rank streams its own part of the data, in batches of batch_size / N)."""
+        raise NotImplementedError
+
+
+class _SourceSettings(_StreamSettings):
+    activation_factory: ActivationFactoryConfig
+
+    @model_validator(mode="after")
+    def _supported(self) -> "_SourceSettings":
+        self._check_layout()
         check_sources_configured(self.activation_factory, self.model, self.datasets)
         return self
+
+    def factory_configs(self) -> list[ActivationFactoryConfig]:
+        return [self.activation_factory]
+
+    def open_stream(
+        self, sae_configs: list[SparseDictionaryConfig], data_parallel: DataParallel | None = None
+    ) -> Iterator[Item]:
+        for cfg in sae_configs:
+            check_dictionary_fits(cfg, self.activation_factory)
+        model, datasets = load_language_model_and_datasets(self.activation_factory, self.model, self.datasets)
+        factory_cfg, shard = self.activation_factory, None
+        if data_parallel is not None:
+            per_rank = factory_cfg.batch_size // data_parallel.world_size
+            factory_cfg, shard = factory_cfg.model_copy(update={"batch_size": per_rank}), data_parallel.shard_of_data
+        factory = ActivationFactory(factory_cfg)
+        factory.validate(model)
+        for cfg in sae_configs:
+            check_dictionary_fits(cfg, self.activation_factory, model)
+        model_name = self.model_name or (self.model.model_name if self.model else None)
+        return activation_epochs(factory, model=model, model_name=model_name, datasets=datasets, shard=shard)
+
+
+class _HeadGroupSettings(_StreamSettings):
+    activation_factories: list[HeadGroupFactory] = Field(min_length=1)
+    """One factory per group of heads, each with its hooks (prefixed by its `name`) and optionally its own model;
+    their batches are merged row by row (see `runners.head_groups`)."""
+
+    @model_validator(mode="after")
+    def _supported(self) -> "_HeadGroupSettings":
+        self._check_layout()
+        check_head_groups(self.activation_factories)
+        for index, factory in enumerate(self.activation_factories):
+            try:
+                check_sources_configured(factory, factory.model or self.model, self.datasets)
+            except ValueError as exc:
+                raise ValueError(f"activation_factories[{index}]: {exc}") from None
+        return self
+
+    def factory_configs(self) -> list[ActivationFactoryConfig]:
+        return list(self.activation_factories)
+
+    def open_stream(
+        self, sae_configs: list[SparseDictionaryConfig], data_parallel: DataParallel | None = None
+    ) -> Iterator[Item]:
+        factories = self.activation_factories
+        for cfg in sae_configs:
+            check_dictionary_fits_groups(cfg, factories)
+        groups = load_head_groups(factories, self.model, self.model_name, self.datasets)
+        for cfg in sae_configs:
+            check_dictionary_fits_groups(cfg, factories, [group.model for group in groups])
+        if data_parallel is None:
+            return merged_stream(groups, epochs=True)
+        per_rank = factories[0].batch_size // data_parallel.world_size
+        return merged_stream(groups, epochs=True, batch_size=per_rank, shard=data_parallel.shard_of_data)
 
 
 class SweepingItem(BaseConfig):
@@ -105,6 +185,20 @@ class SweepingItem(BaseConfig):
 
 
 class TrainSAESettings(SweepingItem, _SourceSettings):
+    resume_from: str | None = None
+    """A checkpoint directory (`.../checkpoints/step_N`) or "latest" (the newest under trainer.exp_result_path)."""
+
+
+class TrainCLTSettings(TrainSAESettings):
+    """`train_clt`'s settings: those of `train_sae`, for a cross-layer transcoder (`sae_type: clt`) whose
+    activation factory produces every `hook_points_in` and `hook_points_out`."""
+
+
+class TrainCrossCoderSettings(SweepingItem, _HeadGroupSettings):
+    """`train_crosscoder`'s settings: a crosscoder (or saved weights to continue) over the heads its
+    `activation_factories` produce: one factory per group of heads, each may run its own model (give each a `name`
+    when they read the same hooks; the crosscoder's `heads` are then `<name>/<hook>`)."""
+
     resume_from: str | None = None
     """A checkpoint directory (`.../checkpoints/step_N`) or "latest" (the newest under trainer.exp_result_path)."""
 
@@ -131,32 +225,13 @@ class SweepSAESettings(_SourceSettings):
         return self
 
 
-def _prepare_stream(
-    settings: _SourceSettings, sae_configs: list[SparseDictionaryConfig], data_parallel: DataParallel | None = None
-) -> Iterator[Item]:
-    """Check every dictionary fits the stream (cheap checks first), then load the model and start streaming (a
-    data-parallel rank streams its own part of the data, in batches of batch_size / N)."""
-    for cfg in sae_configs:
-        check_dictionary_fits(cfg, settings.activation_factory)
-    model, datasets = load_language_model_and_datasets(settings.activation_factory, settings.model, settings.datasets)
-    factory_cfg, shard = settings.activation_factory, None
-    if data_parallel is not None:
-        per_rank = factory_cfg.batch_size // data_parallel.world_size
-        factory_cfg, shard = factory_cfg.model_copy(update={"batch_size": per_rank}), data_parallel.shard_of_data
-    factory = ActivationFactory(factory_cfg)
-    factory.validate(model)
-    for cfg in sae_configs:
-        check_dictionary_fits(cfg, settings.activation_factory, model)
-    model_name = settings.model_name or (settings.model.model_name if settings.model else None)
-    return activation_epochs(factory, model=model, model_name=model_name, datasets=datasets, shard=shard)
-
-
-def _check_schedules(settings: _SourceSettings, trainers: list[TrainerConfig]) -> None:
+def _check_schedules(settings: _StreamSettings, trainers: list[TrainerConfig]) -> None:
     """With 1-D activations a batch is exactly `batch_size` tokens, so a schedule period that cannot fit the run is
     refused here, before the language model loads and the dictionary is initialised (the trainer checks 2-D
     batches, whose masks decide their sizes, at the first one)."""
-    batch_size = settings.activation_factory.batch_size
-    if settings.activation_factory.target == ActivationFactoryTarget.ACTIVATIONS_1D:
+    factory = settings.factory_configs()[0]
+    batch_size = factory.batch_size
+    if factory.target == ActivationFactoryTarget.ACTIVATIONS_1D:
         for trainer in trainers:
             trainer.check_schedule_lengths(max(trainer.total_training_tokens // batch_size, 1), batch_size)
 
@@ -187,7 +262,7 @@ def _dictionary_config(
 
 
 def _initialize(
-    item: SweepingItem | TrainSAESettings,
+    item: SweepingItem | TrainSAESettings | TrainCrossCoderSettings,
     stream: Iterator[Item],
     preloaded: SparseDictionary | None,
     resume_from: Path | None,
@@ -217,7 +292,7 @@ def finished_run(output: Path, settings_dump: dict) -> TrainResult | None:
 
 
 def _fit(
-    item: SweepingItem | TrainSAESettings,
+    item: SweepingItem | TrainSAESettings | TrainCrossCoderSettings,
     model: SparseDictionary,
     stream: Iterator[Item],
     resume_from: Path | None,
@@ -247,9 +322,31 @@ def _fit(
     return result
 
 
-def train_sae(settings: TrainSAESettings) -> TrainResult:
-    """Train one dictionary. A finished run with identical settings in `trainer.exp_result_path` is reused."""
+def train_sae(settings: TrainSAESettings | TrainCrossCoderSettings) -> TrainResult:
+    """Train one dictionary of any kind. A finished run with identical settings in `trainer.exp_result_path` is
+    reused."""
+    return _train(settings)
+
+
+def train_crosscoder(settings: TrainCrossCoderSettings) -> TrainResult:
+    """Train a crosscoder over the heads of `activation_factories` (the seed's runner name; `train_sae` does the
+    same for any kind)."""
+    return _train(settings, kind="crosscoder")
+
+
+def train_clt(settings: TrainCLTSettings) -> TrainResult:
+    """Train a cross-layer transcoder (the seed's runner name; `train_sae` does the same for any kind)."""
+    return _train(settings, kind="clt")
+
+
+def _require_kind(cfg: SparseDictionaryConfig | PretrainedSAE, kind: str | None) -> None:
+    if kind is not None and not isinstance(cfg, PretrainedSAE) and cfg.sae_type != kind:
+        raise ConfigError(f"sae.sae_type is {cfg.sae_type!r}, but this runner trains sae_type {kind!r}")
+
+
+def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | None = None) -> TrainResult:
     setup_logging()
+    _require_kind(settings.sae, kind)
     data_parallel = init_data_parallel(settings.data_parallel_size, str(settings.sae.device))
     previous = finished_run(Path(settings.trainer.exp_result_path), settings.model_dump(mode="json"))
     if data_parallel is not None:
@@ -260,7 +357,8 @@ def train_sae(settings: TrainSAESettings) -> TrainResult:
     resume_from = _resolve_resume(settings.resume_from, settings.trainer)
     _check_schedules(settings, [settings.trainer])
     cfg, preloaded = _dictionary_config(settings.sae)
-    stream = _prepare_stream(settings, [cfg], data_parallel)
+    _require_kind(cfg, kind)
+    stream = settings.open_stream([cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
     return _fit(settings, model, stream, resume_from, settings.model_dump(mode="json"), 0, data_parallel)
 
@@ -322,7 +420,7 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
         return results  # type: ignore[return-value]
     _check_schedules(settings, [settings.items[index].trainer for index in pending])
     loaded = {index: _dictionary_config(settings.items[index].sae) for index in pending}
-    stream = _prepare_stream(settings, [cfg for cfg, _ in loaded.values()])
+    stream = settings.open_stream([cfg for cfg, _ in loaded.values()])
     n_init = max((settings.items[i].initializer or InitializerConfig()).norm_estimation_batches for i in pending) + 1
     head = list(itertools.islice(stream, n_init))
     queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _ in pending]  # queues[slot] feeds items[pending[slot]]

@@ -67,9 +67,37 @@ def unpack_samples(data: bytes) -> list[FeatureSamples]:
     return [samples_from_doc(doc) for doc in unpack_document(data)["samples"]]
 
 
-def analysis_stats(analysis: FeatureAnalysis) -> dict[str, Any]:
-    """The small part of an analysis: scalars (as Python numbers) and the histogram."""
+def decoder_to_doc(analysis: FeatureAnalysis) -> dict[str, Any] | None:
+    """Where the feature's decoders write (`decoder_norms`, `decoder_cosines`, `location`) as a JSON-able document,
+    or None when the analysis has none (one decoder per feature). Hook names are values, not keys: MongoDB field
+    names may not hold the dots of hook points."""
+    if analysis.decoder_norms is None and analysis.decoder_cosines is None and analysis.location is None:
+        return None
+    norms, cosines = analysis.decoder_norms, analysis.decoder_cosines
     return {
+        "hooks": None if norms is None else [str(hook) for hook in norms],
+        "norms": None if norms is None else [float(value) for value in norms.values()],
+        "cosines": None if cosines is None else [[float(value) for value in row] for row in cosines],
+        "location": analysis.location,
+    }
+
+
+def decoder_from_doc(doc: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The FeatureAnalysis fields of `decoder_to_doc`'s document (all None for None: stores written before it)."""
+    if doc is None:
+        return {"decoder_norms": None, "decoder_cosines": None, "location": None}
+    hooks, norms, cosines = doc.get("hooks"), doc.get("norms"), doc.get("cosines")
+    return {
+        "decoder_norms": None if hooks is None else dict(zip(hooks, map(float, norms), strict=True)),
+        "decoder_cosines": None if cosines is None else [[float(value) for value in row] for row in cosines],
+        "location": doc.get("location"),
+    }
+
+
+def analysis_stats(analysis: FeatureAnalysis) -> dict[str, Any]:
+    """The small part of an analysis: scalars (as Python numbers), the histogram and, for dictionaries with several
+    decoders per feature, the `decoder` document (absent otherwise)."""
+    stats = {
         "name": analysis.name,
         "act_times": int(analysis.act_times),
         "n_analyzed_tokens": int(analysis.n_analyzed_tokens),
@@ -78,6 +106,8 @@ def analysis_stats(analysis: FeatureAnalysis) -> dict[str, Any]:
         "histogram_edges": array_to_bytes(analysis.histogram_edges),
         "histogram_counts": array_to_bytes(analysis.histogram_counts),
     }
+    decoder = decoder_to_doc(analysis)
+    return stats if decoder is None else stats | {"decoder": decoder}
 
 
 def analysis_to_doc(analysis: FeatureAnalysis) -> dict[str, Any]:
@@ -97,6 +127,7 @@ def analysis_from_doc(doc: Mapping[str, Any], samples: list[FeatureSamples] | No
         histogram_edges=array_from_bytes(doc["histogram_edges"]),
         histogram_counts=array_from_bytes(doc["histogram_counts"]),
         samples=samples,
+        **decoder_from_doc(doc.get("decoder")),
     )
 
 

@@ -3,7 +3,8 @@
 The file is an `.npz` (a zip of `.npy` arrays) that `np.load(path, allow_pickle=False)` opens:
 
 - `meta`: UTF-8 JSON as uint8 bytes: format name and version, dictionary, series, analysis name, start index, and per
-  feature its scalars and its pools' names and dataset names.
+  feature its scalars, its pools' names and dataset names and, for a crosscoder or CLT, where its decoders write
+  (`decoder`, as `codec.decoder_to_doc`; absent for other kinds and in files written before it).
 - for each array field K (histogram_edges, histogram_counts, and the pools' tokens, activations, lengths, doc_index,
   doc_position), all items of all features back to back: `K.data` (uint8, each item's C-order bytes), `K.ndim`
   (int64 per item), `K.shape` (int64, the items' shapes concatenated) and `K.dtype` (int64 per item, an index into
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from lm_saes_core.io import atomic_path
+from lm_saes_core.store.codec import decoder_from_doc, decoder_to_doc
 from lm_saes_core.store.records import FeatureAnalysis, FeatureSamples
 
 FORMAT = "lm-saes-analysis-export"
@@ -74,6 +76,7 @@ def _encode(
 ) -> dict[str, np.ndarray]:
     features = []
     for offset, analysis in enumerate(analyses):
+        decoder = decoder_to_doc(analysis)
         features.append(
             {
                 "index": start_index + offset,
@@ -86,6 +89,7 @@ def _encode(
                     {"name": pool.name, "dataset": [str(name) for name in pool.dataset]} for pool in analysis.samples
                 ],
             }
+            | ({"decoder": decoder} if decoder is not None else {})
         )
     dtypes: dict[str, list[str]] = {}
     arrays: dict[str, np.ndarray] = {}
@@ -165,6 +169,7 @@ def read_analysis_export(path: str | Path) -> list[FeatureAnalysis]:
                 histogram_edges=feature_arrays["histogram_edges"][position],
                 histogram_counts=feature_arrays["histogram_counts"][position],
                 samples=samples,
+                **decoder_from_doc(feature.get("decoder")),
             )
         )
     return analyses

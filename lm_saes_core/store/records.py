@@ -79,6 +79,17 @@ class FeatureAnalysis:
     histogram_counts: np.ndarray
     """(B,) int64 counts per bin."""
     samples: list[FeatureSamples] = field(default_factory=list)
+    decoder_norms: dict[str, float] | None = None
+    """Dictionaries with several decoders per feature: the norm of what one unit of the feature's activation adds to
+    each raw output hook it writes to, keyed by hook point in the dictionary's order (a crosscoder: every head; a
+    CLT: the outputs of its layer and the later ones). None for one decoder per feature (SAE, transcoder)."""
+    decoder_cosines: list[list[float]] | None = None
+    """Crosscoder: (H, H) cosine similarities of the feature's decoder vectors in its heads, rows and columns in the
+    order of `decoder_norms` (0 where a head's decoder is zero)."""
+    location: str | None = None
+    """Where the feature lives, from `decoder_norms` (see `FeatureAnalyzerConfig.location_threshold`): for a
+    crosscoder "shared", "exclusive to <head>" or "shared by <head>, <head>"; for a CLT "reads <input hook>, writes
+    to <output hooks>"."""
 
     @property
     def frequency(self) -> float:

@@ -1,8 +1,9 @@
 """The default record store: one SQLite file (standard library), safe for several threads and processes.
 
 WAL journal mode and a busy timeout let several processes (Dagster runs) write the same file; one connection guarded
-by a lock serves the threads of a process (auto-interp workers). Analysis statistics are columns and the sample pools
-a separate BLOB, so listing features without samples never reads the large blobs.
+by a lock serves the threads of a process (auto-interp workers). Analysis statistics are columns (where a crosscoder's
+or CLT's feature writes: a JSON column, NULL for other kinds) and the sample pools a separate BLOB, so listing
+features without samples never reads the large blobs. Files of an older schema version are migrated on opening.
 """
 
 import json
@@ -25,7 +26,7 @@ from lm_saes_core.store.records import (
     ModelRecord,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -41,16 +42,20 @@ _TABLES = (
         dictionary TEXT NOT NULL, series TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,
         act_times INTEGER NOT NULL, n_analyzed_tokens INTEGER NOT NULL, max_feature_acts REAL NOT NULL,
         mean_feature_acts REAL NOT NULL, histogram_edges BLOB NOT NULL, histogram_counts BLOB NOT NULL,
-        samples BLOB NOT NULL, PRIMARY KEY (dictionary, series, idx, name))""",
+        samples BLOB NOT NULL, decoder TEXT, PRIMARY KEY (dictionary, series, idx, name))""",
 )
 
 # Schema upgrades: _MIGRATIONS[v] turns a version-v file into version v + 1 (statements run in one transaction).
-_MIGRATIONS: dict[int, tuple[str, ...]] = {}
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    # 2: where a feature's decoders write (JSON of `codec.decoder_to_doc`; NULL for one decoder per feature)
+    1: ("ALTER TABLE feature_analyses ADD COLUMN decoder TEXT",),
+}
 
 _READ_CHUNK = 256  # features per read transaction while iterating (the lock is released between chunks)
 
 _STATS_COLUMNS = (
-    "idx, name, act_times, n_analyzed_tokens, max_feature_acts, mean_feature_acts, histogram_edges, histogram_counts"
+    "idx, name, act_times, n_analyzed_tokens, max_feature_acts, mean_feature_acts, histogram_edges, histogram_counts, "
+    "decoder"
 )
 
 
@@ -220,6 +225,7 @@ class SQLiteRecordStore(RecordStore):
         rows = []
         for offset, analysis in enumerate(analyses):  # encode outside the lock: other threads keep working
             stats = codec.analysis_stats(analysis)
+            decoder = stats.get("decoder")
             rows.append(
                 (
                     dictionary,
@@ -233,6 +239,7 @@ class SQLiteRecordStore(RecordStore):
                     stats["histogram_edges"],
                     stats["histogram_counts"],
                     codec.pack_samples(analysis.samples),
+                    json.dumps(decoder) if decoder is not None else None,
                 )
             )
         with self._transaction(write=True) as conn:
@@ -242,8 +249,8 @@ class SQLiteRecordStore(RecordStore):
             )
             conn.executemany(
                 """INSERT OR REPLACE INTO feature_analyses (dictionary, series, idx, name, act_times,
-                n_analyzed_tokens, max_feature_acts, mean_feature_acts, histogram_edges, histogram_counts, samples)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                n_analyzed_tokens, max_feature_acts, mean_feature_acts, histogram_edges, histogram_counts, samples,
+                decoder) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
                 rows,
             )
 
@@ -285,7 +292,9 @@ class SQLiteRecordStore(RecordStore):
         for row in conn.execute(f"SELECT {columns} FROM feature_analyses {where} ORDER BY idx, name", params):
             keys = ("name", "act_times", "n_analyzed_tokens", "max_feature_acts", "mean_feature_acts")
             doc = dict(zip(keys, row[1:6], strict=True)) | {"histogram_edges": row[6], "histogram_counts": row[7]}
-            samples = codec.unpack_samples(row[8]) if with_samples else []
+            if row[8] is not None:
+                doc["decoder"] = json.loads(row[8])
+            samples = codec.unpack_samples(row[9]) if with_samples else []
             records[row[0]].analyses.append(codec.analysis_from_doc(doc, samples=samples))
         return list(records.values())
 
