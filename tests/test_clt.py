@@ -345,6 +345,19 @@ def test_spliced_layer_after_layer_through_the_generic_evaluator(tiny_model):
         assert metrics[f"metrics/explained_variance_L{layer}"] == pytest.approx(1.0, abs=1e-9)
         assert metrics[f"metrics/l_rec_L{layer}"] == pytest.approx(0.0, abs=1e-9)
 
+    # One layer at a time: with layer 0's decoder zeroed, layer 0 alone recovers nothing and layer 1 alone (exact from
+    # the clean stream) everything; all at once, layer 1 copies the stream that layer 0's loss corrupted.
+    with torch.no_grad():
+        identity.W_D[0].zero_()
+    metrics = Evaluator(EvalConfig(total_eval_tokens=10_000, splice_each_output=True)).evaluate(
+        identity, tiny_batches(tiny_model, resid), tiny_model
+    )
+    assert metrics["metrics/ce_loss_recovered_alone_L0"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["metrics/ce_loss_recovered_alone_L1"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["metrics/kl_div_spliced_alone_L1"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["metrics/ce_loss_spliced_alone_L0"] == pytest.approx(metrics["metrics/ce_loss_spliced"], rel=1e-6)
+    assert metrics["metrics/ce_loss_spliced"] > metrics["metrics/ce_loss_clean"]
+
 
 # ------------------------------------------------------------------ TopK -> JumpReLU
 

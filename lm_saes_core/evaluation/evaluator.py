@@ -31,6 +31,9 @@ class EvalConfig(BaseConfig):
     downstream_tokens: int | None = Field(default=None, gt=0)
     """Document tokens of the evaluation that are also spliced into the language model (None: all of them);
     the three extra forward passes per batch dominate the cost of an evaluation with a model."""
+    splice_each_output: bool = False
+    """For a dictionary with several output hooks (a CLT's layers, a crosscoder's heads), also splice each one
+    alone and zero-ablate it alone (two more forward passes per hook and batch), to compare with all at once."""
     dense_threshold: float = Field(default=0.1, gt=0, le=1)
     """Features active on more than this fraction of tokens count as dense."""
     histogram_bins: int = Field(default=40, gt=0)
@@ -92,6 +95,7 @@ class _Totals:
     n_spliced: int = 0
     ce: dict[str, float] = field(default_factory=lambda: {"clean": 0.0, "spliced": 0.0, "zero_ablation": 0.0})
     kl: dict[str, float] = field(default_factory=lambda: {"spliced": 0.0, "zero_ablation": 0.0})
+    # with splice_each_output, per output hook g: ce/kl under "spliced_alone/g" and "zero_ablation_alone/g"
 
 
 def limit_mask(mask: torch.Tensor, budget: int) -> torch.Tensor:
@@ -135,7 +139,10 @@ class Evaluator:
       positions to 0;
     - metrics/ce_loss_recovered = (ce_zero - ce_spliced) / (ce_zero - ce_clean): 1 when splicing loses nothing,
       0 when the dictionary is no better than zeroing the activation;
-    - metrics/kl_div_{spliced,zero_ablation} = mean_p KL(P_clean || P_run) of the next-token distributions.
+    - metrics/kl_div_{spliced,zero_ablation} = mean_p KL(P_clean || P_run) of the next-token distributions;
+    - with `splice_each_output`, per output hook (under the kind's group names) `ce_loss_spliced_alone`,
+      `ce_loss_recovered_alone` (against zero-ablating that hook alone) and `kl_div_spliced_alone`: that hook
+      replaced by its reconstruction from clean activations, every other hook left as computed.
     """
 
     def __init__(self, cfg: EvalConfig):
@@ -248,13 +255,19 @@ class Evaluator:
             "spliced": next_token_log_probs(model.splice(positions, batch)),
             "zero_ablation": next_token_log_probs(zero_ablation(model.cfg.hooks_out, positions)),
         }
+        if self.cfg.splice_each_output and len(model.cfg.hooks_out) > 1:
+            for g, (hook, alone) in enumerate(
+                zip(model.cfg.hooks_out, model.splice_each(positions, batch), strict=True)
+            ):
+                runs[f"spliced_alone/{g}"] = next_token_log_probs(alone)
+                runs[f"zero_ablation_alone/{g}"] = next_token_log_probs(zero_ablation([hook], positions))
         totals.n_predicted += targets.numel()
         totals.n_spliced += int(positions.sum())
         totals.ce["clean"] += -clean.gather(-1, targets[:, None]).double().sum().item()
         for name, log_probs in runs.items():
-            totals.ce[name] += -log_probs.gather(-1, targets[:, None]).double().sum().item()
+            totals.ce[name] = totals.ce.get(name, 0.0) - log_probs.gather(-1, targets[:, None]).double().sum().item()
             # KL(clean || run) = sum_v p_clean(v) (log p_clean(v) - log p_run(v)), per predicted position
-            totals.kl[name] += (clean.exp() * (clean - log_probs)).double().sum().item()
+            totals.kl[name] = totals.kl.get(name, 0.0) + (clean.exp() * (clean - log_probs)).double().sum().item()
 
     # ---- reduction ----
     def _reduce(self, model: SparseDictionary, totals: _Totals, downstream: bool) -> EvalResult:
@@ -291,6 +304,17 @@ class Evaluator:
                 "metrics/kl_div_zero_ablation": totals.kl["zero_ablation"] / m,
                 "details/n_predicted_positions": float(m),
             }
+            for g in range(len(model.cfg.hooks_out)):
+                if f"spliced_alone/{g}" not in totals.ce:
+                    break
+                alone, alone_zero = totals.ce[f"spliced_alone/{g}"] / m, totals.ce[f"zero_ablation_alone/{g}"] / m
+                metrics |= {
+                    model.group_metric_key(g, "ce_loss_spliced_alone"): alone,
+                    model.group_metric_key(g, "ce_loss_recovered_alone"): (
+                        (alone_zero - alone) / (alone_zero - clean) if alone_zero != clean else float("nan")
+                    ),
+                    model.group_metric_key(g, "kl_div_spliced_alone"): totals.kl[f"spliced_alone/{g}"] / m,
+                }
         histogram = frequency_histogram(frequency, self.cfg.histogram_bins, self.cfg.histogram_min_log10)
         return EvalResult(metrics, frequency.float(), histogram)
 

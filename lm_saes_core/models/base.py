@@ -461,6 +461,14 @@ class SparseDictionary(nn.Module):
         }
         return observers | {hook: replace(hook) for hook in hooks_out}
 
+    def splice_each(self, positions: Tensor, batch: Batch) -> list[dict[str, Replacement]]:
+        """One replacement per output hook, each alone (the other hooks keep their activations), reconstructed from
+        the clean activations of `batch`: what each layer costs the model by itself, without the compounding of
+        `splice`."""
+        clean = {hook: batch[hook][positions.to(batch[hook].device)] for hook in self.cfg.hook_points}
+        reconstructions = self.reconstruct({h: v.to(self.device, self.cfg.dtype) for h, v in clean.items()})
+        return [{hook: _patch(positions, reconstructions[hook])} for hook in self.cfg.hooks_out]
+
     def output_directions(self) -> Tensor:
         """(n_features, d_model) each feature's direction in the output hook's raw space (direct logit
         attribution); kinds without one direction per feature raise `NoOutputDirectionsError`."""
