@@ -1,24 +1,51 @@
 """The `lm-saes` command line: `lm-saes <runner> CONFIG [--set key=value ...]`, and views of the record store
-(`lm-saes show feature NAME INDEX`, `lm-saes list`)."""
+(`lm-saes show feature NAME INDEX`, `lm-saes list`).
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+A user error (`UserError`: settings, hooks, widths, kinds, caches, stores, endpoints; or an `OSError`: a file that is
+missing or unwritable, a connection refused) is one red message and exit status 2 from any command; `--debug` (or
+`LM_SAES_DEBUG=1`) shows its traceback. Any other exception is a bug and keeps its traceback."""
+
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
+import click
 import typer
+from typer.core import TyperGroup
 
-from lm_saes_core.config import ConfigError, load_config
+from lm_saes_core.config import UserError, load_config
 
-app = typer.Typer(name="lm-saes", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+USER_ERRORS = (UserError, OSError)
+
+
+class _Commands(TyperGroup):
+    """The top-level group: every command's user errors are reported here, once."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            if ctx.params.get("debug"):
+                raise
+            typer.secho(str(exc), fg="red", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    name="lm-saes", cls=_Commands, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
 
 ConfigPath = Annotated[Path, typer.Argument(help="Settings file (.yaml, .yml, .toml or .json)")]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a setting: dotted.key=value (repeatable)")]
 
 
-def _load(cls, config: Path, overrides: list[str] | None):
-    with _config_errors():
-        return load_config(cls, config, overrides)
+@app.callback()
+def main(
+    debug: Annotated[
+        bool,
+        typer.Option("--debug", envvar="LM_SAES_DEBUG", help="Show the traceback of user errors too"),
+    ] = False,
+) -> None:
+    """Train, evaluate and analyse sparse dictionaries on language-model activations."""
 
 
 def _load_for_factories(single, several, config: Path, overrides: list[str] | None):
@@ -26,19 +53,8 @@ def _load_for_factories(single, several, config: Path, overrides: list[str] | No
     key, else of `single` (one `activation_factory`)."""
     from lm_saes_core.config import apply_overrides, read_config_file, validate_config
 
-    with _config_errors():
-        data = apply_overrides(read_config_file(config), overrides or [])
-        return validate_config(several if "activation_factories" in data else single, data, source=str(config))
-
-
-@contextmanager
-def _config_errors() -> Iterator[None]:
-    """A settings problem found on the way (file or run time) is a red message and exit status 2, not a traceback."""
-    try:
-        yield
-    except ConfigError as exc:
-        typer.secho(str(exc), fg="red", err=True)
-        raise typer.Exit(2) from None
+    data = apply_overrides(read_config_file(config), overrides or [])
+    return validate_config(several if "activation_factories" in data else single, data, source=str(config))
 
 
 @app.command()
@@ -46,7 +62,7 @@ def generate(config: ConfigPath, overrides: Overrides = None) -> None:
     """Run a dataset through a language model and cache activations on disk."""
     from lm_saes_core.runners.generate import GenerateActivationsSettings, generate_activations
 
-    settings = _load(GenerateActivationsSettings, config, overrides)
+    settings = load_config(GenerateActivationsSettings, config, overrides)
     try:
         result = generate_activations(settings)
     except KeyboardInterrupt:
@@ -59,9 +75,7 @@ def train(config: ConfigPath, overrides: Overrides = None) -> None:
     """Train a sparse dictionary of the kind its `sae_type` names (SAE/transcoder, crosscoder, CLT)."""
     from lm_saes_core.runners.train import TrainCrossCoderSettings, TrainSAESettings, train_sae
 
-    settings = _load_for_factories(TrainSAESettings, TrainCrossCoderSettings, config, overrides)
-    with _config_errors():  # e.g. data_parallel_size without torchrun
-        result = train_sae(settings)
+    result = train_sae(_load_for_factories(TrainSAESettings, TrainCrossCoderSettings, config, overrides))
     typer.echo(_trained(result))
 
 
@@ -70,7 +84,7 @@ def sweep(config: ConfigPath, overrides: Overrides = None) -> None:
     """Train several dictionaries from one activation stream."""
     from lm_saes_core.runners.train import SweepSAESettings, sweep_sae
 
-    for result in sweep_sae(_load(SweepSAESettings, config, overrides)):
+    for result in sweep_sae(load_config(SweepSAESettings, config, overrides)):
         typer.echo(_trained(result))
 
 
@@ -84,9 +98,7 @@ def convert_topk_to_jumprelu(config: ConfigPath, overrides: Overrides = None) ->
     """Turn a saved TopK-family dictionary into a JumpReLU one with per-feature thresholds calibrated on a stream."""
     from lm_saes_core.runners.convert import ConvertTopKToJumpReLUSettings, convert_topk_to_jumprelu
 
-    settings = _load(ConvertTopKToJumpReLUSettings, config, overrides)
-    with _config_errors():
-        result = convert_topk_to_jumprelu(settings)
+    result = convert_topk_to_jumprelu(load_config(ConvertTopKToJumpReLUSettings, config, overrides))
     typer.echo(f"dictionary: {result.output_path}")
     for key, before in result.topk_metrics.items():
         typer.echo(f"{key:35s} {before:.5g} -> {result.jumprelu_metrics[key]:.5g}")
@@ -103,11 +115,10 @@ def evaluate(config: ConfigPath, overrides: Overrides = None) -> None:
     )
 
     settings = _load_for_factories(EvaluateSAESettings, EvaluateCrossCoderSettings, config, overrides)
-    with _config_errors():
-        if isinstance(settings, EvaluateCrossCoderSettings):
-            result = evaluate_crosscoder(settings)
-        else:
-            result = evaluate_sae(settings)
+    if isinstance(settings, EvaluateCrossCoderSettings):
+        result = evaluate_crosscoder(settings)
+    else:
+        result = evaluate_sae(settings)
     for key, value in sorted(result.metrics.items()):
         typer.echo(f"{key:45s} {value:.6g}")
 
@@ -123,11 +134,10 @@ def analyze(config: ConfigPath, overrides: Overrides = None) -> None:
     )
 
     settings = _load_for_factories(AnalyzeSAESettings, AnalyzeCrossCoderSettings, config, overrides)
-    with _config_errors():
-        if isinstance(settings, AnalyzeCrossCoderSettings):
-            analyses = analyze_crosscoder(settings)
-        else:
-            analyses = analyze_sae(settings)
+    if isinstance(settings, AnalyzeCrossCoderSettings):
+        analyses = analyze_crosscoder(settings)
+    else:
+        analyses = analyze_sae(settings)
     alive = sum(analysis.act_times > 0 for analysis in analyses)
     typer.echo(f"analysed {len(analyses)} features of {settings.sae_name} ({alive} active)")
 
@@ -137,7 +147,7 @@ def dla(config: ConfigPath, overrides: Overrides = None) -> None:
     """Direct logit attribution of every feature's decoder direction into the record store."""
     from lm_saes_core.runners.dla import DirectLogitAttributeSettings, direct_logit_attribute
 
-    settings = _load(DirectLogitAttributeSettings, config, overrides)
+    settings = load_config(DirectLogitAttributeSettings, config, overrides)
     logits = direct_logit_attribute(settings)
     typer.echo(f"attributed {len(logits)} features of {settings.sae_name}")
 
@@ -147,7 +157,7 @@ def autointerp(config: ConfigPath, overrides: Overrides = None) -> None:
     """Explain and score features with an LLM behind an OpenAI-compatible API (resumes missing features)."""
     from lm_saes_core.runners.autointerp import AutoInterpSettings, auto_interp
 
-    result = auto_interp(_load(AutoInterpSettings, config, overrides))
+    result = auto_interp(load_config(AutoInterpSettings, config, overrides))
     typer.echo(
         f"interpreted {len(result.interpreted)}, failed {len(result.failed)}, "
         f"kept {len(result.skipped_existing)}, inactive {len(result.skipped_inactive)}; "
@@ -166,7 +176,7 @@ def check_activations(
     if target.is_dir():
         settings = CheckActivationConsistencySettings(path=str(target))
     else:
-        settings = _load(CheckActivationConsistencySettings, target, overrides)
+        settings = load_config(CheckActivationConsistencySettings, target, overrides)
     report = check_activation_consistency(settings)
     for problem in report.problems:
         typer.secho(f"  {problem}", fg="red", err=True)
@@ -175,18 +185,6 @@ def check_activations(
 
 
 # ------------------------------------------------------------------------------------------- circuit-tracer files
-
-
-@contextmanager
-def _conversion_errors() -> Iterator[None]:
-    """A model or file that cannot be converted, or a missing file, is reported as settings problems are."""
-    from lm_saes_core.interop.saelens import InteropError
-
-    with _config_errors():
-        try:
-            yield
-        except (InteropError, OSError) as exc:
-            raise ConfigError(str(exc)) from None
 
 
 @app.command("export-circuit-tracer")
@@ -202,9 +200,8 @@ def export_circuit_tracer(
     from lm_saes_core.interop.circuit_tracer import export_circuit_tracer as export
     from lm_saes_core.models import SparseDictionary
 
-    with _conversion_errors():
-        models = [SparseDictionary.from_pretrained(source) for source in sources]
-        directory = export(models, out_dir, scan=scan, hf_repo=hf_repo)
+    models = [SparseDictionary.from_pretrained(source) for source in sources]
+    directory = export(models, out_dir, scan=scan, hf_repo=hf_repo)
     layers = len(models) if len(models) > 1 else len(models[0].cfg.hooks_in)
     typer.echo(f"circuit-tracer: {directory} ({layers} layers)")
 
@@ -223,12 +220,11 @@ def import_circuit_tracer(
     """Save a circuit-tracer CLT or transcoder set as our dictionaries."""
     from lm_saes_core.interop.circuit_tracer import import_circuit_tracer as load
 
-    with _conversion_errors():
-        imported = load(source, hook_points_in=hook_in, hook_points_out=hook_out)
-        if isinstance(imported, list):
-            saved = [model.save_pretrained(out_dir / f"layer_{layer}") for layer, model in enumerate(imported)]
-        else:
-            saved = [imported.save_pretrained(out_dir)]
+    imported = load(source, hook_points_in=hook_in, hook_points_out=hook_out)
+    if isinstance(imported, list):
+        saved = [model.save_pretrained(out_dir / f"layer_{layer}") for layer, model in enumerate(imported)]
+    else:
+        saved = [imported.save_pretrained(out_dir)]
     for path in saved:
         typer.echo(f"dictionary: {path}")
 
@@ -245,25 +241,16 @@ MongoUri = Annotated[str | None, typer.Option("--mongo-uri", help="Read the Mong
 MongoDb = Annotated[str, typer.Option("--mongo-db", help="MongoDB database (with --mongo-uri)")]
 
 
-def _fail(message: str) -> NoReturn:
-    typer.secho(message, fg="red", err=True)
-    raise typer.Exit(1)
-
-
 def _open_store(store_path: Path | None, mongo_uri: str | None, mongo_db: str):
     from lm_saes_core.config import MongoDBConfig
-    from lm_saes_core.store import RecordStoreConfig, StoreSchemaError, StoreUnavailableError, open_store
+    from lm_saes_core.store import RecordStoreConfig, open_store
 
     if store_path is not None and mongo_uri is not None:
-        _fail("give either --store-path (SQLite) or --mongo-uri (MongoDB), not both")
+        raise UserError("give either --store-path (SQLite) or --mongo-uri (MongoDB), not both")
     if store_path is not None and not store_path.is_file():
-        _fail(f"no record store at {store_path}")
+        raise UserError(f"no record store at {store_path}")
     mongo = MongoDBConfig(mongo_uri=mongo_uri, mongo_db=mongo_db) if mongo_uri is not None else None
-    cfg = RecordStoreConfig(mongo=mongo, sqlite_path=str(store_path) if store_path is not None else None)
-    try:
-        return open_store(cfg)
-    except (StoreUnavailableError, StoreSchemaError) as exc:
-        _fail(str(exc))
+    return open_store(RecordStoreConfig(mongo=mongo, sqlite_path=str(store_path) if store_path is not None else None))
 
 
 @show_app.command("feature")
@@ -297,17 +284,22 @@ def show_feature(
         dictionary = store.get_dictionary(name, series)
         if dictionary is None:
             known = ", ".join(f"{d.name} ({d.series})" for d in store.list_dictionaries()) or "none"
-            _fail(f"no dictionary {name!r} in series {series!r}; stored dictionaries: {known}")
+            raise UserError(f"no dictionary {name!r} in series {series!r}; stored dictionaries: {known}")
         d_sae, n_features = dictionary.cfg.get("d_sae"), analysed_feature_count(dictionary.cfg)
         if index < 0 or (n_features is not None and index >= n_features):
             has = f"d_sae {d_sae}" if n_features == d_sae else f"{n_features} features ({d_sae} per layer)"
-            _fail(f"feature index {index} is out of range: dictionary {name!r} has {has} (0 <= INDEX < {n_features})")
+            raise UserError(
+                f"feature index {index} is out of range: dictionary {name!r} has {has} (0 <= INDEX < {n_features})"
+            )
         feature = store.get_feature(name, series, index)
         if feature is None:
-            _fail(f"feature {index} of {name!r} (series {series!r}) has no records yet: run the analysis first")
+            raise UserError(
+                f"feature {index} of {name!r} (series {series!r}) has no records yet: run the analysis first"
+            )
         names = [item.name for item in feature.analyses]
         if analysis is not None and analysis not in names:
-            _fail(f"feature {index} of {name!r} has no analysis {analysis!r}; it has: {', '.join(names) or 'none'}")
+            known = ", ".join(names) or "none"
+            raise UserError(f"feature {index} of {name!r} has no analysis {analysis!r}; it has: {known}")
         chosen = feature.analysis(analysis or "default") or (feature.analyses[0] if feature.analyses else None)
         tokenizer, note = load_tokenizer(store, dictionary) if chosen is not None else (None, "")
     console = Console()

@@ -22,6 +22,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
 )
+from pydantic_core import InitErrorDetails
 
 # One table of accepted spellings; the first name of each dtype is its canonical (saved) spelling.
 _DTYPE_NAMES: dict[torch.dtype, tuple[str, ...]] = {
@@ -86,8 +87,22 @@ class BaseModelConfig(BaseConfig):
     dtype: DType = torch.float32
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A problem the person running a job can fix: a setting, a file, a store or an endpoint that is not as it should
+    be. The message alone says what and where, so the CLI prints it as it is, without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A settings file or mapping that cannot be turned into a valid config; the message names file and field."""
+
+
+def field_error(location: str, message: str, value: Any) -> ValidationError:
+    """An error about the field at dotted `location` (relative to the model being validated) with its `value`, for a
+    model validator to raise when a check spans several fields but one of them is wrong: pydantic reports it at that
+    field (under the model's own location) instead of at the whole model."""
+    loc = tuple(int(part) if part.isdigit() else part for part in location.split("."))
+    detail = InitErrorDetails(type="value_error", loc=loc, input=value, ctx={"error": message})
+    return ValidationError.from_exception_data("settings", [detail])
 
 
 def format_validation_error(error: ValidationError, source: str) -> str:
@@ -100,7 +115,7 @@ def format_validation_error(error: ValidationError, source: str) -> str:
             lines.append(f"  missing required field '{location}'")
         else:
             value = item.get("input")
-            got = "" if isinstance(value, dict | list) else f" (got {value!r})"  # a whole section says nothing
+            got = "" if isinstance(value, dict | list | BaseModel) else f" (got {value!r})"  # a section says nothing
             message = item["msg"].removeprefix("Value error, ")
             lines.append(f"  field '{location}': {message}{got}")
     return "\n".join(lines)

@@ -312,6 +312,6 @@ def test_show_feature_of_a_clt_takes_layer_major_indices(shown_store):
     assert "decoder cosines" not in result.stdout
 
     result = invoke("show", "feature", "clt", "6", "--store-path", str(shown_store))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     message = " ".join(result.stderr.split())
     assert "feature index 6 is out of range: dictionary 'clt' has 6 features (2 per layer) (0 <= INDEX < 6)" in message

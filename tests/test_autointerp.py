@@ -25,7 +25,7 @@ from lm_saes_core.backend import LanguageModelConfig
 from lm_saes_core.data import DatasetConfig, load_dataset
 from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
-from lm_saes_core.runners.autointerp import AutoInterpSettings, auto_interp
+from lm_saes_core.runners.autointerp import AutoInterpSettings, RepeatedFailureError, auto_interp
 from lm_saes_core.store import (
     DictionaryRecord,
     FeatureAnalysis,
@@ -373,7 +373,11 @@ def test_a_misbehaving_endpoint_records_per_feature_failures(
         retry_backoff_s=0.05,
         max_concurrent_requests=1,
     )
-    result = auto_interp(run)
+    # Both features fail alike: the run fails with that error, and what it did is recorded.
+    with pytest.raises(RepeatedFailureError, match="every feature attempted failed with the same error") as failure:
+        auto_interp(run)
+    assert error in str(failure.value)
+    result = failure.value.result
     assert result.interpreted == [] and sorted(result.failed) == [0, 1]
     assert result.skipped_inactive == [2]  # dead feature; 3..7 have no records at all
     assert result.n_requests == requests[mode] == 2 * requests_per_feature

@@ -19,6 +19,7 @@ from lm_saes_core.backend import (
     TransformerLensLanguageModel,
     UnknownHookPointError,
     load_model,
+    read_model_shape,
     registry,
     resolve_backend,
     resolve_model_dir,
@@ -279,6 +280,25 @@ def test_auto_backend_picks_huggingface_for_llama_layouts(smollm2_config, tiny_l
     assert isinstance(tiny, HuggingFaceLanguageModel) and acts["blocks.2.hook_resid_post"].shape == (1, 4, 64)
     GPTNeoXConfig().save_pretrained(tmp_path)  # a layout the HF backend does not know
     assert resolve_backend(LanguageModelConfig(model_name=str(tmp_path))) == "transformer_lens"
+
+
+def test_the_config_alone_tells_the_huggingface_backends_hooks_widths_and_context(smollm2_config, smollm2_hf, tmp_path):
+    """What a run checks before any weights load (hooks, widths, context) is what the loaded model says."""
+    from transformers import GPT2Config, GPTNeoXConfig
+
+    shape = read_model_shape(smollm2_config)
+    assert shape.hook_points == smollm2_hf.hook_points
+    assert (shape.d_model, shape.max_context) == (smollm2_hf.d_model, smollm2_hf.max_context)
+    assert shape.hook_dim("blocks.6.hook_mlp_out") == smollm2_hf.hook_dim("blocks.6.hook_mlp_out") == 576
+    with pytest.raises(UnknownHookPointError, match="closest valid names: blocks.6.hook_resid_post"):
+        shape.validate_hook_points(["blocks.6.hook_resid_psot"])
+    GPT2Config(n_positions=64, n_embd=32, n_layer=2, n_head=4).save_pretrained(tmp_path / "gpt2")
+    gpt2 = read_model_shape(LanguageModelConfig(model_name=str(tmp_path / "gpt2")))
+    assert (gpt2.d_model, gpt2.max_context, gpt2.hook_points[-1]) == (32, 64, "blocks.1.hook_resid_post")
+    # The TransformerLens bridge names its hooks only once built: those models are checked after loading.
+    GPTNeoXConfig().save_pretrained(tmp_path / "neox")
+    assert read_model_shape(LanguageModelConfig(model_name=str(tmp_path / "neox"))) is None
+    assert read_model_shape(smollm2_config.model_copy(update={"backend": "transformer_lens"})) is None
 
 
 def test_gpt2_layout_matches_hidden_states_and_the_bridge(smollm2_dir, tmp_path):

@@ -1,6 +1,6 @@
 """`lm-saes show feature` and `lm-saes list` on a real SQLite store whose samples are SmolLM2 token ids of known
 sentences: the decoded text, statistics, highlight markers, explanation, DLA tokens and metrics appear; bad
-arguments are clean errors (exit code 1, no traceback)."""
+arguments are clean errors (exit code 2, no traceback)."""
 
 from pathlib import Path
 
@@ -169,14 +169,14 @@ def test_show_feature_without_a_tokenizer_shows_token_ids(store_path, smollm2_di
 )
 def test_show_feature_errors_are_clean(store_path, args, message):
     result = invoke("show", "feature", *args, "--store-path", str(store_path))
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.output
 
 
 def test_show_feature_needs_an_existing_store(tmp_path):
     result = invoke("show", "feature", "demo", "0", "--store-path", str(tmp_path / "none.sqlite"))
-    assert result.exit_code == 1 and "no record store at" in result.stderr
+    assert result.exit_code == 2 and "no record store at" in result.stderr
     assert not (tmp_path / "none.sqlite").exists()
 
 

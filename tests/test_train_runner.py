@@ -10,7 +10,7 @@ import yaml
 from real_activations import heldout_metrics, smollm2_cache
 
 from lm_saes_core.config import ConfigError, load_config
-from lm_saes_core.models import SparseAutoEncoder
+from lm_saes_core.models import SparseAutoEncoder, SparseDictionary
 from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, sweep_sae, train_sae
 
 HOOK = "blocks.3.hook_resid_post"
@@ -120,6 +120,30 @@ def test_training_continues_from_saved_weights(caches, tmp_path):
     before = heldout_metrics(first.output_path, heldout, HOOK, tokens=3000)["metrics/explained_variance"]
     after = heldout_metrics(second.output_path, heldout, HOOK, tokens=3000)["metrics/explained_variance"]
     assert after > before  # it continued from the first run's weights instead of starting over
+
+
+@pytest.mark.parametrize("folded", [True, False], ids=["saved-folded", "saved-unfolded"])
+def test_a_continued_run_starts_from_exactly_the_saved_weights(caches, tmp_path, folded):
+    """A dataset-wise dictionary saved folded (raw-scale weights) or unfolded (with its norms): the continued run's
+    first step has exactly the loss the saved dictionary has on that step's batch."""
+    train_cache, _ = caches
+    first = settings_dict(train_cache, tmp_path / "first", total_training_tokens=1024 * 4, fold_activation_scale=folded)
+    first["initializer"]["grid_search_init_norm"] = False
+    saved = train_sae(TrainSAESettings.model_validate(first)).output_path
+    assert json.loads((saved / "config.json").read_text())["norm_activation"] == (
+        "inference" if folded else "dataset-wise"
+    )
+    data = settings_dict(train_cache, tmp_path / "second", total_training_tokens=1024, log_frequency=1)
+    data["sae"] = {"pretrained_name_or_path": str(saved)}
+    settings = TrainSAESettings.model_validate(data)
+    continued = train_sae(settings)
+    assert continued.steps == 1
+
+    sae = SparseDictionary.from_pretrained(saved).train()  # as saved, in the mode the trainer steps in
+    first_batch = next(iter(settings.open_stream([sae.cfg])))  # the stream is seeded: the batch the run saw first
+    with torch.no_grad():
+        expected = sae.compute_loss(first_batch)
+    assert continued.last_metrics["losses/mse_loss"] == expected.terms["mse_loss"].item()
 
 
 def test_convert_topk_to_jumprelu_through_the_runner(caches, tmp_path):

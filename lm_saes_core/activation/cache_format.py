@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from lm_saes_core.config import UserError
 from lm_saes_core.io import read_json_object
 
 FORMAT_VERSION = 1
@@ -20,7 +21,7 @@ TENSOR_FORMATS = ("safetensors", "pt")
 _CHUNK_RE = re.compile(r"^(?:shard-(?P<shard>\d+)-)?chunk-(?P<index>\d{8})$")
 
 
-class ActivationCacheError(RuntimeError):
+class ActivationCacheError(UserError, RuntimeError):
     """A cache directory that cannot be read as it is; the message names the file and what to do."""
 
 

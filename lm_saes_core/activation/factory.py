@@ -24,7 +24,8 @@ from lm_saes_core.activation.config import (
 )
 from lm_saes_core.activation.reader import CachedActivations
 from lm_saes_core.activation.windows import iter_window_batches
-from lm_saes_core.backend.base import LanguageModel
+from lm_saes_core.backend.base import LanguageModel, ModelShape
+from lm_saes_core.config import ConfigError
 
 DatasetInput = Any  # a datasets.Dataset, or (Dataset, {"text_field": ..., "doc_offset": ...})
 
@@ -45,13 +46,13 @@ class ActivationFactory:
         self.cfg = cfg
         self.target = cfg.target
 
-    def validate(self, model: LanguageModel | None) -> None:
-        """Check hooks and context length against the model before any forward pass."""
+    def validate(self, model: ModelShape | None) -> None:
+        """Check hooks and context length against the model (loaded, or its config) before any forward pass."""
         if model is None:
             return
         model.validate_hook_points(self.cfg.hook_points)
         if self.cfg.context_size > model.max_context:
-            raise ValueError(
+            raise ConfigError(
                 f"context_size {self.cfg.context_size} exceeds the maximum context of model "
                 f"{model.cfg.model_name!r} ({model.max_context})"
             )

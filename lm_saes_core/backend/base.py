@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from lm_saes_core.config import BaseModelConfig
+from lm_saes_core.config import BaseModelConfig, ConfigError
 
 Replacement = Callable[[torch.Tensor], torch.Tensor]
 
@@ -69,11 +69,11 @@ class Unembedding:
     """LayerNorm subtracts the mean before scaling; RMSNorm does not."""
 
 
-class UnknownHookPointError(ValueError):
+class UnknownHookPointError(ConfigError):
     """A requested hook point that the model does not have; the message lists the valid names closest to it."""
 
 
-class UnreplaceableHookPointError(ValueError):
+class UnreplaceableHookPointError(ConfigError):
     """A hook point whose activation a backend can read but cannot faithfully replace."""
 
 
@@ -129,28 +129,16 @@ class ActivationCollector:
         return self.values
 
 
-class LanguageModel(ABC):
-    """A causal language model that returns residual-stream (and other) activations at named hook points.
-
-    Hook names follow TransformerLens conventions (`blocks.6.hook_resid_post`). The forward pass stops at the
-    deepest requested hook, so asking for layer 6 of a 30-layer model costs 7 layers.
-    """
+class ModelShape(ABC):
+    """What the checks before a run need of a language model: its hook points, their widths and its longest context.
+    A loaded `LanguageModel` is one; `huggingface.ConfigShape` reads them from the model's config, without weights."""
 
     cfg: LanguageModelConfig
-    tokenizer: "object"  # a transformers PreTrainedTokenizerBase
 
     @property
     @abstractmethod
     def hook_points(self) -> list[str]:
         """Every hook point name this backend can capture."""
-
-    @property
-    @abstractmethod
-    def d_model(self) -> int: ...
-
-    @property
-    @abstractmethod
-    def n_layers(self) -> int: ...
 
     @property
     @abstractmethod
@@ -160,6 +148,32 @@ class LanguageModel(ABC):
     @abstractmethod
     def hook_dim(self, hook_point: str) -> int:
         """Size of the last dimension of the activation at `hook_point` (d_model for the residual stream)."""
+
+    def validate_hook_points(self, hook_points: Sequence[str]) -> None:
+        valid = set(self.hook_points)
+        for name in hook_points:
+            if name not in valid:
+                near = difflib.get_close_matches(name, self.hook_points, n=6, cutoff=0.6)
+                hint = f"; closest valid names: {', '.join(near)}" if near else ""
+                raise UnknownHookPointError(f"model {self.cfg.model_name!r} has no hook point {name!r}{hint}")
+
+
+class LanguageModel(ModelShape):
+    """A causal language model that returns residual-stream (and other) activations at named hook points.
+
+    Hook names follow TransformerLens conventions (`blocks.6.hook_resid_post`). The forward pass stops at the
+    deepest requested hook, so asking for layer 6 of a 30-layer model costs 7 layers.
+    """
+
+    tokenizer: "object"  # a transformers PreTrainedTokenizerBase
+
+    @property
+    @abstractmethod
+    def d_model(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def n_layers(self) -> int: ...
 
     @abstractmethod
     def activations(
@@ -211,11 +225,3 @@ class LanguageModel(ABC):
         """Replacement hooks must exist, and those that change their activation must be replaceable here."""
         self.validate_hook_points(list(replacements))
         check_replaceable(replaced_hook_points(replacements), unsupported, backend)
-
-    def validate_hook_points(self, hook_points: Sequence[str]) -> None:
-        valid = set(self.hook_points)
-        for name in hook_points:
-            if name not in valid:
-                near = difflib.get_close_matches(name, self.hook_points, n=6, cutoff=0.6)
-                hint = f"; closest valid names: {', '.join(near)}" if near else ""
-                raise UnknownHookPointError(f"model {self.cfg.model_name!r} has no hook point {name!r}{hint}")

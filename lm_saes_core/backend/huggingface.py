@@ -17,9 +17,11 @@ from lm_saes_core.backend.base import (
     ActivationCollector,
     LanguageModel,
     LanguageModelConfig,
+    ModelShape,
     Replacement,
     Unembedding,
 )
+from lm_saes_core.config import ConfigError
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,43 @@ def config_max_context(config: object) -> int:
     return getattr(text_config, "max_position_embeddings", None) or text_config.n_positions
 
 
+def layout_of(model_type: str, cfg: LanguageModelConfig) -> _Layout:
+    if model_type not in LAYOUTS:
+        raise ConfigError(
+            f"backend 'huggingface' does not know the layer layout of model_type {model_type!r} "
+            f"(model_name {cfg.model_name!r}); supported: {', '.join(sorted(LAYOUTS))}. "
+            "Use backend 'transformer_lens' (or 'auto')."
+        )
+    return LAYOUTS[model_type]
+
+
+class ConfigShape(ModelShape):
+    """A model of this backend as its config.json describes it: every hook point follows from the number of layers
+    and lives in the residual width, so the hooks, widths and context length of a run are checked before any
+    weights load."""
+
+    def __init__(self, cfg: LanguageModelConfig, config: object):
+        """`config`: the model's transformers `PretrainedConfig`."""
+        layout_of(config.model_type, cfg)  # type: ignore[attr-defined]
+        text_config = config.get_text_config()  # type: ignore[attr-defined]
+        self.cfg = cfg
+        self._hook_points = hook_point_names(text_config.num_hidden_layers)
+        self.d_model: int = text_config.hidden_size
+        self._max_context = config_max_context(config)
+
+    @property
+    def hook_points(self) -> list[str]:
+        return list(self._hook_points)
+
+    @property
+    def max_context(self) -> int:
+        return self._max_context
+
+    def hook_dim(self, hook_point: str) -> int:
+        self.validate_hook_points([hook_point])
+        return self.d_model
+
+
 class HuggingFaceLanguageModel(LanguageModel):
     """A transformers causal LM (Llama/Mistral/Qwen or GPT-2 layout) read through forward hooks."""
 
@@ -95,14 +134,7 @@ class HuggingFaceLanguageModel(LanguageModel):
 
         self.cfg = cfg
         path = resolve_model_dir(cfg)
-        model_type = AutoConfig.from_pretrained(path).model_type
-        if model_type not in LAYOUTS:
-            raise ValueError(
-                f"backend 'huggingface' does not know the layer layout of model_type {model_type!r} "
-                f"(model_name {cfg.model_name!r}); supported: {', '.join(sorted(LAYOUTS))}. "
-                "Use backend 'transformer_lens' (or 'auto')."
-            )
-        self.layout = LAYOUTS[model_type]
+        self.layout = layout_of(AutoConfig.from_pretrained(path).model_type, cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=cfg.dtype).to(cfg.device).eval()
         self.layers: nn.ModuleList = self.model.get_submodule(self.layout.layers)

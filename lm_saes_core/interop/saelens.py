@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lm_saes_core.config import parse_dtype
+from lm_saes_core.config import UserError, parse_dtype
 from lm_saes_core.io import atomic_path, atomic_write_text, ensure_writable_dir, read_json_object
 from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 
@@ -45,7 +45,7 @@ _LEGACY_METADATA_KEYS = (
 )
 
 
-class InteropError(ValueError):
+class InteropError(UserError, ValueError):
     """A model or a peer file that cannot be converted exactly; the message names the field and what would work."""
 
 

@@ -26,6 +26,7 @@ from lm_saes_core.models import (
 )
 from lm_saes_core.runners.common import (
     check_dictionary_fits,
+    check_model_config,
     check_sources_configured,
     load_language_model_and_datasets,
 )
@@ -33,6 +34,7 @@ from lm_saes_core.runners.head_groups import (
     HeadGroupFactory,
     check_dictionary_fits_groups,
     check_head_groups,
+    check_model_configs,
     load_head_groups,
     merged_stream,
 )
@@ -87,8 +89,8 @@ def read_sae_config(sae: PretrainedSAE) -> tuple[SparseDictionaryConfig, dict]:
 def analyze_sae(settings: AnalyzeSAESettings) -> list[FeatureAnalysis]:
     """Analyse every feature of `settings.sae` and store the results as feature `i`'s analysis `analysis_name`.
 
-    Cheap checks come first (target, hook points, configured sources, reachable store), so a wrong setting fails
-    before the language model loads."""
+    Cheap checks come first (target, hook points, configured sources, reachable store, then what the model's config
+    tells), so a wrong setting fails before the language model loads."""
     setup_logging()
     factory_cfg = settings.activation_factory
     _check_target(factory_cfg, "activation_factory")
@@ -97,6 +99,7 @@ def analyze_sae(settings: AnalyzeSAESettings) -> list[FeatureAnalysis]:
     check_sources_configured(factory_cfg, settings.model, settings.datasets)
 
     def open_stream(sae: SparseDictionary) -> tuple[Iterator, str | None]:
+        check_model_config(factory_cfg, settings.model, [sae.cfg])
         language_model, datasets = load_language_model_and_datasets(factory_cfg, settings.model, settings.datasets)
         check_dictionary_fits(sae.cfg, factory_cfg, language_model)
         factory = ActivationFactory(factory_cfg)
@@ -118,6 +121,7 @@ def analyze_crosscoder(settings: AnalyzeCrossCoderSettings) -> list[FeatureAnaly
     check_dictionary_fits_groups(sae_cfg, factories)
 
     def open_stream(sae: SparseDictionary) -> tuple[Iterator, str | None]:
+        check_model_configs(factories, settings.model, [sae.cfg])
         groups = load_head_groups(factories, settings.model, settings.model_name, settings.datasets)
         check_dictionary_fits_groups(sae.cfg, factories, [group.model for group in groups])
         return merged_stream(groups, epochs=False), groups[0].model_name
@@ -127,7 +131,7 @@ def analyze_crosscoder(settings: AnalyzeCrossCoderSettings) -> list[FeatureAnaly
 
 def _check_target(factory_cfg: ActivationFactoryConfig, field: str) -> None:
     if factory_cfg.target != ActivationFactoryTarget.ACTIVATIONS_2D:
-        raise ValueError(
+        raise ConfigError(
             f"{field}.target is {factory_cfg.target.value!r}, but feature analysis keeps whole contexts: "
             "use activations-2d"
         )

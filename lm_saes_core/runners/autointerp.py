@@ -2,7 +2,9 @@
 
 Reads the feature analyses from the record store, writes each feature's `Interpretation` back as soon as that feature
 is done (so an interrupted run keeps its finished work), and on a re-run asks only about the features that have no
-successful interpretation yet.
+successful interpretation yet. Failures that are the endpoint's rather than a feature's (it is down, it does not serve
+the model) fail every feature alike: the run stops after a few in a row, or when every feature failed so, with
+`RepeatedFailureError`.
 """
 
 import asyncio
@@ -17,7 +19,7 @@ from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
 from lm_saes_core.analysis.autointerp.interpreter import FeatureInterpreter
 from lm_saes_core.analysis.autointerp.llm import LLMClient, resolve_api_key
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import BaseConfig
+from lm_saes_core.config import BaseConfig, UserError
 from lm_saes_core.log import setup_logging
 from lm_saes_core.store import RecordNotFoundError, RecordStore, RecordStoreConfig, open_store
 from lm_saes_core.store.records import FeatureRecord
@@ -37,6 +39,9 @@ class AutoInterpSettings(BaseConfig):
     store: RecordStoreConfig = Field(default_factory=RecordStoreConfig)
     overwrite_existing: bool = False
     """Interpret again features that already have a successful interpretation."""
+    stop_after_same_failures: int | None = Field(default=3, ge=1)
+    """Stop the run when this many features in a row fail with the same error (an endpoint that is down or does not
+    serve the model fails every feature alike); None never stops early. The features finished before stay stored."""
 
 
 @dataclass
@@ -57,6 +62,15 @@ class AutoInterpResult:
     @property
     def attempted(self) -> list[int]:
         return sorted([*self.interpreted, *self.failed])
+
+
+class RepeatedFailureError(UserError, RuntimeError):
+    """Features failed one after another with one and the same error (the message quotes it): a cause common to all
+    of them, such as an endpoint that is down. `result` holds what the run did; its finished features are stored."""
+
+    def __init__(self, message: str, result: AutoInterpResult):
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass
@@ -142,6 +156,7 @@ async def _interpret_pending(
 
     tasks = [asyncio.create_task(interpret(index)) for index in pending]
     balanced: dict[str, list[float]] = {}
+    same_failures: list[str] = []  # the errors of the features that failed last, in a row and alike
     try:
         with tqdm(total=len(tasks), desc=f"auto-interp {name}", unit="feature") as bar:
             for next_done in asyncio.as_completed(tasks):
@@ -149,13 +164,19 @@ async def _interpret_pending(
                 store.set_interpretation(name, series, index, interpretation)
                 if interpretation.error is None:
                     result.interpreted.append(index)
+                    same_failures.clear()
                 else:
                     result.failed[index] = interpretation.error
                     logger.debug("feature %d failed: %s", index, interpretation.error)
+                    if same_failures[-1:] != [interpretation.error]:
+                        same_failures.clear()
+                    same_failures.append(interpretation.error)
                 for score in interpretation.scores:
                     balanced.setdefault(score.method, []).append(score.balanced_accuracy)
                 bar.update(1)
                 bar.set_postfix(failed=len(result.failed))
+                if settings.stop_after_same_failures and len(same_failures) >= settings.stop_after_same_failures:
+                    break  # the features still pending stay uninterpreted (a re-run asks about them)
     finally:
         for task in tasks:
             task.cancel()
@@ -164,6 +185,14 @@ async def _interpret_pending(
         await llm.close()
     result.interpreted.sort()
     result.mean_balanced_accuracy = {method: float(np.mean(values)) for method, values in balanced.items()}
+    stopped = len(result.attempted) < len(pending)
+    if stopped or (not result.interpreted and len(set(result.failed.values())) == 1):
+        what = f"stopped after {len(same_failures)} features in a row" if stopped else "every feature attempted"
+        raise RepeatedFailureError(
+            f"auto-interp of {name!r}: {what} failed with the same error ({len(result.interpreted)} interpreted and "
+            f"{len(result.failed)} failed features are stored; a re-run retries the rest): {same_failures[-1]}",
+            result,
+        )
 
 
 def auto_interp(settings: AutoInterpSettings) -> AutoInterpResult:

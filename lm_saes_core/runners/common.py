@@ -2,13 +2,14 @@
 checking a dictionary fits the stream before any heavy work, and streaming several epochs."""
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from lm_saes_core.activation.buffer import Item
 from lm_saes_core.activation.config import ActivationFactoryActivationsSource, ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.activation.reader import CachedActivations
-from lm_saes_core.backend.base import LanguageModel, LanguageModelConfig
+from lm_saes_core.backend.base import LanguageModel, LanguageModelConfig, ModelShape
+from lm_saes_core.config import ConfigError
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.models.config import SparseDictionaryConfig
 
@@ -44,12 +45,13 @@ def cached_hook_dims(factory_cfg: ActivationFactoryConfig) -> dict[str, int]:
 
 
 def check_dictionary_fits(
-    sae_cfg: SparseDictionaryConfig, factory_cfg: ActivationFactoryConfig, model: LanguageModel | None = None
+    sae_cfg: SparseDictionaryConfig, factory_cfg: ActivationFactoryConfig, model: ModelShape | None = None
 ) -> None:
-    """The dictionary's hook points must be in the stream and its widths must match the activations."""
+    """The dictionary's hook points must be in the stream and its widths must match the activations (the caches',
+    and the model's when given: loaded, or as its config describes it)."""
     missing = [hook for hook in sae_cfg.hook_points if hook not in factory_cfg.hook_points]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"sae hook point(s) {missing} are not produced by the activation factory (hook_points: "
             f"{factory_cfg.hook_points})"
         )
@@ -58,7 +60,27 @@ def check_dictionary_fits(
         dims.update({hook: model.hook_dim(hook) for hook in sae_cfg.hook_points if hook not in dims})
     for hook, width, field in sae_cfg.hook_widths():
         if hook in dims and dims[hook] != width:
-            raise ValueError(f"sae.{field} is {width} but the activations at {hook!r} have width {dims[hook]}")
+            raise ConfigError(f"sae.{field} is {width} but the activations at {hook!r} have width {dims[hook]}")
+
+
+def check_model_config(
+    factory_cfg: ActivationFactoryConfig,
+    model_cfg: LanguageModelConfig | None,
+    sae_cfgs: Sequence[SparseDictionaryConfig] = (),
+) -> None:
+    """What the language model's config tells, checked before its weights load: the factory's hook points and
+    context size, and the dictionaries' widths. Only for factories that run the model, and only where its backend can
+    tell without loading it (the HuggingFace backend; a TransformerLens model is checked once loaded)."""
+    if model_cfg is None or not needs_language_model(factory_cfg):
+        return
+    from lm_saes_core.backend import read_model_shape
+
+    shape = read_model_shape(model_cfg)
+    if shape is None:
+        return
+    ActivationFactory(factory_cfg).validate(shape)
+    for sae_cfg in sae_cfgs:
+        check_dictionary_fits(sae_cfg, factory_cfg, shape)
 
 
 def load_language_model_and_datasets(
@@ -66,13 +88,15 @@ def load_language_model_and_datasets(
     model_cfg: LanguageModelConfig | None,
     dataset_cfgs: dict[str, DatasetConfig | None] | None,
 ) -> tuple[LanguageModel | None, dict]:
-    """Load what the factory's dataset sources need (nothing for cache-only factories)."""
+    """Load what the factory's dataset sources need (nothing for cache-only factories): the datasets first, so a
+    missing one fails before the model's weights load."""
     check_sources_configured(factory_cfg, model_cfg, dataset_cfgs)
     if not needs_language_model(factory_cfg):
         return None, {}
     from lm_saes_core.backend import load_model
 
-    return load_model(model_cfg), load_datasets(factory_cfg, dataset_cfgs)
+    datasets = load_datasets(factory_cfg, dataset_cfgs)
+    return load_model(model_cfg), datasets
 
 
 def load_datasets(factory_cfg: ActivationFactoryConfig, dataset_cfgs: dict[str, DatasetConfig | None] | None) -> dict:
@@ -85,7 +109,7 @@ def load_datasets(factory_cfg: ActivationFactoryConfig, dataset_cfgs: dict[str, 
             cfg = dataset_cfgs[source.name]
             dataset = load_dataset(cfg)
             if len(dataset) == 0:
-                raise ValueError(f"dataset {source.name!r} ({cfg.dataset_name_or_path}) has no documents")
+                raise ConfigError(f"datasets.{source.name}: {cfg.dataset_name_or_path!r} has no documents")
             datasets[source.name] = (dataset, {"text_field": cfg.text_field})
     return datasets
 

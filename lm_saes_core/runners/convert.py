@@ -20,7 +20,7 @@ from lm_saes_core.log import setup_logging
 from lm_saes_core.models import PretrainedSAE, locate_pretrained, read_dictionary_config
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
 from lm_saes_core.models.conversion import topk_to_jumprelu
-from lm_saes_core.runners.common import check_dictionary_fits, load_language_model_and_datasets
+from lm_saes_core.runners.common import check_dictionary_fits, check_model_config, load_language_model_and_datasets
 
 logger = logging.getLogger(__name__)
 COMPARED = ("metrics/l0", "metrics/explained_variance", "losses/mse_loss", "metrics/dead_fraction")
@@ -58,6 +58,7 @@ def convert_topk_to_jumprelu(settings: ConvertTopKToJumpReLUSettings) -> Convers
         raise ConfigError(f"sae: {config_file} has act_fn {cfg.act_fn!r}; only a TopK-family dictionary converts")
     factory_cfg = settings.activation_factory
     check_dictionary_fits(cfg, factory_cfg)
+    check_model_config(factory_cfg, settings.model, [cfg])
     language_model, datasets = load_language_model_and_datasets(factory_cfg, settings.model, settings.datasets)
     topk = settings.sae.model_copy(update={"fold_activation_scale": False}).load()
     factory = ActivationFactory(factory_cfg)

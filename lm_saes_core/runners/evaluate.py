@@ -15,17 +15,18 @@ from lm_saes_core.activation.config import (
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.activation.reader import CachedActivations
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import BaseConfig
+from lm_saes_core.config import BaseConfig, ConfigError
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig, EvalResult, Evaluator
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
 from lm_saes_core.models.pretrained import PretrainedSAE
-from lm_saes_core.runners.common import check_dictionary_fits, load_language_model_and_datasets
+from lm_saes_core.runners.common import check_dictionary_fits, check_model_config, load_language_model_and_datasets
 from lm_saes_core.runners.head_groups import (
     HeadGroupFactory,
     check_dictionary_fits_groups,
     check_head_groups,
+    check_model_configs,
     load_head_groups,
     merged_stream,
 )
@@ -74,11 +75,13 @@ def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
     factory_cfg = settings.activation_factory
     downstream = settings.eval.compute_downstream and settings.model is not None
     if downstream and factory_cfg.target != ActivationFactoryTarget.ACTIVATIONS_2D:
-        raise ValueError(
+        raise ConfigError(
             f"activation_factory.target is {factory_cfg.target.value!r}, but the downstream metrics run the "
             "language model on whole sequences: use activations-2d, or set eval.compute_downstream=false"
         )
     sae = settings.sae.load()  # folds the dataset-wise scale when settings.sae.fold_activation_scale is set
+    check_dictionary_fits(sae.cfg, factory_cfg)
+    check_model_config(factory_cfg, settings.model, [sae.cfg])
     language_model, datasets = load_language_model_and_datasets(factory_cfg, settings.model, settings.datasets)
     if downstream and language_model is None:
         from lm_saes_core.backend import load_model
@@ -110,12 +113,13 @@ def evaluate_crosscoder(settings: EvaluateCrossCoderSettings) -> EvalResult:
         )
         downstream = False
     if downstream and factories[0].target != ActivationFactoryTarget.ACTIVATIONS_2D:
-        raise ValueError(
+        raise ConfigError(
             f"activation_factories[0].target is {factories[0].target.value!r}, but the downstream metrics run the "
             "language model on whole sequences: use activations-2d, or set eval.compute_downstream=false"
         )
     sae = settings.sae.load()
     check_dictionary_fits_groups(sae.cfg, factories)
+    check_model_configs(factories, settings.model, [sae.cfg])
     groups = load_head_groups(factories, settings.model, settings.model_name, settings.datasets)
     check_dictionary_fits_groups(sae.cfg, factories, [group.model for group in groups])
     language_model = None

@@ -181,7 +181,7 @@ def find_identical_cache(manifest_path: Path, settings: GenerateActivationsSetti
 
 
 def generate_activations(settings: GenerateActivationsSettings) -> GenerationResult:
-    from lm_saes_core.backend import load_model
+    from lm_saes_core.backend import load_model, read_model_shape
     from lm_saes_core.data import dataset_fingerprint, load_dataset
 
     setup_logging()
@@ -191,6 +191,8 @@ def generate_activations(settings: GenerateActivationsSettings) -> GenerationRes
     if existing is not None:
         logger.info("%s already holds activations generated with these settings; nothing to do", output_dir)
         return existing
+    factory = ActivationFactory(settings.factory_config())
+    factory.validate(read_model_shape(settings.model))  # hooks and context from the model's config: no weights yet
     writer = ActivationWriter(
         ActivationWriterConfig(
             hook_points=settings.hook_points,
@@ -219,7 +221,6 @@ def generate_activations(settings: GenerateActivationsSettings) -> GenerationRes
         raise ValueError(f"dataset {settings.source_name!r} (shard {plan.shard}) has no documents")
 
     model = load_model(model_cfg)
-    factory = ActivationFactory(settings.factory_config())
     factory.validate(model)
 
     hook_dims = {hook: model.hook_dim(hook) for hook in settings.hook_points}

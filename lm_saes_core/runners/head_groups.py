@@ -10,7 +10,7 @@ whose tokenizers differ cannot share a crosscoder, and the error says so instead
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from pydantic import Field
 
@@ -18,7 +18,7 @@ from lm_saes_core.activation.buffer import Item
 from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.activation.reader import first_difference
-from lm_saes_core.backend.base import LanguageModel, LanguageModelConfig
+from lm_saes_core.backend.base import LanguageModel, LanguageModelConfig, ModelShape
 from lm_saes_core.config import ConfigError
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.models.config import SparseDictionaryConfig
@@ -84,10 +84,10 @@ def head_group_keys(factories: list[HeadGroupFactory]) -> dict[str, tuple[int, s
 def check_dictionary_fits_groups(
     sae_cfg: SparseDictionaryConfig,
     factories: list[HeadGroupFactory],
-    models: list[LanguageModel | None] | None = None,
+    models: Sequence[ModelShape | None] | None = None,
 ) -> None:
     """Every hook point of the dictionary is a key of some factory, with the width the dictionary expects (read from
-    the caches' manifests, and from the models once loaded)."""
+    the caches' manifests, and from the models: loaded, or as their configs describe them)."""
     keys = head_group_keys(factories)
     missing = [hook for hook in sae_cfg.hook_points if hook not in keys]
     if missing:
@@ -105,6 +105,32 @@ def check_dictionary_fits_groups(
     for hook, width, field in sae_cfg.hook_widths():
         if hook in dims and dims[hook] != width:
             raise ConfigError(f"sae.{field} is {width} but the activations at {hook!r} have width {dims[hook]}")
+
+
+def check_model_configs(
+    factories: list[HeadGroupFactory],
+    model: LanguageModelConfig | None,
+    sae_cfgs: Sequence[SparseDictionaryConfig] = (),
+) -> None:
+    """What each group's model config tells, before any weights load (`common.check_model_config` per group): its
+    factory's hooks and context size, and the dictionaries' widths."""
+    from lm_saes_core.backend import read_model_shape
+
+    read: dict[str, ModelShape | None] = {}
+    shapes: list[ModelShape | None] = []
+    for factory in factories:
+        model_cfg = factory.model or model
+        shape = None
+        if model_cfg is not None and needs_language_model(factory):
+            identity = json.dumps(model_cfg.model_dump(mode="json"), sort_keys=True)
+            if identity not in read:
+                read[identity] = read_model_shape(model_cfg)
+            shape = read[identity]
+            if shape is not None:
+                ActivationFactory(factory.plain()).validate(shape)
+        shapes.append(shape)
+    for sae_cfg in sae_cfgs:
+        check_dictionary_fits_groups(sae_cfg, factories, shapes)
 
 
 class HeadGroup:

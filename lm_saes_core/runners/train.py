@@ -11,7 +11,7 @@ import queue
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Union, get_args
 
 import torch
 from pydantic import Discriminator, Field, Tag, model_validator
@@ -20,7 +20,7 @@ from lm_saes_core.activation.buffer import Item
 from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import BaseConfig, ConfigError, MongoDBConfig
+from lm_saes_core.config import BaseConfig, ConfigError, MongoDBConfig, UserError, field_error
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
@@ -32,9 +32,12 @@ from lm_saes_core.models import (
     sae_type_of,
     tagged_dictionary_configs,
 )
+from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
+from lm_saes_core.models.losses import SparsityLossType
 from lm_saes_core.runners.common import (
     activation_epochs,
     check_dictionary_fits,
+    check_model_config,
     check_sources_configured,
     load_language_model_and_datasets,
 )
@@ -42,6 +45,7 @@ from lm_saes_core.runners.head_groups import (
     HeadGroupFactory,
     check_dictionary_fits_groups,
     check_head_groups,
+    check_model_configs,
     load_head_groups,
     merged_stream,
 )
@@ -55,10 +59,13 @@ from lm_saes_core.wandb_logging import WandbConfig, start_wandb_run
 logger = logging.getLogger(__name__)
 
 
-def _sae_kind(value: Any) -> str:
+def _sae_kind(value: Any) -> str | None:
+    """The union member `value` is meant as; None (an error naming the known kinds) when it is not a config at all."""
     if isinstance(value, PretrainedSAE) or (isinstance(value, dict) and "pretrained_name_or_path" in value):
         return "pretrained"
-    return sae_type_of(value)
+    if isinstance(value, dict) or hasattr(value, "sae_type"):
+        return sae_type_of(value)
+    return None
 
 
 # A dictionary to train: a full config of any kind (discriminated on `sae_type`) or saved weights to continue from.
@@ -86,16 +93,20 @@ class _StreamSettings(BaseConfig):
     def _check_layout(self) -> None:
         batch_size = self.factory_configs()[0].batch_size
         if self.mongo is not None:
-            raise ValueError("mongo: the MongoDB record store is not available yet; give configs inline")
+            raise field_error("mongo", "the MongoDB record store is not available yet; give configs inline", self.mongo)
         if batch_size % self.data_parallel_size:
-            raise ValueError(
+            raise field_error(
+                "data_parallel_size",
                 f"activation_factory.batch_size={batch_size} does not split evenly over "
-                f"data_parallel_size={self.data_parallel_size}"
+                f"data_parallel_size={self.data_parallel_size}",
+                self.data_parallel_size,
             )
         if self.model_parallel_size > 1:
-            raise ValueError(
-                "model_parallel_size > 1: model parallelism is not available; use data_parallel_size (one replica of "
-                "the dictionary per process, under torchrun)"
+            raise field_error(
+                "model_parallel_size",
+                "model parallelism is not available; use data_parallel_size (one replica of the dictionary per "
+                "process, under torchrun)",
+                self.model_parallel_size,
             )
 
     def open_stream(
@@ -123,6 +134,7 @@ class _SourceSettings(_StreamSettings):
     ) -> Iterator[Item]:
         for cfg in sae_configs:
             check_dictionary_fits(cfg, self.activation_factory)
+        check_model_config(self.activation_factory, self.model, sae_configs)
         model, datasets = load_language_model_and_datasets(self.activation_factory, self.model, self.datasets)
         factory_cfg, shard = self.activation_factory, None
         if data_parallel is not None:
@@ -161,6 +173,7 @@ class _HeadGroupSettings(_StreamSettings):
         factories = self.activation_factories
         for cfg in sae_configs:
             check_dictionary_fits_groups(cfg, factories)
+        check_model_configs(factories, self.model, sae_configs)
         groups = load_head_groups(factories, self.model, self.model_name, self.datasets)
         for cfg in sae_configs:
             check_dictionary_fits_groups(cfg, factories, [group.model for group in groups])
@@ -182,6 +195,25 @@ class SweepingItem(BaseConfig):
     wandb: WandbConfig | None = None
     seed: int = 42
     """Seeds torch before the dictionary is initialised, so a run (or a sweep item) is reproducible."""
+
+    @model_validator(mode="after")
+    def _sparsity_penalty(self) -> "SweepingItem":
+        """relu and jumprelu are sparse only under a penalty; none is the loss default (TopK needs none), and choosing
+        one for the user would pick the science of the run, so its absence is an error naming the field. Saved
+        weights are checked once loaded, before training starts."""
+        if isinstance(self.sae, PretrainedSAE) or self.trainer.loss.sparsity_loss_type is not None:
+            return self
+        activation = ACTIVATION_FUNCTIONS[self.sae.act_fn]
+        if activation.needs_sparsity_penalty:
+            has_l0 = hasattr(activation, "active_count")
+            choices = [name for name in get_args(SparsityLossType) if name != "l0" or has_l0]
+            raise field_error(
+                "trainer.loss.sparsity_loss_type",
+                f"sae.act_fn {self.sae.act_fn!r} is sparse only under a sparsity penalty; set one of {choices} (and "
+                "trainer.loss.l1_coefficient, its weight)",
+                None,
+            )
+        return self
 
 
 class TrainSAESettings(SweepingItem, _SourceSettings):
@@ -216,11 +248,13 @@ class SweepSAESettings(_SourceSettings):
     def _distinct_outputs(self) -> "SweepSAESettings":
         paths = [item.trainer.exp_result_path for item in self.items]
         if len(set(paths)) != len(paths):
-            raise ValueError(f"items must write to distinct trainer.exp_result_path, got {paths}")
+            raise field_error("items", f"items must write to distinct trainer.exp_result_path, got {paths}", paths)
         if self.data_parallel_size > 1:
-            raise ValueError(
-                "data_parallel_size > 1: a sweep trains its items in threads of one process; train data-parallel "
-                "items one at a time with train_sae"
+            raise field_error(
+                "data_parallel_size",
+                "a sweep trains its items in threads of one process; train data-parallel items one at a time with "
+                "train_sae",
+                self.data_parallel_size,
             )
         return self
 
@@ -259,6 +293,18 @@ def _dictionary_config(
         model = spec.model_copy(update={"fold_activation_scale": False}).load()
         return model.cfg, model
     return spec, None
+
+
+def _check_loss(cfg: SparseDictionaryConfig, preloaded: SparseDictionary | None, trainer: TrainerConfig) -> None:
+    """The loss settings must suit the dictionary (the trainer checks again when it starts); checked here, before
+    any language model loads. A new dictionary is built on the meta device for it: its kind, no weights."""
+    model = preloaded
+    if model is None:
+        model = SparseDictionary.from_config(cfg.model_copy(update={"device": "meta"}))
+    try:
+        model.check_loss(trainer.loss)
+    except ValueError as exc:
+        raise ConfigError(f"trainer.loss: {exc}") from None
 
 
 def _initialize(
@@ -358,6 +404,7 @@ def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | Non
     _check_schedules(settings, [settings.trainer])
     cfg, preloaded = _dictionary_config(settings.sae)
     _require_kind(cfg, kind)
+    _check_loss(cfg, preloaded, settings.trainer)
     stream = settings.open_stream([cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
     return _fit(settings, model, stream, resume_from, settings.model_dump(mode="json"), 0, data_parallel)
@@ -420,6 +467,11 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
         return results  # type: ignore[return-value]
     _check_schedules(settings, [settings.items[index].trainer for index in pending])
     loaded = {index: _dictionary_config(settings.items[index].sae) for index in pending}
+    for index, (cfg, preloaded) in loaded.items():
+        try:
+            _check_loss(cfg, preloaded, settings.items[index].trainer)
+        except ConfigError as exc:
+            raise ConfigError(f"items[{index}] ({settings.items[index].sae_name!r}): {exc}") from None
     stream = settings.open_stream([cfg for cfg, _ in loaded.values()])
     n_init = max((settings.items[i].initializer or InitializerConfig()).norm_estimation_batches for i in pending) + 1
     head = list(itertools.islice(stream, n_init))
@@ -456,7 +508,8 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
     failures = [(settings.items[i].sae_name, r) for i, r in enumerate(results) if isinstance(r, BaseException)]
     if failures:
         name, error = failures[0]
-        raise RuntimeError(f"sweep item {name!r} failed: {error}") from error
+        failure = UserError if isinstance(error, UserError) else RuntimeError  # a setting's fault, or a bug
+        raise failure(f"sweep item {name!r} failed: {error}") from error
     return results  # type: ignore[return-value]
 
 

@@ -8,6 +8,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from lm_saes_core.config import UserError
 from lm_saes_core.store.records import (
     DatasetRecord,
     DictionaryRecord,
@@ -19,18 +20,18 @@ from lm_saes_core.store.records import (
 )
 
 
-class RecordNotFoundError(KeyError):
+class RecordNotFoundError(UserError, KeyError):
     """A dictionary or feature that the caller named is not in the store (the message names it)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""
 
 
-class StoreUnavailableError(RuntimeError):
+class StoreUnavailableError(UserError, RuntimeError):
     """The configured store cannot be reached (e.g. no MongoDB server answers at the URI, which the message names)."""
 
 
-class StoreSchemaError(RuntimeError):
+class StoreSchemaError(UserError, RuntimeError):
     """A store file written by a newer lm-saes (or not a record store at all); the message names the file."""
 
 

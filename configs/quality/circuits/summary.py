@@ -19,8 +19,16 @@ def main(directory: str) -> None:
         m = json.loads(path.read_text())["metrics"]
         ev = per_group(m, "explained_variance") or [m["metrics/explained_variance"]]
         alone = per_group(m, "ce_loss_recovered_alone")
-        rows.append((path.stem, " ".join(f"{v:.3f}" for v in ev), m["metrics/l0"], m.get("metrics/ce_loss_recovered"),
-                     " ".join(f"{v:.3f}" for v in alone), m["metrics/dead_fraction"]))
+        rows.append(
+            (
+                path.stem,
+                " ".join(f"{v:.3f}" for v in ev),
+                m["metrics/l0"],
+                m.get("metrics/ce_loss_recovered"),
+                " ".join(f"{v:.3f}" for v in alone),
+                m["metrics/dead_fraction"],
+            )
+        )
     print(f"{'dictionary':24} {'EV per output hook':30} {'L0':>7} {'CE rec.':>8} {'CE rec. alone':28} {'dead':>6}")
     for name, ev, l0, ce, alone, dead in rows:
         ce_text = f"{ce:.3f}" if ce is not None else "-"
