@@ -112,6 +112,25 @@ def test_every_hf_hook_equals_the_transformer_lens_bridge(smollm2_hf, smollm2_tl
     torch.testing.assert_close(hf["blocks.6.ln2.hook_normalized"] * weight, hf["blocks.6.ln2.hook_out"])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_observers_during_a_replaced_forward_read_what_the_hooks_collect(request, backend, batch):
+    """A CLT spliced at hook_mlp_out reads its inputs at ln2.hook_normalized through observers: they must see the
+    normalised activation `activations` collects (the HF backend once handed them the norm's raw input)."""
+    from lm_saes_core.backend.base import Observer
+
+    model = request.getfixturevalue(backend)
+    tokens, mask = batch
+    names = [f"blocks.{layer}.{suffix}" for layer in LAYERS for suffix in SUFFIXES]
+    collected = model.activations(tokens, mask, names)
+    observed = {}
+    observers = {name: Observer(lambda a, name=name: observed.__setitem__(name, a.clone())) for name in names}
+    model.logits_with_replacements(tokens, mask, observers)
+    real = mask.bool()
+    for name in names:
+        torch.testing.assert_close(observed[name][real].to(collected[name].dtype), collected[name][real],
+                                   atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")  # fmt: skip
+
+
 def _probe_modules(model: LanguageModel) -> tuple[list[torch.nn.Module], torch.nn.Module]:
     """Layers 6 and 7, and layer 6's MLP, as modules of the backend's own forward."""
     if isinstance(model, HuggingFaceLanguageModel):

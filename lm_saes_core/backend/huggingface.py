@@ -18,6 +18,7 @@ from lm_saes_core.backend.base import (
     LanguageModel,
     LanguageModelConfig,
     ModelShape,
+    Observer,
     Replacement,
     Unembedding,
 )
@@ -220,8 +221,13 @@ class HuggingFaceLanguageModel(LanguageModel):
                 handle.remove()
 
     def _attach_replacement(self, name: str, replace: Replacement) -> RemovableHandle:
-        """Register the torch hook that swaps the activation named `name` for `replace(activation)`."""
-        module, side, _ = self._module(name)
+        """Register the torch hook that swaps the activation named `name` for `replace(activation)`. An observer
+        reads the activation as the hook point defines it (`ln2.hook_normalized`: the norm's input normalised), which
+        is not always the tensor the hook sits on."""
+        module, side, read = self._module(name)
+        if isinstance(replace, Observer):
+            observer = replace
+            replace = Observer(lambda activation: observer.read(read(module, activation)))  # noqa: E731
         if side == "in":
 
             def pre_hook(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
