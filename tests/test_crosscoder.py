@@ -104,6 +104,7 @@ def test_metrics_per_head_by_hand():
     assert stats[f"{head0}/decoder_norm_share"] == pytest.approx(share0)
     assert stats[f"{head1}/decoder_norm_share"] == pytest.approx(1 - share0)
     assert stats[f"{head0}/l0"] == 0.5 and stats[f"{head1}/l0"] == 0.5
+    assert stats["crosscoder_metrics/l0_features"] == 1.0  # features 0 and 2 in token 0, none in token 1
     assert stats[f"{head0}/explained_variance"] == 1.0 and stats[f"{head0}/l_rec"] == 0.0
     # head 1: squared errors [1, 0] -> mean 0.5; labels [2, 0] around their mean 1 -> spread 1
     assert stats[f"{head1}/l_rec"] == 0.5 and stats[f"{head1}/explained_variance"] == 0.5
@@ -229,6 +230,7 @@ def test_the_generic_trainer_learns_it_per_head_from_masked_batches(tmp_path):
     for hook in HEADS:
         assert metrics[f"crosscoder_metrics/{hook}/explained_variance"] > 0.8, metrics
         assert metrics[f"crosscoder_metrics/{hook}/l0"] == pytest.approx(4.0)  # topk: k per head
+    assert 4.0 <= metrics["crosscoder_metrics/l0_features"] <= 12.0 and metrics["metrics/l0"] == pytest.approx(12.0)
     shares = [metrics[f"crosscoder_metrics/{hook}/decoder_norm_share"] for hook in HEADS]
     assert sum(shares) == pytest.approx(1.0) and min(shares) > 0.2  # mostly shared codes: about a third each
     assert result.n_tokens == 150 * (ROWS * CONTEXT - ROWS - 8)  # the masked positions are not counted

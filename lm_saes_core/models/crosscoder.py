@@ -125,9 +125,13 @@ class CrossCoder(SparseCoder):
     def group_statistics(self, label: Tensor, reconstructed: Tensor, feature_acts: Tensor) -> dict[str, Tensor]:
         """Per head: explained variance, l_rec, l0 and `decoder_norm_share`, head h's share n_h / sum_h' n_h' of
         the decoder norm of the features that fire (any head active), averaged over firings: 1/H each when the
-        active features are shared evenly, near 1 for a head whose exclusive features do the work."""
+        active features are shared evenly, near 1 for a head whose exclusive features do the work. Also
+        `crosscoder_metrics/l0_features`, the distinct features active per token (`metrics/l0` counts every head's
+        copy of a feature: up to H times as many)."""
         stats = super().group_statistics(label, reconstructed, feature_acts)
-        firing = (feature_acts.reshape(-1, *self.feature_shape) > 0).any(1).sum(0).float()  # (F,)
+        active = (feature_acts.reshape(-1, *self.feature_shape) > 0).any(1)  # (N, F)
+        stats["crosscoder_metrics/l0_features"] = active.sum(-1).float().mean()
+        firing = active.sum(0).float()  # (F,)
         norms = self.decoder_norm().float()  # (H, F)
         share = norms / norms.sum(0).clamp(min=1e-12)
         per_head = share @ firing / firing.sum().clamp(min=1)
