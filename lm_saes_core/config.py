@@ -2,12 +2,16 @@
 
 Every config is a plain pydantic v2 model that forbids unknown keys, so a typo is an error naming the key
 instead of a silently ignored setting. Settings never read environment variables; the only variables the
-package reads are the explicitly prefixed `LM_SAES_*` ones in this module.
+package reads are the explicitly prefixed `LM_SAES_*` ones in this module, and the secrets a setting names by
+their variable (`AutoInterpConfig.api_key_env`, `MongoDBConfig.mongo_password_env`), read when they are used so that
+no settings dump, log line or error message can hold them.
 """
 
 import json
 import os
+import re
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -21,6 +25,7 @@ from pydantic import (
     PlainSerializer,
     ValidationError,
     ValidationInfo,
+    model_validator,
 )
 from pydantic_core import InitErrorDetails
 
@@ -208,8 +213,60 @@ def lm_saes_cache() -> Path:
     return Path(os.environ.get("LM_SAES_CACHE", Path.home() / ".cache" / "lm_saes")).expanduser()
 
 
+_URL_PASSWORD = re.compile(r"(//[^:@/\s]*):[^@/\s]*@")
+
+
+def redact_credentials(text: str) -> str:
+    """`text` with the password of every `scheme://user:password@host` URL in it replaced by ***."""
+    return _URL_PASSWORD.sub(r"\1:***@", text)
+
+
+def scrub_secrets(text: str, secrets: list[str | None]) -> str:
+    """`text` without URL passwords and without any of `secrets` (as given, or URL-quoted) in it."""
+    text = redact_credentials(text)
+    for secret in secrets:
+        if secret:
+            for form in {secret, urllib.parse.quote_plus(secret), urllib.parse.quote(secret, safe="")}:
+                text = text.replace(form, "***")
+    return text
+
+
 class MongoDBConfig(BaseConfig):
-    """Where the MongoDB record store lives (used by the record store; see `lm_saes_core.store`)."""
+    """Where the MongoDB record store lives (used by the record store; see `lm_saes_core.store`). A password comes
+    from the environment (`mongo_password_env`), never from a settings file: settings are dumped beside outputs,
+    into W&B and Dagster, and quoted in errors."""
 
     mongo_uri: str = "mongodb://localhost:27017/"
+    """Without a password: `mongodb://host:27017/`, or `mongodb://USER@host:27017/` with `mongo_password_env`."""
     mongo_db: str = "mechinterp"
+    mongo_password_env: str | None = None
+    """Environment variable holding the password of the user `mongo_uri` names; None connects as the URI says."""
+
+    @model_validator(mode="after")
+    def _password_goes_with_a_user(self) -> "MongoDBConfig":
+        if self.mongo_password_env is None:
+            return self
+        match = re.match(r"^mongodb(?:\+srv)?://([^@/]*)@", self.mongo_uri)
+        if match is None or not match.group(1) or ":" in match.group(1):
+            raise field_error(
+                "mongo_uri",
+                f"with mongo_password_env ({self.mongo_password_env}) the URI must name the user and no password: "
+                "mongodb://USER@host:27017/",
+                redact_credentials(self.mongo_uri),
+            )
+        return self
+
+    def connection_uri(self) -> str:
+        """The URI to connect with: `mongo_uri` with the password from `mongo_password_env` (URL-quoted) after its
+        user. For the client only: never log it or put it in a message."""
+        if self.mongo_password_env is None:
+            return self.mongo_uri
+        password = os.environ.get(self.mongo_password_env)
+        if not password:
+            raise ConfigError(
+                f"mongo.mongo_password_env: the environment variable {self.mongo_password_env} holds no password for "
+                f"{redact_credentials(self.mongo_uri)}; set it, or unset mongo_password_env"
+            )
+        scheme, _, rest = self.mongo_uri.partition("://")
+        user, _, hosts = rest.partition("@")
+        return f"{scheme}://{user}:{urllib.parse.quote_plus(password)}@{hosts}"

@@ -61,7 +61,16 @@ class LLMServer:
                 self.process.wait()
 
 
-def start_llm_server(log_path: Path, *, n_ctx: int = 2048, startup_timeout_s: float = 60.0) -> LLMServer:
+def start_llm_server(
+    log_path: Path,
+    *,
+    n_ctx: int = 2048,
+    n_threads: int = 2,
+    api_key: str | None = None,
+    startup_timeout_s: float = 60.0,
+) -> LLMServer:
+    """`n_threads`: one is several times faster than two when other jobs keep the cores busy. `api_key`: the server
+    answers only requests that carry it as their bearer token (401 otherwise)."""
     missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         raise ServerUnavailableError(
@@ -71,7 +80,8 @@ def start_llm_server(log_path: Path, *, n_ctx: int = 2048, startup_timeout_s: fl
     port = free_port()
     command = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", str(n_ctx), "--n_threads", "2", "--n_threads_batch", "2", "--seed", "0", "--verbose", "False",
+        "--n_ctx", str(n_ctx), "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads), "--seed", "0",
+        "--verbose", "False", *(["--api_key", api_key] if api_key else []),
     ]  # fmt: skip
     log = open(log_path, "w")  # noqa: SIM115 - the server writes to it until it stops
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
@@ -83,7 +93,9 @@ def start_llm_server(log_path: Path, *, n_ctx: int = 2048, startup_timeout_s: fl
             tail = log_path.read_text(errors="replace")[-1500:]
             raise ServerUnavailableError(f"llama_cpp.server exited with code {process.returncode}:\n{tail}")
         try:
-            with urllib.request.urlopen(f"{base_url}/models", timeout=2) as response:
+            headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+            request = urllib.request.Request(f"{base_url}/models", headers=headers)
+            with urllib.request.urlopen(request, timeout=2) as response:
                 if response.status == 200:
                     return LLMServer(process, base_url, log_path, model=str(gguf))
         except (urllib.error.URLError, ConnectionError, TimeoutError):

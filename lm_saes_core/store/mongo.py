@@ -11,6 +11,7 @@ deleted with the analysis it belongs to.
 
 import re
 import threading
+import urllib.parse
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -19,7 +20,7 @@ import pymongo
 from pymongo import UpdateMany
 from pymongo.errors import PyMongoError
 
-from lm_saes_core.config import MongoDBConfig
+from lm_saes_core.config import MongoDBConfig, redact_credentials, scrub_secrets
 from lm_saes_core.store import codec
 from lm_saes_core.store.base import RecordNotFoundError, RecordStore, StoreUnavailableError
 from lm_saes_core.store.records import (
@@ -36,12 +37,8 @@ GRIDFS_THRESHOLD_BYTES = 12 * 2**20
 """Analyses larger than this (encoded) keep their samples in GridFS; MongoDB documents are capped at 16 MB."""
 
 
-def redact_uri(uri: str) -> str:
-    """The URI without its user:password part, fit for error messages and logs."""
-    return re.sub(r"//[^@/]*@", "//***@", uri)
-
-
 _READ_CHUNK = 256  # features fetched per query while iterating
+_URI_PASSWORD = re.compile(r"^[a-z+]+://[^:@/]*:([^@/]*)@")
 
 
 class MongoRecordStore(RecordStore):
@@ -55,8 +52,9 @@ class MongoRecordStore(RecordStore):
         gridfs_threshold_bytes: int = GRIDFS_THRESHOLD_BYTES,
     ):
         """`client` injects a ready client (e.g. `mongomock.MongoClient()`); otherwise one is made for `uri` and must
-        answer a ping within `server_selection_timeout_ms`, else StoreUnavailableError (before any heavy work)."""
-        self.uri = redact_uri(uri) if client is None else f"{type(client).__module__}.{type(client).__name__}"
+        answer a ping within `server_selection_timeout_ms`, else StoreUnavailableError (before any heavy work). The
+        URI's password is never kept, logged or quoted: `uri` here is the redacted one."""
+        self.uri = redact_credentials(uri) if client is None else f"{type(client).__module__}.{type(client).__name__}"
         self.gridfs_threshold_bytes = gridfs_threshold_bytes
         self._owns_client = client is None
         self._gridfs_lock = threading.Lock()
@@ -68,10 +66,14 @@ class MongoRecordStore(RecordStore):
         except PyMongoError as exc:
             if self._owns_client and client is not None:
                 client.close()
-            raise StoreUnavailableError(
+            quoted_password = _URI_PASSWORD.match(uri)
+            password = urllib.parse.unquote_plus(quoted_password.group(1)) if quoted_password else None
+            detail = scrub_secrets(str(exc), [password])
+            error = StoreUnavailableError(
                 f"MongoDB at {self.uri} is unavailable (no answer to a ping within {server_selection_timeout_ms} ms, "
-                f"or an invalid URI): {exc}"
-            ) from exc
+                f"or an invalid URI): {detail}"
+            )
+            raise error from (exc if detail == str(exc) else None)  # a cause that quotes the password is not kept
         self._db = client[db]
         self.db_name = db
         self._models = self._db["models"]
@@ -88,7 +90,7 @@ class MongoRecordStore(RecordStore):
 
     @classmethod
     def from_config(cls, cfg: MongoDBConfig, **kwargs: Any) -> "MongoRecordStore":
-        return cls(cfg.mongo_uri, cfg.mongo_db, **kwargs)
+        return cls(cfg.connection_uri(), cfg.mongo_db, **kwargs)
 
     def __repr__(self) -> str:
         return f"MongoRecordStore({self.uri!r}, {self.db_name!r})"

@@ -1,14 +1,19 @@
 """The default record store: one SQLite file (standard library), safe for several threads and processes.
 
 WAL journal mode and a busy timeout let several processes (Dagster runs) write the same file; one connection guarded
-by a lock serves the threads of a process (auto-interp workers). Analysis statistics are columns (where a crosscoder's
-or CLT's feature writes: a JSON column, NULL for other kinds) and the sample pools a separate BLOB, so listing
-features without samples never reads the large blobs. Files of an older schema version are migrated on opening.
+by a lock serves the threads of a process (auto-interp workers). Every write is one short IMMEDIATE transaction, so a
+reader sees a record as it was before or after it, never half written. SQLite sometimes answers "database is locked"
+at once instead of waiting on its busy handler (processes opening a new file at the same moment, each switching it
+to WAL): opening and starting a transaction, which change nothing when refused, are retried until the busy timeout is
+spent. Analysis statistics are columns (where a crosscoder's or CLT's feature writes: a JSON column, NULL for other
+kinds) and the sample pools a separate BLOB, so listing features without samples never reads the large blobs. Files
+of an older schema version are migrated on opening.
 """
 
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -53,6 +58,17 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 _READ_CHUNK = 256  # features per read transaction while iterating (the lock is released between chunks)
 
+_BUSY_CODES = (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+_RETRY_DELAY_S = (0.001, 0.05)  # first and largest wait between retries of a step SQLite refused as busy
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _BUSY_CODES  # extended codes (SQLITE_BUSY_RECOVERY, ...) keep the primary low byte
+    return "locked" in str(exc) or "busy" in str(exc)
+
+
 _STATS_COLUMNS = (
     "idx, name, act_times, n_analyzed_tokens, max_feature_acts, mean_feature_acts, histogram_edges, histogram_counts, "
     "decoder"
@@ -62,6 +78,7 @@ _STATS_COLUMNS = (
 class SQLiteRecordStore(RecordStore):
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 60.0):
         self.path = Path(path)
+        self.busy_timeout_s = busy_timeout_s
         self._lock = threading.RLock()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = None
@@ -69,8 +86,9 @@ class SQLiteRecordStore(RecordStore):
             self._conn = sqlite3.connect(
                 self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe against corruption
+            conn = self._conn
+            self._retry_while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
+            conn.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe against corruption
             with self._transaction(write=True) as conn:
                 self._create_or_migrate(conn)
         except sqlite3.OperationalError as exc:  # locked past the timeout, unreadable, ...
@@ -87,6 +105,32 @@ class SQLiteRecordStore(RecordStore):
         return f"SQLiteRecordStore({str(self.path)!r})"
 
     # plumbing ------------------------------------------------------------------------------------------------
+    def _retry_while_busy(self, step):
+        """`step()`, run again while SQLite refuses it as busy or locked, for at most the busy timeout (then the
+        error is raised). Only for steps that change nothing when refused."""
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay, max_delay = _RETRY_DELAY_S
+        while True:
+            try:
+                return step()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(2 * delay, max_delay)
+
+    def _begin(self, conn: sqlite3.Connection, write: bool) -> None:
+        """Start a transaction that holds its lock: the write lock (IMMEDIATE), or a read snapshot taken by a first
+        read (a deferred BEGIN takes none), so the statements that follow are not refused as busy."""
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if write:
+            return
+        try:
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
     @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sqlite3.Connection]:
         """One transaction under the thread lock; IMMEDIATE for writes so concurrent writers queue on the busy
@@ -95,7 +139,7 @@ class SQLiteRecordStore(RecordStore):
             if self._conn is None:
                 raise RuntimeError(f"the record store {self.path} is closed")
             conn = self._conn
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            self._retry_while_busy(lambda: self._begin(conn, write))
             try:
                 yield conn
                 conn.execute("COMMIT")

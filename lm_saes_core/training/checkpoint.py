@@ -1,14 +1,22 @@
-"""Resumable checkpoints: `checkpoints/step_{N}/` with the unfolded weights, `config.json` and `trainer_state.pt`.
+"""Resumable checkpoints: `checkpoints/step_{N}/` with the unfolded weights, `config.json` and `trainer_state.pt`;
+and the final weights of a run.
 
 A checkpoint directory is assembled under a temporary name and renamed into place, so a directory called
-`step_N` is always complete; a crash leaves at most a `.tmp-*` directory, which is never picked for resuming.
+`step_N` is always complete; a crash or a full disk leaves at most a `.tmp-*` directory, which is never picked for
+resuming (nor is a `step_N` whose files are missing or cut short, e.g. copied by hand). The final weights go to the
+run's output directory, which holds other files too: they are staged the same way and moved in config-last, after
+the earlier config.json is withdrawn, so the directory never holds a config.json beside weights it does not describe.
 `trainer_state.pt` holds only tensors, numbers, strings and containers, so it is read with `weights_only=True`.
 """
 
+import json
+import logging
 import os
 import random
 import re
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +24,9 @@ import numpy as np
 import torch
 
 from lm_saes_core.io import atomic_path, is_temporary, temporary_path
+from lm_saes_core.models.base import CONFIG_FILE, WEIGHTS_FILE
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 STATE_FORMAT_VERSION = 1
@@ -68,11 +79,33 @@ def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict[str,
         model.save_pretrained(staging, fold_activation_scale=False)
         with atomic_path(staging / STATE_FILE) as tmp:
             torch.save({"format_version": STATE_FORMAT_VERSION, **trainer_state}, tmp)
+        _fsync_directory(staging)
         _replace_directory(staging, final)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def save_final_dictionary(model, output: str | Path, *, fold_activation_scale: bool) -> Path:
+    """`model.save_pretrained(output)` for a directory that holds more than the dictionary (checkpoints, settings):
+    the earlier config.json is removed first, the files are written into a staging directory and moved in with
+    config.json last. A failure at any point (a full disk) leaves `output` without a config.json, so nothing there
+    loads as a dictionary, rather than an earlier run's config beside this run's weights or half of a file set."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / CONFIG_FILE).unlink(missing_ok=True)
+    staging = temporary_path(output / "dictionary")
+    try:
+        staging.mkdir()
+        model.save_pretrained(staging, fold_activation_scale=fold_activation_scale)
+        names = sorted(path.name for path in staging.iterdir() if path.name != CONFIG_FILE)
+        for name in [*names, CONFIG_FILE]:
+            os.replace(staging / name, output / name)
+        _fsync_directory(output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output
 
 
 def _replace_directory(source: Path, target: Path) -> None:
@@ -95,6 +128,39 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a whole safetensors file (its header's last data offset must end the file), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            return f"{path.name} is cut short ({size} bytes)"
+        (header_size,) = struct.unpack("<Q", prefix)
+        if 8 + header_size > size:
+            return f"{path.name} is cut short (its header alone needs {8 + header_size} bytes, the file has {size})"
+        try:
+            header = json.loads(handle.read(header_size))
+            ends = [entry["data_offsets"][1] for name, entry in header.items() if name != "__metadata__"]
+        except (UnicodeDecodeError, ValueError, AttributeError, KeyError, IndexError, TypeError):
+            return f"{path.name} has an unreadable header"
+    expected = 8 + header_size + max(ends, default=0)
+    if expected != size:
+        return f"{path.name} is cut short or padded ({size} bytes, its header describes {expected})"
+    return None
+
+
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why `path` is not a complete checkpoint (a file missing or cut short), or None for a complete one. Cheap: it
+    reads the files' headers and ends, not their contents."""
+    path = Path(path)
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE) if not (path / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    if not zipfile.is_zipfile(path / STATE_FILE):  # torch.save writes a zip; cut short, it has no central directory
+        return f"{STATE_FILE} is cut short or not written by torch.save"
+    return _safetensors_problem(path / WEIGHTS_FILE)
+
+
 def load_trainer_state(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     state_file = path / STATE_FILE
@@ -102,6 +168,9 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{state_file} not found: {path} is not a training checkpoint (expected a checkpoints/step_N directory)"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"{path} is not a complete training checkpoint: {problem}; resume from an earlier one")
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     if state.get("format_version") != STATE_FORMAT_VERSION:
         raise ValueError(f"{state_file}: unsupported format_version {state.get('format_version')!r}")
@@ -109,13 +178,20 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 
 
 def find_latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under `root/checkpoints`, or None."""
+    """The complete checkpoint with the highest step under `root/checkpoints`, or None. Incomplete `step_N`
+    directories are passed over with a warning naming what they lack."""
     directory = Path(root) / "checkpoints"
     if not directory.is_dir():
         return None
     found = []
     for child in directory.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and not is_temporary(child) and (child / STATE_FILE).is_file():
+        if match and not is_temporary(child) and child.is_dir():
             found.append((int(match.group(1)), child))
-    return max(found)[1] if found else None
+    for _, candidate in sorted(found, reverse=True):
+        problem = checkpoint_problem(candidate)
+        if problem is None:
+            return candidate
+        if (candidate / STATE_FILE).exists():  # a directory without trainer state is no checkpoint attempt at all
+            logger.warning("skipping the incomplete checkpoint %s: %s", candidate, problem)
+    return None

@@ -28,6 +28,7 @@ from lm_saes_core.training.checkpoint import (
     load_trainer_state,
     restore_rng_states,
     save_checkpoint,
+    save_final_dictionary,
 )
 from lm_saes_core.training.config import TrainerConfig
 from lm_saes_core.training.data_parallel import DataParallel
@@ -149,7 +150,7 @@ class Trainer:
         result.steps, result.n_tokens = progress.step, progress.n_tokens
         model.batch_kth = None  # the process group's search is for training steps only
         if self.is_main:
-            model.save_pretrained(result.output_path, fold_activation_scale=self._fold_on_save(model))
+            save_final_dictionary(model, result.output_path, fold_activation_scale=self._fold_on_save(model))
             path, steps, tokens = result.output_path, result.steps, result.n_tokens
             logger.info("saved the dictionary to %s after %d steps (%d tokens)", path, steps, tokens)
         if self.dp is not None:

@@ -1,5 +1,8 @@
 """A thin async client for OpenAI-compatible chat endpoints: bounded concurrency, a request-rate limit, a wall-clock
-timeout per request and retries with exponential backoff on the failures that are worth retrying."""
+timeout per request and retries with exponential backoff on the failures that are worth retrying.
+
+The API key is read from the environment when the client is made and goes nowhere but the request header: error
+messages (which end up in the record store and the logs) are scrubbed of it, since some servers echo a rejected key."""
 
 import asyncio
 import logging
@@ -8,10 +11,12 @@ import time
 from dataclasses import dataclass
 
 from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
+from lm_saes_core.config import scrub_secrets
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 60.0
+NO_KEY = "no-key"  # sent to a local server when the variable is unset: such servers ignore it, the client wants one
 
 
 class LLMError(RuntimeError):
@@ -89,7 +94,7 @@ def resolve_api_key(cfg: AutoInterpConfig) -> str:
             "auto_interp.base_url is unset (the OpenAI API needs a key); set the variable, or point base_url "
             "at a local OpenAI-compatible server"
         )
-    return "no-key"  # local servers ignore it, but the client insists on one
+    return NO_KEY
 
 
 class LLMClient:
@@ -102,6 +107,7 @@ class LLMClient:
         api_key = resolve_api_key(cfg)
         self.cfg = cfg
         self.endpoint = cfg.base_url or "https://api.openai.com/v1"
+        self._secrets = [api_key] if api_key != NO_KEY else []  # what no message may quote
         # Retries and timeouts are ours (the client's own would retry inside our timeout and hide attempts).
         self._client = openai.AsyncOpenAI(
             base_url=cfg.base_url, api_key=api_key, max_retries=0, timeout=cfg.request_timeout_s
@@ -132,24 +138,31 @@ class LLMClient:
                         timeout=self.cfg.request_timeout_s,
                     )
             except ValueError as error:  # a 200 whose body is not JSON (the client's decoder gives up)
-                raise LLMError(f"{self.endpoint} returned a body that is not JSON: {error}", attempt + 1) from error
+                described = scrub_secrets(str(error), self._secrets)
+                raise LLMError(f"{self.endpoint} returned a body that is not JSON: {described}", attempt + 1) from (
+                    error if described == str(error) else None
+                )
             except (TimeoutError, openai.OpenAIError) as error:
                 if not _is_retryable(error) or attempt == self.cfg.max_retries:
                     hint = ""
                     if kwargs and isinstance(error, openai.BadRequestError):
                         hint = " (if the server rejects response_format, set auto_interp.json_response_format=false)"
+                    described = self._describe(error)
                     raise LLMError(
                         f"request to {self.endpoint} (model {self.cfg.model!r}) failed after {attempt + 1} "
-                        f"attempt(s): {_describe(error)}{hint}",
+                        f"attempt(s): {described}{hint}",
                         attempt + 1,
-                    ) from error
+                    ) from (error if described == _describe(error) else None)  # no cause that quotes the key
                 backoff = min(self.cfg.retry_backoff_s * 2**attempt, MAX_BACKOFF_S)
                 backoff = max(backoff, min(_retry_after_s(error) or 0.0, MAX_BACKOFF_S))
-                logger.debug("retrying in %.2fs after %s", backoff, _describe(error))
+                logger.debug("retrying in %.2fs after %s", backoff, self._describe(error))
                 await asyncio.sleep(backoff)
                 continue
             return ChatReply(_reply_text(completion, self.endpoint, attempt + 1), time.monotonic() - start, attempt + 1)
         raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _describe(self, error: Exception) -> str:
+        return scrub_secrets(_describe(error), self._secrets)
 
     async def close(self) -> None:
         await self._client.close()
