@@ -18,6 +18,7 @@ from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
 from lm_saes_core.io import atomic_write_text, file_sha256
 from lm_saes_core.store import RecordStoreConfig
 from lm_saes_dagster.artifacts import ArtifactRoot, reuse_or_launch
+from lm_saes_dagster.kinds import n_analysed_features
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, InterpretationSettings, PipelineConfig
 from lm_saes_dagster.preview import features_markdown, most_active_features
@@ -67,7 +68,7 @@ def build_analysis_assets(
         if not path.is_file():
             raise dg.Failure(f"{name}/{item_name} has no evaluation ({path}); materialise `evaluation` first")
         metrics = json.loads(path.read_text())["metrics"]
-        failed = failed_bounds(metrics, cfg.quality)
+        failed = failed_bounds(metrics, cfg.quality, item_of(item_name).sae)
         if failed:
             raise dg.Failure(
                 f"{name}/{item_name} fails the pipeline's quality bounds: {'; '.join(failed)}. The analysis is "
@@ -120,13 +121,13 @@ def build_analysis_assets(
         settings = analyze_settings(
             cfg, item_name, item, dictionary, cache, output, store_config(artifacts), ANALYSIS_NAME
         )
-        d_sae = item.sae.d_sae
-        export = analysis_export_path(output, item_name, name, ANALYSIS_NAME, d_sae)
+        n_features = n_analysed_features(item.sae)  # a CLT's: every layer's
+        export = analysis_export_path(output, item_name, name, ANALYSIS_NAME, n_features)
         summary_path = output / "summary.json"
 
         def every_feature_stored() -> bool:
             with open_store(store_config(artifacts)) as store:
-                return store.count_features_with_analysis(item_name, name, ANALYSIS_NAME) == d_sae
+                return store.count_features_with_analysis(item_name, name, ANALYSIS_NAME) == n_features
 
         def write_summary(reported: dg.MaterializeResult) -> None:  # what a reused analysis shows
             numbers = {k: v.value for k, v in reported.metadata.items() if isinstance(v.value, int | float)}
@@ -150,13 +151,13 @@ def build_analysis_assets(
             stored = store.count_features_with_analysis(item_name, name, ANALYSIS_NAME)
             # `lm-saes list` shows the evaluation next to the analyses.
             store.update_dictionary_metrics(item_name, name, {k: float(v) for k, v in metrics.items()})
-        fraction = stored / d_sae
+        fraction = stored / n_features
         markdown, _ = preview(artifacts, item_name, ("contexts",))
         alive = numbers.get("alive_features", 0)
         return dg.MaterializeResult(
             metadata={
                 **numbers,
-                "alive_fraction": alive / d_sae,
+                "alive_fraction": alive / n_features,
                 "analysed_fraction": fraction,
                 "reused": step.reused,
                 "path": dg.MetadataValue.path(str(export)),
@@ -188,16 +189,18 @@ def build_analysis_assets(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
     ) -> Iterator:
         """The tokens each feature's decoder direction promotes and suppresses through the model's final norm and
-        unembedding (direct_logit_attribute through Dagster Pipes). A dictionary without one output direction per
-        feature written to the residual stream (e.g. a transcoder into `ln2.hook_out`) has no direct logit effect:
-        the step is skipped (an observation says why), not failed, so the rest of the item's assets still run."""
+        unembedding (direct_logit_attribute through Dagster Pipes): an SAE's or transcoder's decoder row, a
+        crosscoder's row in its deepest residual-stream head, the sum of a CLT feature's decoders over the layers it
+        writes to. A dictionary whose outputs are not on the residual stream (e.g. a transcoder into `ln2.hook_out`)
+        has no direct logit effect: the step is skipped (an observation says why), not failed, so the rest of the
+        item's assets still run."""
         from lm_saes_core.analysis.direct_logit import check_attributable
         from lm_saes_core.store import open_store
 
         item_name = context.partition_key
         item = item_of(item_name)
         try:
-            check_attributable(item.sae)
+            hooks = check_attributable(item.sae)
         except ValueError as exc:
             why = f"no direct logit attribution for {item.hook_label}: {exc}"
             context.log.warning(f"logit_attributions of {name}/{item_name} skipped: {why}")
@@ -232,6 +235,8 @@ def build_analysis_assets(
             metadata={
                 "n_features": len(top),
                 "mean_top_logit": sum(top) / len(top) if top else 0.0,
+                "attributed_hooks": ", ".join(hooks),
+                "summed_over_hooks": len(hooks) > 1,
                 "reused": step.reused,
                 "path": dg.MetadataValue.path(str(output)),
                 "preview": dg.MetadataValue.md(markdown),

@@ -150,6 +150,12 @@ def summary(name: str, outcomes: dict[str, ItemOutcome]) -> str:
             f"{_number(analyses, 'alive_fraction', '.2f'):>6} {outcome.seconds:>5.0f}s  {verdict}"
             + (f"; FAILED: {', '.join(failed)}" if failed else "")
         )
+        hooks = [key.removeprefix("explained_variance/") for key in evaluation if key.startswith("explained_variance/")]
+        for hook in hooks:  # a crosscoder's heads, a CLT's layers
+            lines.append(
+                f"  {hook:<30} EV {_number(evaluation, f'explained_variance/{hook}')}"
+                f"  L0 {_number(evaluation, f'l0/{hook}', '.1f')}"
+            )
     shared = [
         item for item, outcome in outcomes.items() if outcome.metadata.get("dictionary", {}).get("shared_stream_with")
     ]
@@ -157,6 +163,10 @@ def summary(name: str, outcomes: dict[str, ItemOutcome]) -> str:
         lines.append(f"trained together from one activation stream (sweep): {', '.join(shared)}")
     reasons: dict[str, list[str]] = {}
     for item, outcome in outcomes.items():
+        logits = outcome.metadata.get("logit_attributions", {})
+        if "attributed_hooks" in logits:
+            how = "each feature's decoders summed over" if logits.get("summed_over_hooks") else "decoder rows of"
+            lines.append(f"{item}: logit attributions of {how} {logits['attributed_hooks']}")
         interpretations = outcome.metadata.get("interpretations")
         if interpretations is not None:
             scores = ", ".join(

@@ -24,8 +24,10 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG as RANGE_EN
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG as RANGE_START_TAG
 
 from lm_saes_core.io import atomic_write_text, file_sha256
+from lm_saes_core.models.base import DICTIONARY_KINDS
 from lm_saes_dagster.analysis_assets import build_analysis_assets
 from lm_saes_dagster.artifacts import ArtifactRoot, reuse_or_launch
+from lm_saes_dagster.kinds import hook_metrics, n_analysed_features
 from lm_saes_dagster.launch import HeavyStepLauncher
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
 from lm_saes_dagster.quality import CHECK_NAMES, quality_checks
@@ -313,6 +315,12 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
             code_version=CODE_VERSION,
         )
         metrics = json.loads(output.read_text())["metrics"]  # what the runner wrote, reused or not
+        sae = item_of(item_name).sae
+        per_hook = {  # a crosscoder's heads, a CLT's layers: each output hook's own metrics, under one naming
+            f"{metric}/{hook}": value
+            for hook, values in hook_metrics(sae, metrics).items()
+            for metric, value in values.items()
+        }
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(output)),
@@ -327,9 +335,10 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
                         "kl_div_spliced": "metrics/kl_div_spliced",
                     },
                 ),
+                **per_hook,
             },
             data_version=dg.DataVersion(file_sha256(output)[:16]),
-            check_results=quality_checks(metrics, cfg.quality),
+            check_results=quality_checks(metrics, cfg.quality, sae),
         )
 
     analysis_assets = build_analysis_assets(cfg, items, item_of)
@@ -403,6 +412,8 @@ def _dictionary_metadata(item: DictionaryItem, output: Path) -> dict:
         "transcoder": sae.hooks_in != sae.hooks_out,
         "sae_type": sae.sae_type,
         "d_sae": sae.d_sae,
+        # As the analysis numbers them (a CLT's: every layer's), for the kinds this installation defines.
+        **({"n_features": n_analysed_features(sae)} if sae.sae_type in DICTIONARY_KINDS else {}),
     }
 
 

@@ -104,10 +104,11 @@ class AnalysisSettings(BaseConfig):
 
 
 class LogitAttributionSettings(BaseConfig):
-    """The `logit_attributions` asset: direct_logit_attribute of every feature. Only dictionaries with one output
-    direction per feature, written to the residual stream (`blocks.<l>.hook_resid_*`, `hook_attn_out`,
-    `hook_mlp_out`), have direct logit effects; for any other (e.g. a transcoder into `ln2.hook_out`) the asset is
-    skipped with the reason recorded, not failed."""
+    """The `logit_attributions` asset: direct_logit_attribute of every feature. Only dictionaries that write to the
+    residual stream (`blocks.<l>.hook_resid_*`, `hook_attn_out`, `hook_mlp_out`) have direct logit effects: an SAE's
+    or transcoder's decoder row; a crosscoder's row in its deepest residual-stream head; the sum of a CLT feature's
+    decoders over the layers it writes to (see `lm_saes_core.analysis.direct_logit`). For any other (e.g. a
+    transcoder into `ln2.hook_out`) the asset is skipped with the reason recorded, not failed."""
 
     top_k: int = Field(default=10, gt=0)
     feature_batch_size: int = Field(default=256, gt=0)

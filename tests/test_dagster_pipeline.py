@@ -105,7 +105,7 @@ def test_the_gpu_example_validates_but_is_not_loaded_by_default(tmp_path):
     note = check_pipeline_model(cfg, examples / "gpu-example.yaml")
     assert (note is None) == (cached is not None)
     default, _ = build_definitions(ROOT / "configs" / "pipelines", tmp_path)
-    assert {key.path[0] for key in default.resolve_asset_graph().get_all_asset_keys()} == {"quickstart"}
+    assert {key.path[0] for key in default.resolve_asset_graph().get_all_asset_keys()} == {"quickstart", "circuits"}
 
 
 def test_an_invalid_pipeline_is_reported_and_the_others_still_load(tmp_path, smollm2_dir):

@@ -21,6 +21,23 @@ Ranking-wise the two agree up to the biases; in value the reference's logits are
 The direction must be in raw space: a dataset-wise dictionary is loaded with `fold_activation_scale=True`; for a
 token-wise dictionary W_D lives in the per-token normalised space (a positive per-token factor), which again scales
 values without changing the ranking.
+
+Which decoder rows make a feature's direction (`attributed_hooks`, `feature_directions`), by kind:
+
+- one output hook (SAE, transcoder): its decoder row W_D[i], which must write a residual-stream hook;
+- a crosscoder: the decoder row W_D[h, i] of ONE head h, the `head` asked for or by default the deepest head on the
+  residual stream (the last layer's, closest to the unembedding, so the direct path skips the fewest layers). Each
+  head reconstructs its own hook, and head h's copy of the feature moves that hook by W_D[h, i] per unit of its
+  activation. One head, not one list per head: a stored feature has one pair of top_positive / top_negative lists
+  (`FeatureLogits`), so another head is another run (`head: blocks.4.hook_resid_post`, e.g. under another series);
+- a CLT: a feature (s, i) of source layer s writes W_D[t][s, i] to the output of every layer t >= s, and every output
+  (`hook_mlp_out`, `hook_attn_out`, ...) is added into the residual stream, so its direct effect is that of the sum
+  d = sum_{t >= s} W_D[t][s, i] / c_out(t). c_out(t) is the output's raw scale: 1 once folded; a CLT that cannot
+  fold (decoder-norm gating with outputs of different dataset-wise norms) keeps each output's dataset-wise scale,
+  which must be undone per layer before the sum. Features are numbered s * d_sae + i, as the analysis numbers them.
+
+Kinds or hooks off the residual stream (e.g. a transcoder into `ln2.hook_out`, a crosscoder whose heads are all MLP
+inputs) have no direct logit effect: `check_attributable` says why, and callers skip them.
 """
 
 import torch
@@ -29,12 +46,19 @@ from torch import Tensor
 
 from lm_saes_core.backend.base import LanguageModel, Unembedding
 from lm_saes_core.config import BaseConfig
-from lm_saes_core.models import SparseDictionary, SparseDictionaryConfig
+from lm_saes_core.models import (
+    CLTConfig,
+    CrossCoder,
+    CrossCoderConfig,
+    CrossLayerTranscoder,
+    SparseDictionary,
+    SparseDictionaryConfig,
+)
 from lm_saes_core.store.records import FeatureLogits, LogitToken
 
-RESIDUAL_WRITE_HOOKS = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out")
+RESIDUAL_WRITE_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 """Per-block hooks whose activation is (or is added into) the residual stream, so a direction there reaches the final
-norm unchanged along the direct path."""
+norm unchanged along the direct path; in the order the forward pass reaches them within a block."""
 
 
 class DirectLogitAttributorConfig(BaseConfig):
@@ -44,10 +68,54 @@ class DirectLogitAttributorConfig(BaseConfig):
     """Features whose full (batch, d_vocab) logits exist at once: memory is batch x d_vocab x 4 bytes."""
 
 
-def check_attributable(sae_cfg: SparseDictionaryConfig, model: LanguageModel | None = None) -> None:
-    """Direct logit attribution needs one output direction per feature (the kind's `output_directions`) written to
-    a residual-stream hook (of `model`, with width d_model, when it is given): otherwise a feature's decoder does not
-    reach the unembedding directly and DLA means nothing. Raises ValueError saying why not."""
+def residual_position(hook: str) -> tuple[int, int] | None:
+    """(layer, stage within the block) of a residual-stream hook `blocks.<layer>.<suffix>`, or None for any other."""
+    parts = hook.split(".", 2)
+    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in RESIDUAL_WRITE_HOOKS:
+        return None
+    return int(parts[1]), RESIDUAL_WRITE_HOOKS.index(parts[2])
+
+
+def _not_residual(hook: str) -> str:
+    return (
+        f"the output hook is {hook!r}, which is not a residual-stream hook; direct logit attribution needs a "
+        f"dictionary that writes to blocks.<layer>.{{{', '.join(RESIDUAL_WRITE_HOOKS)}}}"
+    )
+
+
+def attributed_hooks(sae_cfg: SparseDictionaryConfig, head: str | None = None) -> list[str]:
+    """The output hooks whose decoder rows make each feature's direction (see the module docstring): the one output
+    hook; a crosscoder's `head` (default: its deepest residual-stream head); every output of a CLT (a feature of layer
+    s uses those of layers t >= s). Raises ValueError saying why the dictionary has no direct logit effect, or why
+    `head` cannot be chosen."""
+    if isinstance(sae_cfg, CrossCoderConfig):
+        if head is not None:
+            if head not in sae_cfg.heads:
+                raise ValueError(f"head {head!r} is not one of the crosscoder's heads {sae_cfg.heads}")
+            if residual_position(head) is None:
+                raise ValueError(f"head {head!r}: {_not_residual(head)}")
+            return [head]
+        residual = [hook for hook in sae_cfg.heads if residual_position(hook) is not None]
+        if not residual:
+            raise ValueError(
+                f"none of the crosscoder's heads {sae_cfg.heads} is a residual-stream hook; direct logit attribution "
+                f"needs a head at blocks.<layer>.{{{', '.join(RESIDUAL_WRITE_HOOKS)}}}"
+            )
+        return [max(residual, key=residual_position)]
+    if head is not None and isinstance(sae_cfg, CLTConfig):
+        raise ValueError(
+            "head: a CLT feature writes to the output of its layer and of every later one, and its direct logit "
+            "effect is the sum of those decoders; there is no head to choose (leave head unset)"
+        )
+    if isinstance(sae_cfg, CLTConfig):
+        off = [hook for hook in sae_cfg.hooks_out if residual_position(hook) is None]
+        if off:
+            raise ValueError(
+                f"the CLT writes to {off}, which {'is' if len(off) == 1 else 'are'} not residual-stream hooks; a CLT "
+                "feature's direct logit effect is the sum of its decoders into the residual stream, so every output "
+                f"must be blocks.<layer>.{{{', '.join(RESIDUAL_WRITE_HOOKS)}}}"
+            )
+        return list(sae_cfg.hooks_out)
     kind = SparseDictionary.kind(sae_cfg.sae_type)
     if kind.output_directions is SparseDictionary.output_directions:
         raise ValueError(f"sae_type {sae_cfg.sae_type!r} has no single output direction per feature")
@@ -56,21 +124,57 @@ def check_attributable(sae_cfg: SparseDictionaryConfig, model: LanguageModel | N
             f"the dictionary writes to {sae_cfg.hooks_out}; direct logit attribution needs one output hook"
         )
     (hook,) = sae_cfg.hooks_out
-    parts = hook.split(".", 2)
-    if len(parts) != 3 or parts[0] != "blocks" or not parts[1].isdigit() or parts[2] not in RESIDUAL_WRITE_HOOKS:
-        raise ValueError(
-            f"the output hook is {hook!r}, which is not a residual-stream hook; direct logit attribution needs a "
-            f"dictionary that writes to blocks.<layer>.{{{', '.join(RESIDUAL_WRITE_HOOKS)}}}"
-        )
+    if head is not None and head != hook:
+        raise ValueError(f"head {head!r}: the dictionary has one output hook, {hook!r}")
+    if residual_position(hook) is None:
+        raise ValueError(_not_residual(hook))
+    return [hook]
+
+
+def check_attributable(
+    sae_cfg: SparseDictionaryConfig, model: LanguageModel | None = None, head: str | None = None
+) -> list[str]:
+    """Direct logit attribution needs each feature's output direction(s) written to residual-stream hooks (of
+    `model`, with width d_model, when it is given): otherwise a feature's decoder does not reach the unembedding
+    directly and DLA means nothing. Returns the attributed hooks (`attributed_hooks`); raises ValueError saying why
+    not."""
+    hooks = attributed_hooks(sae_cfg, head)
     if model is None:
-        return
-    model.validate_hook_points([hook])
-    width = {h: w for h, w, _ in sae_cfg.hook_widths()}[hook]
-    if width != model.d_model:
-        raise ValueError(
-            f"the dictionary writes vectors of width {width} to {hook!r}, but model {model.cfg.model_name!r} has "
-            f"d_model {model.d_model}: it belongs to another model"
-        )
+        return hooks
+    model.validate_hook_points(hooks)
+    widths = {h: w for h, w, _ in sae_cfg.hook_widths()}
+    for hook in hooks:
+        if widths[hook] != model.d_model:
+            raise ValueError(
+                f"the dictionary writes vectors of width {widths[hook]} to {hook!r}, but model "
+                f"{model.cfg.model_name!r} has d_model {model.d_model}: it belongs to another model"
+            )
+    return hooks
+
+
+def output_scale(sae: SparseDictionary, hook: str) -> float:
+    """The factor by which `sae` scales the raw activations of output `hook` (a decoder row divided by it is in raw
+    space): the dataset-wise scale of a model that could not fold, else 1 (a folded model; a token-wise one, whose
+    factor changes per token and is left out as the module docstring says; a CLT's sum then weighs its layers'
+    decoders as they are in the normalised space)."""
+    return sae.dataset_scale(hook) if sae.cfg.norm_activation == "dataset-wise" else 1.0
+
+
+@torch.no_grad()
+def feature_directions(sae: SparseDictionary, hooks: list[str]) -> Tensor:
+    """(n_analysed_features, d_model): each feature's raw-space direction into the residual stream from its decoder
+    rows to `hooks` (what `attributed_hooks` returned for `sae.cfg`), as the module docstring defines them."""
+    if isinstance(sae, CrossCoder):
+        (head,) = hooks
+        return sae.W_D[sae.cfg.heads.index(head)].detach() / output_scale(sae, head)
+    if isinstance(sae, CrossLayerTranscoder):
+        outputs = sae.cfg.hooks_out
+        layers = []
+        for s in range(sae.cfg.n_layers):  # a feature of layer s writes to every output t >= s
+            layers.append(sum(sae.W_D[t][s] / output_scale(sae, outputs[t]) for t in range(s, len(outputs))))
+        return torch.stack(layers).flatten(0, 1).detach()  # feature s * d_sae + i
+    (hook,) = hooks
+    return sae.output_directions() / output_scale(sae, hook)
 
 
 @torch.no_grad()
