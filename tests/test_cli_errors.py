@@ -148,7 +148,7 @@ def test_analyze_with_an_unreachable_mongodb_is_one_line_without_the_password(tm
         "store": {"mongo": {"mongo_uri": uri}},
     }
     result = invoke("analyze", write(tmp_path, "analyze.yaml", settings))
-    assert_clean(result, f"MongoDB at mongodb://***@127.0.0.1:{port}/ is unavailable")
+    assert_clean(result, f"MongoDB at mongodb://reader:***@127.0.0.1:{port}/ is unavailable")
     assert "s3cret" not in result.output
 
 
