@@ -201,6 +201,9 @@ def test_ctrl_c_during_generation_leaves_no_complete_cache_and_rerun_finishes(tm
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,
+        # A suite started in the background (`cmd &` in a script) ignores SIGINT, and so would this child; Python
+        # only turns SIGINT into KeyboardInterrupt when it starts with the default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     chunk_dir = tmp_path / "activations" / HOOKS[1]
     deadline = time.time() + 300
