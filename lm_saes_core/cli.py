@@ -1,5 +1,5 @@
 """The `lm-saes` command line: `lm-saes <runner> CONFIG [--set key=value ...]`, and views of the record store
-(`lm-saes show feature NAME INDEX`, `lm-saes list`).
+(`lm-saes show feature NAME INDEX`, `lm-saes list`, `lm-saes serve`: the feature browser).
 
 A user error (`UserError`: settings, hooks, widths, kinds, caches, stores, endpoints; or an `OSError`: a file that is
 missing or unwritable, a connection refused) is one red message and exit status 2 from any command; `--debug` (or
@@ -72,7 +72,7 @@ def generate(config: ConfigPath, overrides: Overrides = None) -> None:
 
 @app.command()
 def train(config: ConfigPath, overrides: Overrides = None) -> None:
-    """Train a sparse dictionary of the kind its `sae_type` names (SAE/transcoder, crosscoder, CLT)."""
+    """Train a sparse dictionary of the kind its `sae_type` names (SAE/transcoder, crosscoder, CLT, Lorsa, ...)."""
     from lm_saes_core.runners.train import TrainCrossCoderSettings, TrainSAESettings, train_sae
 
     result = train_sae(_load_for_factories(TrainSAESettings, TrainCrossCoderSettings, config, overrides))
@@ -241,16 +241,18 @@ MongoUri = Annotated[str | None, typer.Option("--mongo-uri", help="Read the Mong
 MongoDb = Annotated[str, typer.Option("--mongo-db", help="MongoDB database (with --mongo-uri)")]
 
 
-def _open_store(store_path: Path | None, mongo_uri: str | None, mongo_db: str):
+def _open_store(store_path: Path | None, mongo_uri: str | None, mongo_db: str, *, read_only: bool = False):
+    """`read_only`: the SQLite file (the default one too) must exist and is opened as a `mode=ro` URI."""
     from lm_saes_core.config import MongoDBConfig
     from lm_saes_core.store import RecordStoreConfig, open_store
 
     if store_path is not None and mongo_uri is not None:
         raise UserError("give either --store-path (SQLite) or --mongo-uri (MongoDB), not both")
-    if store_path is not None and not store_path.is_file():
-        raise UserError(f"no record store at {store_path}")
     mongo = MongoDBConfig(mongo_uri=mongo_uri, mongo_db=mongo_db) if mongo_uri is not None else None
-    return open_store(RecordStoreConfig(mongo=mongo, sqlite_path=str(store_path) if store_path is not None else None))
+    cfg = RecordStoreConfig(mongo=mongo, sqlite_path=str(store_path) if store_path is not None else None)
+    if mongo is None and (store_path is not None or read_only) and not cfg.resolved_sqlite_path().is_file():
+        raise UserError(f"no record store at {cfg.resolved_sqlite_path()}")
+    return open_store(cfg, read_only=read_only)
 
 
 @show_app.command("feature")
@@ -275,7 +277,7 @@ def show_feature(
     mongo_db: MongoDb = "mechinterp",
 ) -> None:
     """Print one feature: where it lives (crosscoder, CLT), statistics, explanation, top contexts with activating
-    tokens highlighted, DLA tokens."""
+    tokens highlighted (a Lorsa's with the source tokens feeding each context's max), DLA tokens."""
     from rich.console import Console
 
     from lm_saes_core.analysis.render import analysed_feature_count, feature_view, load_tokenizer
@@ -344,6 +346,33 @@ def list_dictionaries(
         typer.echo("no dictionaries stored" + (f" in series {series!r}" if series else ""))
         return
     Console().print(dictionaries_table(dictionaries, analysed))
+
+
+@app.command()
+def serve(
+    store_path: Annotated[
+        Path | None,
+        typer.Option("--store-path", "--store", help="SQLite record store [default: $LM_SAES_HOME/records.sqlite]"),
+    ] = None,
+    mongo_uri: MongoUri = None,
+    mongo_db: MongoDb = "mechinterp",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (loopback by default; 0.0.0.0 exposes it)")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on")] = 8000,
+    dagster_url: Annotated[
+        str | None, typer.Option(help="Dagster webserver that dictionaries made by a pipeline link to")
+    ] = "http://127.0.0.1:3000",
+) -> None:
+    """Browse the record store in a web browser, read-only: dictionaries, sortable feature tables, feature pages with
+    coloured contexts, search of explanations, and the same data as JSON under /api."""
+    import uvicorn
+
+    from lm_saes_core.browser import create_app
+
+    with _open_store(store_path, mongo_uri, mongo_db, read_only=True) as store:
+        typer.echo(f"serving {store!r} read-only at http://{host}:{port}/ (Ctrl-C stops)")
+        uvicorn.run(create_app(store, dagster_url=dagster_url), host=host, port=port, log_level="info")
 
 
 if __name__ == "__main__":

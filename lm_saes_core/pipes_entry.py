@@ -24,8 +24,8 @@ from typing import Any
 
 from dagster_pipes import PipesContext, PipesEnvVarParamsLoader, open_dagster_pipes
 
-from lm_saes_core.config import BaseConfig, ConfigError, load_config
-from lm_saes_core.io import file_sha256
+from lm_saes_core.config import BaseConfig, ConfigError, UserError, load_config
+from lm_saes_core.io import atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,18 @@ WEIGHTS_FILE = "sae_weights.safetensors"
 
 
 def _train_summary(result) -> dict[str, Any]:
+    """Steps, tokens, whether a finished run was reused and from which step a killed one was continued (0: from the
+    start), and the last logged metrics."""
     metrics = _numbers(result.last_metrics, ["metrics/explained_variance", "metrics/l0", "losses/mse_loss"])
-    return {"steps": result.steps, "n_tokens": result.n_tokens, "reused": result.reused, **metrics}
+    resumed = result.resumed_from_step is not None
+    return {
+        "steps": result.steps,
+        "n_tokens": result.n_tokens,
+        "reused": result.reused,
+        "resumed": resumed,
+        "resumed_from_step": result.resumed_from_step if resumed else 0,
+        **metrics,
+    }
 
 
 def _run_train(settings: BaseConfig) -> StepReport:
@@ -207,6 +217,24 @@ def run_step(runner: str, settings_file: str | Path, pipes: PipesContext | None 
     return report
 
 
+EXIT_USER_ERROR = 2
+"""The exit status of a step that failed on a user error (settings, files, stores, endpoints): running it again
+unchanged fails the same way, so the launcher does not retry it."""
+
+
+def error_file(settings_file: str | Path) -> Path:
+    """Where a failed step leaves its one-line cause beside its settings file, for the launcher to report."""
+    settings_file = Path(settings_file)
+    return settings_file.with_name(settings_file.name.replace(".pipes-settings.json", "") + ".pipes-error.txt")
+
+
+def _record_error(settings_file: str, message: str) -> None:
+    try:
+        atomic_write_text(error_file(settings_file), message + "\n")
+    except OSError:
+        pass  # the message is on stderr too
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
@@ -218,12 +246,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with open_dagster_pipes() if use_pipes else nullcontext() as pipes:
             run_step(runner, settings_file, pipes)
-    except ConfigError as exc:
+    except UserError as exc:
         print(f"lm_saes_core.pipes_entry: {exc}", file=sys.stderr)
-        return 2
+        if is_rank_zero():
+            _record_error(settings_file, str(exc))
+        return EXIT_USER_ERROR
     except Exception as exc:
         traceback.print_exc()
-        print(f"lm_saes_core.pipes_entry: {runner} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        message = f"{runner} failed: {type(exc).__name__}: {exc}"
+        print(f"lm_saes_core.pipes_entry: {message}", file=sys.stderr)
+        if is_rank_zero():
+            _record_error(settings_file, message)
         return 1
     return 0
 

@@ -20,6 +20,7 @@ from lm_saes_core.store import RecordStoreConfig
 from lm_saes_dagster.artifacts import ArtifactRoot, reuse_or_launch
 from lm_saes_dagster.kinds import n_analysed_features
 from lm_saes_dagster.launch import HeavyStepLauncher
+from lm_saes_dagster.links import browser_url
 from lm_saes_dagster.pipeline_config import DictionaryItem, InterpretationSettings, PipelineConfig
 from lm_saes_dagster.preview import features_markdown, most_active_features
 from lm_saes_dagster.quality import failed_bounds
@@ -162,6 +163,7 @@ def build_analysis_assets(
                 "reused": step.reused,
                 "path": dg.MetadataValue.path(str(export)),
                 "store": _store_label(store_config(artifacts)),
+                "browser": dg.MetadataValue.url(browser_url(name, item_name)),
                 "preview": dg.MetadataValue.md(markdown),
             },
             data_version=dg.DataVersion(file_sha256(export)[:16]),

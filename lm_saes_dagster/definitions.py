@@ -31,6 +31,22 @@ def pipeline_files(directory: Path) -> list[Path]:
     return sorted([*directory.glob("*.yaml"), *directory.glob("*.yml")])
 
 
+def pipelines_directory() -> Path:
+    return Path(os.environ.get("LM_SAES_PIPELINES", DEFAULT_PIPELINES))
+
+
+def pipeline_config(name: str) -> PipelineConfig | None:
+    """The valid pipeline called `name` in the pipelines directory, or None."""
+    for path in pipeline_files(pipelines_directory()):
+        try:
+            cfg = load_pipeline(path)
+        except ConfigError:
+            continue
+        if cfg.name == name:
+            return cfg
+    return None
+
+
 def build_definitions(directory: Path, artifact_root: Path) -> tuple[dg.Definitions, dict[Path, str]]:
     """Definitions of every valid pipeline file in `directory`, and the errors of the invalid ones."""
     pipelines, errors = [], {}
@@ -73,6 +89,4 @@ def _report(errors: dict[Path, str], path: Path, what: str, error: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-defs, load_errors = build_definitions(
-    Path(os.environ.get("LM_SAES_PIPELINES", DEFAULT_PIPELINES)), lm_saes_home().resolve()
-)
+defs, load_errors = build_definitions(pipelines_directory(), lm_saes_home().resolve())

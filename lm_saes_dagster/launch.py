@@ -10,16 +10,19 @@ laptop and on a cluster.
 
 import json
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Literal
 
 import dagster as dg
+from dagster._core.errors import DagsterPipesExecutionError
 from dagster._core.pipes.client import PipesClientCompletedInvocation
 
 from lm_saes_core.config import BaseConfig
 from lm_saes_core.io import atomic_write_text
-from lm_saes_core.pipes_entry import RUNNERS
+from lm_saes_core.pipes_entry import EXIT_USER_ERROR, RUNNERS, error_file
 
 ENTRYPOINT = "lm_saes_core.pipes_entry"
 DSHM_VOLUME = "dshm"
@@ -152,7 +155,7 @@ class HeavyStepLauncher(dg.ConfigurableResource):
             )
         path = Path(workdir) / f"{runner}.pipes-settings.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(settings.model_dump(mode="json"), indent=2))
+        atomic_write_text(path, json.dumps(settings_dump(settings), indent=2))
         return path
 
     def pod_spec(self, nproc: int) -> dict[str, Any]:
@@ -186,8 +189,15 @@ class HeavyStepLauncher(dg.ConfigurableResource):
         reports when the step materializes several."""
         extras = {"asset_key": asset_key} if asset_key else None
         if self.backend == "subprocess":
-            command = torchrun_command(runner, self.write_settings(runner, settings, workdir), nproc)
-            return dg.PipesSubprocessClient().run(context=context, command=command, env=self.env or None, extras=extras)
+            settings_path = self.write_settings(runner, settings, workdir)
+            error_file(settings_path).unlink(missing_ok=True)  # an earlier attempt's cause is not this one's
+            command = torchrun_command(runner, settings_path, nproc)
+            try:
+                return dg.PipesSubprocessClient().run(
+                    context=context, command=command, env=self.env or None, extras=extras
+                )
+            except DagsterPipesExecutionError as exc:
+                raise step_failure(_step_name(context), runner, str(exc), error_file(settings_path)) from None
         if not self.image:
             raise ValueError("image: the k8s backend needs the heavy step's image (set LM_SAES_K8S_IMAGE)")
         from dagster_k8s import PipesK8sClient
@@ -202,6 +212,55 @@ class HeavyStepLauncher(dg.ConfigurableResource):
             base_pod_spec=pod_spec,
             extras=extras,
         )
+
+
+def settings_dump(settings: BaseConfig) -> dict[str, Any]:
+    """The settings as JSON for the child, whose reading gives back the same settings: the initializer sections hold
+    only the fields that were given, since the initializer tells a step asked for explicitly (an error when the kind
+    lacks it) from one left at its default (skipped then)."""
+    dump = settings.model_dump(mode="json")
+    items = getattr(settings, "items", None) or []  # a sweep's
+    holders = [(dump, settings), *zip(dump.get("items") or [], items, strict=True)]
+    for data, holder in holders:
+        initializer = getattr(holder, "initializer", None)
+        if initializer is not None:
+            data["initializer"] = initializer.model_dump(mode="json", exclude_unset=True)
+    return dump
+
+
+def _step_name(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> str:
+    op_context = getattr(context, "op_execution_context", context)
+    name = op_context.op_def.name
+    return f"{name}[{context.partition_key}]" if context.has_partition_key else name
+
+
+def step_failure(step: str, runner: str, pipes_error: str, cause_file: Path) -> dg.Failure:
+    """What a failed heavy step tells the person looking at the run: the step, how its process ended (exit status or
+    signal) and the cause it recorded. A user error (exit status 2: settings, inputs, stores) fails for good, since a
+    retry would fail the same way; anything else (a killed process, an evicted pod, a crash) may be retried, and a
+    retried training step continues from its newest checkpoint."""
+    match = re.search(r"code (-?\d+)", pipes_error)
+    code = int(match.group(1)) if match else None
+    cause = cause_file.read_text().strip() if cause_file.is_file() else ""
+    if code == EXIT_USER_ERROR:
+        message = f"step {step!r} ({runner}) stopped on a user error: {cause or pipes_error}"
+        return dg.Failure(message, allow_retries=False)
+    signal_number = -code if code is not None and code < 0 else (code - 128 if code and 128 < code < 160 else None)
+    if signal_number is not None:
+        try:
+            name = signal.Signals(signal_number).name
+        except ValueError:
+            name = f"signal {signal_number}"
+        why = " (out of memory, a cancelled run or an evicted pod)" if name == "SIGKILL" else ""
+        return dg.Failure(
+            f"step {step!r} ({runner}): its process was killed by {name}{why}, exit status {code}; a retry continues "
+            "from the newest checkpoint",
+            metadata={"exit_status": code, "signal": name},
+        )
+    return dg.Failure(
+        f"step {step!r} ({runner}) failed with exit status {code}: {cause or pipes_error}",
+        metadata={"exit_status": code if code is not None else -1},
+    )
 
 
 def launcher_from_env(environ: dict[str, str] | None = None) -> HeavyStepLauncher:

@@ -1,6 +1,10 @@
 """`python -m lm_saes_dagster.materialize PIPELINE`: materialise a whole pipeline, in lineage order, on the persistent
 Dagster instance of `$DAGSTER_HOME`, so every run, check and artefact shows up in the UI (`make ui`). `make
-quickstart` runs it on the quickstart pipeline."""
+quickstart` runs it on the quickstart pipeline.
+
+When the pipeline interprets features but no LLM endpoint is configured, the bundled SmolLM2-135M-Instruct is served
+by llama.cpp on loopback for the run (`--no-local-llm` skips interpretations instead), so the lineage's last stage is
+seen working; it is stopped by its pid when the run ends."""
 
 import argparse
 import os
@@ -14,6 +18,12 @@ import dagster as dg
 from dagster._core.definitions.observe import observe  # not re-exported at the top level in 1.13
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG as RANGE_END
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG as RANGE_START
+
+from lm_saes_core.analysis.autointerp.local_server import (
+    LocalLLMServer,
+    LocalServerUnavailableError,
+    start_local_server,
+)
 
 UI_URL = "http://127.0.0.1:3000"
 LOCATION = "lm_saes_dagster.definitions"  # the code location workspace.yaml names
@@ -198,17 +208,51 @@ def prepare_home() -> Path:
     return home
 
 
+def local_llm(pipeline: str, log_path: Path) -> LocalLLMServer | None:
+    """The bundled model's server, started when `pipeline` interprets features and no endpoint is configured (its
+    URL then goes to `$LM_SAES_LLM_BASE_URL` for this process); None when an endpoint is configured or the server
+    cannot run here (the interpretations are then skipped, and the message says why)."""
+    from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV, resolve_auto_interp
+    from lm_saes_dagster.definitions import pipeline_config
+
+    cfg = pipeline_config(pipeline)
+    if cfg is None or resolve_auto_interp(cfg.interpretation)[0] is not None:
+        return None
+    try:
+        server = start_local_server(log_path, n_threads=1)
+    except LocalServerUnavailableError as exc:
+        print(f"no LLM endpoint configured and the bundled one cannot start ({exc}); interpretations are skipped")
+        return None
+    os.environ[LLM_BASE_URL_ENV] = server.base_url
+    print(
+        f"No LLM endpoint configured: features are labelled by the bundled SmolLM2-135M-Instruct, served by llama.cpp "
+        f"at {server.base_url} (pid {server.process.pid}, log {log_path}) until this run ends. A 135M model's labels "
+        f"are weak: set {LLM_BASE_URL_ENV} (and LM_SAES_LLM_MODEL) to a real OpenAI-compatible endpoint, or "
+        "OPENAI_API_KEY, and materialise `interpretations` again.\n"
+    )
+    return server
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("pipeline")
     parser.add_argument("--items", nargs="+", help="only these dictionary items (default: all)")
+    parser.add_argument(
+        "--no-local-llm", action="store_true", help="without an endpoint, skip interpretations instead of serving the "
+        "bundled SmolLM2-135M-Instruct on loopback"
+    )  # fmt: skip
     args = parser.parse_args()
     started = time.perf_counter()
-    prepare_home()
+    home = prepare_home()
     from lm_saes_dagster.definitions import defs  # after DAGSTER_HOME is checked: loading reads every pipeline
 
-    with dg.DagsterInstance.get() as instance:
-        outcomes = materialize_pipeline(defs, args.pipeline, instance, args.items)
+    server = None if args.no_local_llm else local_llm(args.pipeline, home / "local-llm.log")
+    try:
+        with dg.DagsterInstance.get() as instance:
+            outcomes = materialize_pipeline(defs, args.pipeline, instance, args.items)
+    finally:
+        if server is not None:
+            server.stop()
     print()
     print(summary(args.pipeline, outcomes))
     print(f"total time: {time.perf_counter() - started:.0f} s")
@@ -217,7 +261,23 @@ def main() -> int:
         f"{UI_URL}/locations/{LOCATION}/asset-groups/{args.pipeline} (click an asset for its materialisations, "
         "metadata plots and feature previews)."
     )
+    store = _store_path(args.pipeline)
+    if store is not None:
+        print(f"Browse the features in your web browser: `.venv/bin/lm-saes serve --store-path {store}`.")
     return 0 if outcomes and all(outcome.success for outcome in outcomes.values()) else 1
+
+
+def _store_path(pipeline: str) -> Path | None:
+    """The pipeline's SQLite record store as a path relative to the working directory when it is under it."""
+    from lm_saes_core.config import lm_saes_home
+    from lm_saes_dagster.definitions import pipeline_config
+
+    cfg = pipeline_config(pipeline)
+    if cfg is None or (cfg.store is not None and cfg.store.mongo is not None):
+        return None
+    path = cfg.store.resolved_sqlite_path() if cfg.store else lm_saes_home() / "pipelines" / pipeline / "records.sqlite"
+    path = path.resolve()
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
 
 
 if __name__ == "__main__":

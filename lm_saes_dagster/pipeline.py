@@ -29,6 +29,7 @@ from lm_saes_dagster.analysis_assets import build_analysis_assets
 from lm_saes_dagster.artifacts import ArtifactRoot, reuse_or_launch
 from lm_saes_dagster.kinds import hook_metrics, n_analysed_features
 from lm_saes_dagster.launch import HeavyStepLauncher
+from lm_saes_dagster.links import browser_url, picture_links, summary_markdown
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
 from lm_saes_dagster.quality import CHECK_NAMES, quality_checks
 from lm_saes_dagster.settings import (
@@ -43,6 +44,9 @@ ItemLoader = Callable[[], tuple[dict[str, DictionaryItem], dict[Path, str]]]
 """Re-reads a pipeline's items (file + `.d` directory): {item: settings} and {file: error} of the invalid files."""
 
 CODE_VERSION = "2"  # 2: one activation cache for all hooks, dynamic item partitions
+
+TRAINING_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=5)
+"""Retries of the training step within a run; run retries (deploy/*/dagster.yaml) cover a run whose worker died."""
 
 
 def _numeric(metrics: dict[str, float], keys: dict[str, str]) -> dict[str, float]:
@@ -223,6 +227,9 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         pool="gpu",
         # A backfill (or "materialize all") of several items is one run, so items sharing a stream train together.
         backfill_policy=dg.BackfillPolicy.single_run(),
+        # A killed or evicted training process is tried again, and continues from its newest checkpoint; a user
+        # error (exit status 2) is not retried (see launch.step_failure).
+        retry_policy=TRAINING_RETRY_POLICY,
     )
     def dictionary(
         context: dg.AssetExecutionContext, artifacts: ArtifactRoot, launcher: HeavyStepLauncher
@@ -321,21 +328,26 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
             for hook, values in hook_metrics(sae, metrics).items()
             for metric, value in values.items()
         }
+        figures = _numeric(
+            metrics,
+            {
+                "explained_variance": "metrics/explained_variance",
+                "l0": "metrics/l0",
+                "dead_fraction": "metrics/dead_fraction",
+                "ce_loss_recovered": "metrics/ce_loss_recovered",
+                "kl_div_spliced": "metrics/kl_div_spliced",
+            },
+        )
+        pictures = picture_links(dictionary, output)
         return dg.MaterializeResult(
             metadata={
                 "path": dg.MetadataValue.path(str(output)),
                 "reused": step.reused,
-                **_numeric(
-                    metrics,
-                    {
-                        "explained_variance": "metrics/explained_variance",
-                        "l0": "metrics/l0",
-                        "dead_fraction": "metrics/dead_fraction",
-                        "ce_loss_recovered": "metrics/ce_loss_recovered",
-                        "kl_div_spliced": "metrics/kl_div_spliced",
-                    },
-                ),
+                **figures,
                 **per_hook,
+                **pictures,
+                "summary": dg.MetadataValue.md(summary_markdown(name, item_name, figures, pictures)),
+                "browser": dg.MetadataValue.url(browser_url(name, item_name)),
             },
             data_version=dg.DataVersion(file_sha256(output)[:16]),
             check_results=quality_checks(metrics, cfg.quality, sae),
@@ -406,6 +418,7 @@ def _dictionary_metadata(item: DictionaryItem, output: Path) -> dict:
     sae = item.sae
     return {
         "path": dg.MetadataValue.path(str(output)),
+        **picture_links(output),
         "hook_point": item.hook_label,
         "hook_point_in": ", ".join(sae.hooks_in),
         "hook_point_out": ", ".join(sae.hooks_out),

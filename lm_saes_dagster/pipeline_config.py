@@ -44,7 +44,7 @@ class DictionaryItem(BaseConfig):
     """Defaults to the data-driven initialisation (decoder bias at the data mean, decoder norm by grid search)."""
     trainer: TrainerConfig
     batch_size: int = Field(default=4096, gt=0)
-    """Tokens per training step."""
+    """Tokens per training step; whole contexts for a kind that reads positions (Lorsa), as is `buffer_size`."""
     buffer_size: int | None = Field(default=32768, gt=0)
     buffer_shuffle: BufferShuffleConfig = Field(default_factory=BufferShuffleConfig)
     seed: int = 42

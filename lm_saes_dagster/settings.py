@@ -16,6 +16,10 @@ items that can share one activation stream (`sweep_sae`): same hook points, batc
 count. Their own dictionary, initialiser, trainer and seed may differ; a sweep item is the run `train_sae` would make
 alone (see `sweep_sae`), and its directory records those single-run settings, so whichever way a dictionary was
 trained, the other way finds it finished and does not retrain it.
+
+Training continues killed runs by itself: every item resumes (`resume_from: auto`) from the newest complete checkpoint
+its own settings wrote under its output directory, and checkpoints every `DEFAULT_CHECKPOINT_MINUTES` of wall-clock
+time unless its trainer sets `checkpoint_every_minutes`.
 """
 
 import json
@@ -29,7 +33,7 @@ from lm_saes_core.activation.config import (
 )
 from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
 from lm_saes_core.analysis.feature_analyzer import FeatureAnalyzerConfig
-from lm_saes_core.models import PretrainedSAE
+from lm_saes_core.models import DICTIONARY_KINDS, PretrainedSAE
 from lm_saes_core.runners.analyze import AnalyzeSAESettings
 from lm_saes_core.runners.autointerp import AutoInterpSettings
 from lm_saes_core.runners.dla import DirectLogitAttributeSettings
@@ -38,6 +42,12 @@ from lm_saes_core.runners.generate import GenerateActivationsSettings
 from lm_saes_core.runners.train import SweepingItem, SweepSAESettings, TrainSAESettings
 from lm_saes_core.store import RecordStoreConfig
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
+
+DEFAULT_CHECKPOINT_MINUTES = 10.0
+"""Wall-clock cadence of pipeline items' checkpoints: a killed or evicted run loses at most about this much work on any
+hardware (a step count would mean seconds on one GPU and hours on a CPU), while writing a checkpoint (seconds, even
+for a 65k-feature dictionary with its Adam moments) stays a small fraction of it. Periodic checkpoints replace each
+other (the newest two are kept), so a long run does not fill the disk."""
 
 CACHE_SOURCE, HELDOUT_SOURCE, ANALYSIS_SOURCE = "cache", "heldout", "train"
 """Names of the activation sources of training, evaluation and analysis. They are part of the recorded settings (a
@@ -67,6 +77,7 @@ def generate_settings(cfg: PipelineConfig, output: Path, *, overwrite: bool = Fa
 
 def _stream_key(item: DictionaryItem) -> str:
     stream = {
+        "target": _training_target(item).value,
         "hook_points": item.hook_points,
         "batch_size": item.batch_size,
         "buffer_size": item.buffer_size,
@@ -85,11 +96,19 @@ def stream_groups(items: dict[str, DictionaryItem]) -> list[list[str]]:
     return list(groups.values())
 
 
+def _training_target(item: DictionaryItem) -> ActivationFactoryTarget:
+    """Tokens (1-D, shuffled) for most kinds; whole contexts (2-D) for a kind that reads positions (Lorsa), whose
+    `batch_size` then counts contexts."""
+    kind = DICTIONARY_KINDS.get(item.sae.sae_type)
+    contexts = kind is not None and kind.granularity == "contexts"
+    return ActivationFactoryTarget.ACTIVATIONS_2D if contexts else ActivationFactoryTarget.ACTIVATIONS_1D
+
+
 def _training_stream(item: DictionaryItem, cache: Path) -> ActivationFactoryConfig:
     """The item's hooks (all of them: a transcoder trains on pairs) from the cache, shuffled, in its batches."""
     return ActivationFactoryConfig(
         sources=[ActivationFactoryActivationsSource(name=CACHE_SOURCE, path=str(cache), shuffle_chunks=True)],
-        target=ActivationFactoryTarget.ACTIVATIONS_1D,
+        target=_training_target(item),
         hook_points=item.hook_points,
         batch_size=item.batch_size,
         buffer_size=item.buffer_size,
@@ -100,6 +119,8 @@ def _training_stream(item: DictionaryItem, cache: Path) -> ActivationFactoryConf
 def _sweeping_item(cfg: PipelineConfig, item_name: str, item: DictionaryItem, output: Path) -> SweepingItem:
     trainer = item.trainer.model_copy(deep=True)  # the pipeline's item stays as it is
     trainer.exp_result_path = str(output)
+    if "checkpoint_every_minutes" not in item.trainer.model_fields_set:
+        trainer.checkpoint_every_minutes = DEFAULT_CHECKPOINT_MINUTES
     return SweepingItem(
         sae=item.sae,
         sae_name=item_name,
@@ -107,6 +128,7 @@ def _sweeping_item(cfg: PipelineConfig, item_name: str, item: DictionaryItem, ou
         initializer=item.initializer,
         trainer=trainer,
         seed=item.seed,
+        resume_from="auto",
     )
 
 
@@ -119,6 +141,8 @@ def train_settings(
         activation_factory=_training_stream(item, cache),
         data_parallel_size=item.data_parallel_size,
         model_parallel_size=item.model_parallel_size,
+        # a Lorsa that starts from the host's attention reads it from the model (its config and weights only)
+        model=cfg.model if item.initializer.uses_host_attention else None,
     )
 
 

@@ -112,6 +112,28 @@ def test_every_hf_hook_equals_the_transformer_lens_bridge(smollm2_hf, smollm2_tl
     torch.testing.assert_close(hf["blocks.6.ln2.hook_normalized"] * weight, hf["blocks.6.ln2.hook_out"])
 
 
+def test_ln1_hooks_equal_the_transformer_lens_bridge(smollm2_hf, smollm2_tl, batch):
+    """A Lorsa reads an attention layer's input at ln1.hook_normalized (before the norm's weight): the HF backend
+    computes it from the norm's input as the bridge does; observers see it too, and replacing it is refused."""
+    from lm_saes_core.backend.base import Observer, UnreplaceableHookPointError
+
+    tokens, mask = batch
+    names = ["blocks.3.ln1.hook_normalized", "blocks.3.ln1.hook_out"]
+    assert set(names) <= set(smollm2_hf.hook_points) <= set(smollm2_tl.hook_points)
+    hf, tl = smollm2_hf.activations(tokens, mask, names), smollm2_tl.activations(tokens, mask, names)
+    real = mask.bool()
+    for name in names:
+        torch.testing.assert_close(hf[name][real], tl[name][real], **CROSS_BACKEND, msg=lambda m, n=name: f"{n}: {m}")
+    weight = smollm2_hf.layers[3].input_layernorm.weight
+    torch.testing.assert_close(hf[names[0]] * weight, hf[names[1]])
+    assert hf[names[0]][real].pow(2).mean(-1).sqrt().sub(1).abs().max() < 1e-3  # unit RMS per token
+    observed = {}
+    smollm2_hf.logits_with_replacements(tokens, mask, {names[0]: Observer(lambda a: observed.setdefault("x", a))})
+    torch.testing.assert_close(observed["x"][real], hf[names[0]][real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(UnreplaceableHookPointError, match="ln1.hook_normalized"):
+        smollm2_hf.logits_with_replacements(tokens, mask, {names[0]: lambda a: a})
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_observers_during_a_replaced_forward_read_what_the_hooks_collect(request, backend, batch):
     """A CLT spliced at hook_mlp_out reads its inputs at ln2.hook_normalized through observers: they must see the

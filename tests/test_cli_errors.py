@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import typer
 import yaml
-from llm_server import free_port
 from typer.testing import CliRunner
 
+from lm_saes_core.analysis.autointerp.local_server import free_port
 from lm_saes_core.backend import UnknownHookPointError
 from lm_saes_core.cli import _Commands, app
 from lm_saes_core.models import SAEConfig, SparseAutoEncoder

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dictionary_helpers import randomised as randomised_dictionary
 from pydantic import ValidationError
 from safetensors.torch import load_file
 
@@ -27,13 +28,7 @@ def clt_config(act_fn: str = "relu", layers: int = 3, **fields) -> CLTConfig:
 
 
 def randomised(cfg: CLTConfig, seed: int = 0) -> CrossLayerTranscoder:
-    torch.manual_seed(seed)
-    model = CrossLayerTranscoder.from_config(cfg)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "log_jumprelu_threshold" not in name:
-                parameter.normal_(0, 0.5)
-    return model
+    return randomised_dictionary(CrossLayerTranscoder, cfg, seed)
 
 
 def batch(cfg: CLTConfig, rows: int = 16, seed: int = 1, scales: tuple[float, ...] | None = None) -> dict:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dictionary_helpers import randomised as randomised_dictionary
 from safetensors.torch import load_file
 
 from lm_saes_core.models import CrossCoder, CrossCoderConfig, LossConfig, SparseDictionary, load_sparse_dictionary
@@ -26,13 +27,7 @@ def crosscoder_config(act_fn: str = "relu", heads: int = 3, **fields) -> CrossCo
 
 
 def randomised(cfg: CrossCoderConfig, seed: int = 0) -> CrossCoder:
-    torch.manual_seed(seed)
-    model = CrossCoder.from_config(cfg)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "log_jumprelu_threshold" not in name:
-                parameter.normal_(0, 0.5)
-    return model
+    return randomised_dictionary(CrossCoder, cfg, seed)
 
 
 def batch(cfg: CrossCoderConfig, rows: int = 16, scales: tuple[float, ...] | None = None, seed: int = 1) -> dict:

@@ -593,3 +593,27 @@ def test_interpretations_through_a_real_local_llm(small_run, llm_server, monkeyp
         assert metadata["interpreted"].value == 1 and "balanced accuracy:" in preview
     else:
         assert "interpretation failed" in preview
+
+
+@pytest.mark.slow
+def test_materialisations_link_the_training_curves_the_density_and_the_browser_page(small_run):
+    """The pictures are real, well-formed SVG files drawn from the run's numbers."""
+    import xml.etree.ElementTree as ET
+
+    from lm_saes_core.training.run_log import read_training_log
+
+    metadata = small_run.items["topk"].asset_materializations_for_node("small__evaluation")[0].metadata
+    svg = "{http://www.w3.org/2000/svg}"
+    curves = ET.parse(metadata["training_curves"].value).getroot()
+    lines = curves.findall(f"{svg}polyline")
+    assert len(lines) == 4  # loss, EV, L0, silent fraction
+    logged = read_training_log(Path(metadata["training_curves"].value).parent)
+    assert [len(line.get("points").split()) for line in lines] == [len(logged)] * 4 and len(logged) >= 2
+    density = ET.parse(metadata["feature_density"].value).getroot()
+    bars = [int(bar.find(f"{svg}title").text.rsplit(" ", 1)[1]) for bar in density.iter(f"{svg}rect")
+            if "bar" in (bar.get("class") or "")]  # fmt: skip
+    evaluated = json.loads((Path(metadata["path"].value)).read_text())["frequency_histogram"]
+    assert bars == [evaluated["n_dead"], *evaluated["counts"]] and sum(bars) == 576 * 2
+    assert metadata["browser"].value == "http://127.0.0.1:8000/dictionaries/topk?series=small"
+    assert "| explained_variance |" in metadata["summary"].value
+    assert metadata["training_curves"].value in metadata["summary"].value

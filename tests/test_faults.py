@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from llm_server import ServerUnavailableError, start_llm_server
 from safetensors.torch import load_file
 from test_autointerp import analysis_of, contexts, tokenizer  # noqa: F401 - module-scoped fixtures
 from test_training import initialized, sae_config, synthetic_stream, trainer_config
 
 from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
+from lm_saes_core.analysis.autointerp.local_server import LocalServerUnavailableError, start_local_server
 from lm_saes_core.backend import LanguageModelConfig
 from lm_saes_core.log import setup_logging
 from lm_saes_core.models import SparseAutoEncoder, load_sparse_dictionary
@@ -193,8 +193,8 @@ def test_the_llm_server_dying_mid_run_keeps_finished_features_and_a_rerun_does_t
     tmp_path: Path, word_features: list
 ):
     try:
-        server = start_llm_server(tmp_path / "server.log", n_ctx=1024, n_threads=1)
-    except ServerUnavailableError as error:
+        server = start_local_server(tmp_path / "server.log", n_ctx=1024, n_threads=1)
+    except LocalServerUnavailableError as error:
         pytest.skip(f"local LLM server unavailable: {error}")
     store_cfg = RecordStoreConfig(sqlite_path=str(tmp_path / "records.sqlite"))
     with open_store(store_cfg) as store:
@@ -244,7 +244,7 @@ def test_the_llm_server_dying_mid_run_keeps_finished_features_and_a_rerun_does_t
     assert [i for i, interp in after_kill.items() if interp is None]  # the run stopped before the last features
 
     # A restarted server (a new process, on a new port): the re-run asks only about the rest, once each.
-    server = start_llm_server(tmp_path / "server-restarted.log", n_ctx=1024, n_threads=1)
+    server = start_local_server(tmp_path / "server-restarted.log", n_ctx=1024, n_threads=1)
     try:
         second = auto_interp(settings(server.base_url))
         deadline = time.monotonic() + 30  # the server logs a request just after answering it

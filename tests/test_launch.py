@@ -33,6 +33,7 @@ from lm_saes_dagster.launch import (
     gpu_pod_spec,
     k8s_run_tags,
     launcher_from_env,
+    settings_dump,
     torchrun_command,
 )
 
@@ -303,7 +304,7 @@ def test_workspace_points_at_the_code_server_the_dockerfile_starts():
     assert cmd[cmd.index("-m") + 1] == "lm_saes_dagster.definitions"
     assert cmd[cmd.index("-p") + 1] == str(entry["port"])
     assert cmd[cmd.index("--location-name") + 1] == entry["location_name"]
-    assert "FROM python:3.11-slim" in dockerfile and "torch==" in dockerfile
+    assert "ARG BASE_IMAGE=python:3.11-slim" in dockerfile and "torch==" in dockerfile
 
 
 # ---------------------------------------------------------------- (d, e) the entrypoint, with and without Pipes
@@ -391,7 +392,7 @@ def test_pipes_subprocess_run_reports_the_childs_materialization(activation_cach
     assert materialization.tags["dagster/data_version"] == file_sha256(weights)
     assert latest.asset_materialization.tags["dagster/data_version"] == file_sha256(weights)
     written = json.loads((tmp_path / "work" / "train.pipes-settings.json").read_text())
-    assert written == settings.model_dump(mode="json")
+    assert written == settings_dump(settings)  # the full dump, initializer sections as given
     assert TrainSAESettings.model_validate(written) == settings
 
 
@@ -438,13 +439,14 @@ def test_entrypoint_rejects_bad_settings_and_runners_with_named_errors(activatio
     assert _entry("train").returncode == 2
 
 
-def test_entrypoint_reports_a_failing_run_with_exit_1(tmp_path):
+def test_entrypoint_reports_a_user_error_with_exit_2_and_leaves_its_cause_for_the_launcher(tmp_path):
     data = train_settings(tmp_path / "no-cache-here", tmp_path / "out")
-    settings_file = tmp_path / "train.json"
+    settings_file = tmp_path / "train.pipes-settings.json"
     settings_file.write_text(json.dumps(data))
     done = _entry("train", str(settings_file))
-    assert done.returncode == 1
-    assert "lm_saes_core.pipes_entry: train failed:" in done.stderr and "no-cache-here" in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "lm_saes_core.pipes_entry: activation cache directory not found" in done.stderr
+    assert "no-cache-here" in (tmp_path / "train.pipes-error.txt").read_text()
 
 
 def test_a_failing_child_fails_the_asset_with_the_childs_error(tmp_path):
@@ -463,5 +465,21 @@ def test_a_failing_child_fails_the_asset_with_the_childs_error(tmp_path):
     closed = [r.dagster_event for r in records if r.message == "[pipes] external process pipes closed with exception"]
     child_error = closed[0].engine_event_data.error  # the child's own exception, carried back by Pipes
     assert "no-cache-here" in child_error.message
-    failure = result.get_step_failure_events()[0].step_failure_data.error
-    assert failure.cause.cls_name == "DagsterPipesExecutionError" and "failed with code 1" in failure.cause.message
+    failure = result.get_step_failure_events()[0].step_failure_data
+    assert failure.user_failure_data.description == (
+        f"step 'dictionary' (train) stopped on a user error: activation cache directory not found: "
+        f"{tmp_path / 'no-cache-here'}"
+    )
+
+
+def test_the_written_settings_keep_which_initializer_steps_were_asked_for(tmp_path):
+    """A step left at its default is skipped on a kind that lacks it, one given explicitly is an error: the child
+    must read the same distinction back from the file (a full dump would make every default explicit)."""
+    from lm_saes_core.training.initializer import InitializerConfig
+
+    settings = TrainSAESettings.model_validate(train_settings(tmp_path / "cache", tmp_path / "out"))
+    settings.initializer = InitializerConfig(grid_search_init_norm=False)
+    written = HeavyStepLauncher().write_settings("train", settings, tmp_path)
+    child = TrainSAESettings.model_validate_json(written.read_text())
+    assert child.initializer.model_fields_set == {"grid_search_init_norm"}
+    assert child.model_dump() == settings.model_dump()

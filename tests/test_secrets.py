@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from llm_server import ServerUnavailableError, free_port, start_llm_server
 from test_autointerp import analysis_of, contexts, tokenizer  # noqa: F401 - module-scoped fixtures
 
 from lm_saes_core.analysis.autointerp.config import AutoInterpConfig
+from lm_saes_core.analysis.autointerp.local_server import LocalServerUnavailableError, free_port, start_local_server
 from lm_saes_core.backend import LanguageModelConfig
 from lm_saes_core.config import ConfigError, MongoDBConfig
 from lm_saes_core.runners.autointerp import AutoInterpSettings, RepeatedFailureError, auto_interp
@@ -87,8 +87,8 @@ def test_secrets_from_the_environment_appear_in_no_output_of_a_run(tmp_path: Pat
     env = os.environ | secrets | {"LM_SAES_HOME": str(tmp_path / "home"), "TQDM_DISABLE": "1", "COLUMNS": "200"}
     env |= {"WANDB_MODE": "offline", "WANDB_SILENT": "false"}
     try:  # the server answers only requests that carry the sentinel key
-        server = start_llm_server(tmp_path / "server.log", n_ctx=1024, n_threads=1, api_key=secrets["OPENAI_API_KEY"])
-    except ServerUnavailableError as error:
+        server = start_local_server(tmp_path / "server.log", n_ctx=1024, n_threads=1, api_key=secrets["OPENAI_API_KEY"])
+    except LocalServerUnavailableError as error:
         pytest.skip(f"local LLM server unavailable: {error}")
     outputs: dict[str, bytes] = {}
 
@@ -273,3 +273,28 @@ def test_an_endpoint_quoting_the_key_back_does_not_get_it_into_the_store_or_the_
         **files_under(tmp_path),
     }
     assert not leaks({"LM_SAES_TEST_ECHOED_KEY": key}, shown)
+
+
+def test_a_pipeline_hands_its_heavy_steps_the_password_variable_never_the_password(tmp_path, monkeypatch):
+    """The pipeline's store settings reach the analysis child as the variable's name (the child inherits the
+    environment, so its client gets the password); the settings file Dagster writes never holds the password."""
+    from pipeline_fixtures import small_pipeline
+
+    from lm_saes_core.pipes_entry import runner_named
+    from lm_saes_dagster.launch import HeavyStepLauncher
+    from lm_saes_dagster.pipeline_config import PipelineConfig
+    from lm_saes_dagster.settings import analyze_settings
+
+    secret = f"pw-{uuid.uuid4().hex}"
+    monkeypatch.setenv("LM_SAES_TEST_MONGO_PASSWORD", secret)
+    pipeline = small_pipeline()
+    pipeline["store"] = {"mongo": {"mongo_uri": "mongodb://analyst@db.internal:27017/", "mongo_db": "features",
+                                   "mongo_password_env": "LM_SAES_TEST_MONGO_PASSWORD"}}  # fmt: skip
+    cfg = PipelineConfig.model_validate(pipeline)
+    item = cfg.dictionaries["topk"]
+    settings = analyze_settings(cfg, "topk", item, tmp_path / "d", tmp_path / "c", tmp_path / "o", cfg.store, "default")
+    written = HeavyStepLauncher().write_settings("analyze", settings, tmp_path)
+    assert secret not in written.read_text()
+    child = runner_named("analyze").settings_class().model_validate_json(written.read_text())
+    assert child.store.mongo.mongo_password_env == "LM_SAES_TEST_MONGO_PASSWORD"
+    assert child.store.mongo.connection_uri() == f"mongodb://analyst:{secret}@db.internal:27017/"

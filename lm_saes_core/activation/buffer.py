@@ -4,6 +4,10 @@ Without a buffer, rows leave in arrival order in batches of `batch_size`. With `
 until the buffer holds `buffer_size`, the whole buffer is permuted, and batches leave until it is half empty; the
 next refill mixes the remaining rows with new ones. Tokens of many documents and positions therefore meet in one
 batch, and the sequence of permutations depends only on the seed, so a run is reproducible.
+
+The buffer's memory is kept from one refill to the next (two row stores in turn: the rows that stay are gathered
+from one into the other, new items copied in after them), and every batch is gathered straight from the buffer: a
+refill costs no fresh buffer-sized allocation, whose page faults on CPU cost more than the copies themselves.
 """
 
 from collections.abc import Iterable, Iterator
@@ -42,37 +46,107 @@ class ActivationBatcher:
         self.generator = torch.Generator(device=shuffle.generator_device or "cpu")
         self.generator.manual_seed(shuffle.perm_seed)
 
-    def _permute(self, buffer: Item) -> Item:
-        rows = n_rows(buffer)
-        permutation = torch.randperm(rows, generator=self.generator, device=self.generator.device)
-        return take_rows(buffer, permutation.to(next(iter(buffer.values())).device))
+    def _permutation(self, rows: int, device: torch.device) -> torch.Tensor:
+        return torch.randperm(rows, generator=self.generator, device=self.generator.device).to(device)
 
     def __call__(self, items: Iterable[Item]) -> Iterator[Item]:
+        if self.buffer_size is not None:
+            yield from self._shuffled(items, self.buffer_size)
+            return
         pending: list[Item] = []
         rows = 0
-        threshold = self.buffer_size or self.batch_size
         for item in items:
             pending.append(item)
             rows += n_rows(item)
-            if rows < threshold:
+            if rows < self.batch_size:
                 continue
             buffer = concat_items(pending)
             start = 0
-            if self.buffer_size is None:
-                while rows - start >= self.batch_size:
-                    yield take_rows(buffer, slice(start, start + self.batch_size))
-                    start += self.batch_size
-            else:
-                buffer = self._permute(buffer)
-                keep = max(self.buffer_size // 2, self.batch_size)
-                while rows - start >= keep:
-                    yield take_rows(buffer, slice(start, start + self.batch_size))
-                    start += self.batch_size
+            while rows - start >= self.batch_size:
+                yield take_rows(buffer, slice(start, start + self.batch_size))
+                start += self.batch_size
             pending = [take_rows(buffer, slice(start, rows))] if start < rows else []
             rows -= start
         if rows:
             buffer = concat_items(pending)
-            if self.buffer_size is not None:
-                buffer = self._permute(buffer)
             for start in range(0, rows, self.batch_size):
                 yield take_rows(buffer, slice(start, start + self.batch_size))
+
+    def _shuffled(self, items: Iterable[Item], buffer_size: int) -> Iterator[Item]:
+        """Batch b of a refill holding R rows is rows permutation[b * batch_size:][:batch_size] of the buffer; the
+        rows from `start` on in permuted order stay, in that order, ahead of the next items."""
+        keep = max(buffer_size // 2, self.batch_size)
+        buffer = _RowStore(buffer_size)
+        for item in items:
+            buffer.append(item)
+            if buffer.rows < buffer_size:
+                continue
+            permuted = buffer.permuted(self._permutation(buffer.rows, buffer.device))
+            start = 0
+            while buffer.rows - start >= keep:
+                yield buffer.gather(permuted[start : start + self.batch_size])
+                start += self.batch_size
+            buffer.keep(permuted[start:], freed=permuted[:start])
+        if buffer.rows:
+            permuted = buffer.permuted(self._permutation(buffer.rows, buffer.device))
+            for start in range(0, buffer.rows, self.batch_size):
+                yield buffer.gather(permuted[start : start + self.batch_size])
+
+
+class _RowStore:
+    """The buffer's rows, in tensors that are allocated once (grown only for an unusually large item) and reused.
+
+    Rows stay where they were copied in: `order` lists the buffer's rows (as they would be concatenated) by their
+    slot in the tensors, and a row that leaves frees its slot for a new one, so rows that stay are never moved."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.tensors: Item = {}
+        self.order = torch.zeros(0, dtype=torch.long)  # (rows,) slot of each buffered row, in buffer order
+        self.free = torch.zeros(0, dtype=torch.long)  # slots not holding a buffered row
+
+    @property
+    def rows(self) -> int:
+        return len(self.order)
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.tensors.values())).device
+
+    def _grow(self, like: Item, slots: int) -> None:
+        """Tensors like `like`'s with room for `slots` free slots (a new store: room for a whole buffer)."""
+        if self.tensors and like.keys() != self.tensors.keys():
+            raise ValueError(f"every item must have the same keys: {sorted(like)} after {sorted(self.tensors)}")
+        used = len(next(iter(self.tensors.values()))) if self.tensors else 0
+        size = max(used + slots - len(self.free), self.capacity, used * 5 // 4)
+        for key, value in like.items():
+            grown = value.new_empty((size, *value.shape[1:]))
+            if used:
+                grown[:used].copy_(self.tensors[key])
+            self.tensors[key] = grown
+        device = next(iter(like.values())).device
+        self.order, self.free = (
+            self.order.to(device),
+            torch.cat([self.free.to(device), torch.arange(used, size, device=device)]),
+        )
+
+    def append(self, item: Item) -> None:
+        added = n_rows(item)
+        if added > len(self.free) or item.keys() != self.tensors.keys():
+            self._grow(item, added)
+        slots, self.free = self.free[:added], self.free[added:]
+        for key, value in item.items():
+            self.tensors[key].index_copy_(0, slots, value)
+        self.order = torch.cat([self.order, slots])
+
+    def permuted(self, permutation: torch.Tensor) -> torch.Tensor:
+        """The slots of the buffer's rows taken in `permutation` order."""
+        return self.order[permutation]
+
+    def gather(self, slots: torch.Tensor) -> Item:
+        """Fresh tensors of the rows in `slots` (the caller may keep them: later refills do not touch them)."""
+        return {key: value.index_select(0, slots) for key, value in self.tensors.items()}
+
+    def keep(self, slots: torch.Tensor, freed: torch.Tensor) -> None:
+        """The buffer is now the rows in `slots`, in that order; `freed` slots take new rows."""
+        self.order, self.free = slots, torch.cat([self.free, freed])

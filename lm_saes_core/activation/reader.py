@@ -1,5 +1,7 @@
 """Reading cached activations: manifest-checked, chunk by chunk, with threads prefetching the next chunks."""
 
+import json
+import math
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -10,7 +12,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from lm_saes_core.activation.buffer import Item
 from lm_saes_core.activation.cache_format import (
@@ -24,6 +25,52 @@ from lm_saes_core.activation.cache_format import (
 from lm_saes_core.config import dtype_name
 
 REQUIRED_TENSORS = ("activation", "tokens")
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _read_exactly(handle, buffer: memoryview) -> None:
+    done = 0
+    while done < len(buffer):
+        n = handle.readinto(buffer[done:])
+        if not n:
+            raise ValueError(f"the file ended {len(buffer) - done} bytes early")
+        done += n
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read whole in one sequential read into one buffer that they view.
+
+    `safetensors.torch.load_file` maps the file and reads a page whenever a tensor first touches it: the reading
+    then happens wherever the tensors are first used (the training thread, one page fault per 4 KiB), not in the
+    reader's threads, and at a fraction of the speed of a plain read."""
+    with open(path, "rb", buffering=0) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        length = bytearray(8)
+        _read_exactly(handle, memoryview(length))
+        header_size = int.from_bytes(length, "little")
+        if header_size > size - 8:
+            raise ValueError(f"a header of {header_size} bytes in a file of {size}")
+        header = bytearray(header_size)
+        _read_exactly(handle, memoryview(header))
+        entries = json.loads(header)
+        data = torch.empty(size - 8 - header_size, dtype=torch.uint8)
+        _read_exactly(handle, memoryview(data.numpy()))
+    tensors = {}
+    for name, entry in entries.items():
+        if name == "__metadata__":
+            continue
+        dtype, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
+        item_size = torch.empty((), dtype=dtype).element_size()
+        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(entry["shape"]) * item_size:
+            raise ValueError(f"tensor {name!r} has offsets {begin}..{end}, which do not fit its shape and the file")
+        raw = data[begin:end]
+        if begin % item_size:  # a view of another dtype must start at a multiple of its size
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).reshape(entry["shape"])
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -125,7 +172,7 @@ class CachedActivations:
             )
         try:
             if self.format == "safetensors":
-                tensors = load_file(str(path))
+                tensors = read_safetensors(path)
             else:
                 tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupted bytes surface as many exception types

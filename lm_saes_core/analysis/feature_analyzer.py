@@ -40,9 +40,12 @@ from pydantic import Field, model_validator
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lm_saes_core.analysis.z_patterns import ZPatternRecorder, z_pattern_recorder
 from lm_saes_core.config import BaseConfig
+from lm_saes_core.models.base import SparseDictionary
 from lm_saes_core.models.clt import CrossLayerTranscoder
 from lm_saes_core.models.crosscoder import CrossCoder
+from lm_saes_core.models.sparse_coder import SparseCoder
 from lm_saes_core.store.records import FeatureAnalysis, FeatureSamples
 
 logger = logging.getLogger(__name__)
@@ -280,9 +283,23 @@ class SamplePool:
         return order, filled.sum(1)
 
 
+class SparseFeatureActs(NamedTuple):
+    """Feature activations (B, S, F) given by lists of their entries (any order; a pair may repeat only with the
+    value 0): what a dictionary's sparse path selects, without the dense tensor."""
+
+    shape: tuple[int, int, int]
+    token: Tensor  # b * S + s
+    feature: Tensor
+    value: Tensor
+
+    @property
+    def device(self) -> torch.device:
+        return self.value.device
+
+
 @dataclass
 class ActiveEntries:
-    """The positive entries of a batch's feature activations (B, S, F), as flat lists."""
+    """The positive entries of a batch's feature activations (B, S, F), as flat lists in memory order."""
 
     pair: Tensor  # row * F + feature
     position: Tensor  # position in the context
@@ -291,12 +308,17 @@ class ActiveEntries:
 
     @classmethod
     def of(cls, feature_acts: Tensor) -> "ActiveEntries":
-        _, S, F = feature_acts.shape
         flat = feature_acts.view(-1)
         index = flat.nonzero().squeeze(1)
+        return cls.at(index, flat[index], feature_acts.shape)
+
+    @classmethod
+    def at(cls, index: Tensor, value: Tensor, shape: Sequence[int]) -> "ActiveEntries":
+        """The entries at flat indices `index` (sorted) of a (B, S, F) tensor, with their values."""
+        _, S, F = shape
         feature = index % F
         row, position = index // (S * F), index // F % S
-        return cls(pair=row * F + feature, position=position, feature=feature, value=flat[index].float())
+        return cls(pair=row * F + feature, position=position, feature=feature, value=value.float())
 
 
 def _segment_starts(sorted_keys: Tensor, n_keys: int) -> Tensor:
@@ -388,22 +410,26 @@ class FeatureAnalysisState:
         self.bands = {band.name: band for band in cfg.bands}
         self.contexts = ContextStore(context_size, device)
 
-    def update(self, feature_acts: Tensor, batch: ContextBatch) -> None:
-        """`feature_acts` (B, S, F) of the batch's contexts; it is modified in place (masked positions set to 0,
-        negative values to 0)."""
+    def update(self, feature_acts: Tensor | SparseFeatureActs, batch: ContextBatch) -> None:
+        """`feature_acts` (B, S, F) of the batch's contexts, dense (then modified in place: masked positions and
+        negative values set to 0) or as lists of entries (the same analysis, without passes over a dense tensor)."""
         B, S, F = feature_acts.shape
         if F != self.n_features or B != len(batch) or S != batch.tokens.shape[1]:
             raise ValueError(
                 f"feature activations of shape {tuple(feature_acts.shape)} do not match {len(batch)} contexts of "
                 f"{batch.tokens.shape[1]} positions and {self.n_features} features"
             )
-        feature_acts = feature_acts if feature_acts.is_contiguous() else feature_acts.contiguous()
-        masked = (~batch.mask.reshape(-1)).nonzero().squeeze(1)
-        feature_acts.view(B * S, F).index_fill_(0, masked, 0)  # masked positions never count (touch only those)
-        feature_acts.clamp_(min=0)
+        if isinstance(feature_acts, SparseFeatureActs):
+            active, scores = _positive_entries(feature_acts, batch.mask)
+        else:
+            feature_acts = feature_acts if feature_acts.is_contiguous() else feature_acts.contiguous()
+            masked = (~batch.mask.reshape(-1)).nonzero().squeeze(1)
+            feature_acts.view(B * S, F).index_fill_(0, masked, 0)  # masked positions never count (touch only those)
+            feature_acts.clamp_(min=0)
+            active = ActiveEntries.of(feature_acts)
+            scores = feature_acts.amax(1)  # (B, F) each context's max
 
         # statistics over the positive entries only (sparse: cheap)
-        active = ActiveEntries.of(feature_acts)
         self.act_times += torch.bincount(active.feature, minlength=F)
         self.sum_acts += torch.bincount(active.feature, weights=active.value.double(), minlength=F)
         bins = torch.bucketize(active.value, self.histogram_edges[1:-1], right=True)
@@ -411,7 +437,6 @@ class FeatureAnalysisState:
             active.feature * self.cfg.histogram_bins + bins, minlength=self.histogram.numel()
         )
 
-        scores = feature_acts.amax(1)  # (B, F) each context's max
         self.max_acts = torch.maximum(self.max_acts, scores.amax(0).float())
         context_ids = torch.arange(self.n_contexts, self.n_contexts + B, device=self.device)
         self._merge_pools(scores, active, batch, context_ids)
@@ -526,6 +551,7 @@ class FeatureAnalyzer:
                 source_names=source_names,
                 analysis_name=analysis_name,
                 progress=progress,
+                z_patterns=z_pattern_recorder(sae),  # a Lorsa's top contexts: see analysis/z_patterns.py
             )
         finally:
             sae.train(was_training)
@@ -545,9 +571,11 @@ class FeatureAnalyzer:
         source_names: Sequence[str] = (),
         analysis_name: str = "default",
         progress: bool = True,
+        z_patterns: ZPatternRecorder | None = None,
     ) -> list[FeatureAnalysis]:
         """The analysis of any dictionary: `encode` maps a 2-D item (restricted to the contexts being analysed) to
-        feature activations (B, S, F); the rest (budget, masks, statistics, pools) is shared."""
+        feature activations (B, S, F); the rest (budget, masks, statistics, pools) is shared. `z_patterns` (a Lorsa)
+        sees each batch after the pools took it and adds z-patterns to the top pools' records."""
         budget = self.cfg.total_analyzing_tokens
         state: FeatureAnalysisState | None = None
         bar = tqdm(total=budget, unit="tok", desc="analysing features", disable=not progress, leave=False)
@@ -566,6 +594,8 @@ class FeatureAnalyzer:
                     state = FeatureAnalysisState(self.cfg, n_features, batch.tokens.shape[1], feature_acts.device)
                 before = state.n_analyzed_tokens
                 state.update(feature_acts, _to_device(batch, feature_acts.device))
+                if z_patterns is not None:  # the batch's contexts are ids n_contexts - len(batch) ... n_contexts - 1
+                    z_patterns.observe(item, state.pools[TOP_POOL], state.n_contexts - len(batch))
                 bar.update(state.n_analyzed_tokens - before)
                 if state.n_analyzed_tokens >= budget:
                     break
@@ -576,7 +606,23 @@ class FeatureAnalyzer:
                 "the activation stream yielded no valid tokens to analyse (empty dataset or cache, or every position "
                 "masked out)"
             )
-        return state.results(analysis_name, source_names)
+        analyses = state.results(analysis_name, source_names)
+        if z_patterns is not None:
+            z_patterns.finish(state.pools[TOP_POOL], analyses)
+        return analyses
+
+
+def _positive_entries(acts: SparseFeatureActs, mask: Tensor) -> tuple[ActiveEntries, Tensor]:
+    """The positive entries at unmasked positions, in the order `ActiveEntries.of` lists a dense tensor's (so sums
+    over them add up in the same order), and each context's max per feature (B, F)."""
+    B, S, F = acts.shape
+    keep = (acts.value > 0) & mask.reshape(-1)[acts.token]
+    index = acts.token[keep] * F + acts.feature[keep]
+    index, order = index.sort()
+    value = acts.value[keep][order]
+    active = ActiveEntries.at(index, value, acts.shape)
+    scores = value.new_zeros(B * F).scatter_reduce_(0, active.pair, value, "amax")
+    return active, scores.view(B, F)
 
 
 def _to_device(batch: ContextBatch, device: torch.device) -> ContextBatch:
@@ -585,13 +631,33 @@ def _to_device(batch: ContextBatch, device: torch.device) -> ContextBatch:
     return ContextBatch(*(getattr(batch, name).to(device) for name in batch.__dataclass_fields__))
 
 
-def encode_contexts(sae, item: Item) -> Tensor:
-    """Feature activations (B, S, F) of a dictionary on a 2-D item's raw activations (scaled as it expects)."""
+def encode_contexts(sae, item: Item) -> Tensor | SparseFeatureActs:
+    """Feature activations (B, S, F) of a dictionary on a 2-D item's raw activations (scaled as it expects): as
+    lists of entries when its sparse path gives them (the TopK family of the kinds whose analysed features are their
+    features), else dense."""
     hooks = sae.cfg.hook_points
     missing = [hook for hook in hooks if hook not in item]
     if missing:
         raise KeyError(f"the activation stream has no {missing}; it has {sorted(item)}")
-    return sae.encode_batch({hook: item[hook].to(sae.device) for hook in hooks})
+    batch = {hook: item[hook].to(sae.device) for hook in hooks}
+    if _encodes_sparsely(sae):
+        x = sae.prepare(batch).input
+        entries = sae.encode_sparse(x)
+        if entries is not None:
+            B, S = x.shape[:2]
+            return SparseFeatureActs((B, S, sae.n_features), *entries)
+    return sae.encode_batch(batch)
+
+
+def _encodes_sparsely(sae) -> bool:
+    """Whether `encode_batch` is the base's prepare-then-encode, with features as the analysis sees them (a kind
+    that merges features, e.g. a crosscoder's heads, or encodes otherwise, is analysed densely)."""
+    return (
+        isinstance(sae, SparseCoder)
+        and type(sae).encode_batch is SparseDictionary.encode_batch
+        and type(sae).encode is SparseCoder.encode
+        and sae.n_analysed_features == sae.n_features
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- decoder locations

@@ -19,6 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lm_saes_core.analysis.feature_analyzer import TOP_POOL
+from lm_saes_core.analysis.z_patterns import MIN_SHOWN_SHARE, shown_sources
 from lm_saes_core.store import (
     DictionaryRecord,
     FeatureAnalysis,
@@ -145,7 +146,27 @@ def context_lines(
             style="dim",
         )
         lines += [header, context_text(samples, row, tokenizer, max_activation, window, markers)]
+        sources = z_pattern_line(samples, row, tokenizer)
+        if sources is not None:
+            lines.append(sources)
     return lines
+
+
+def z_pattern_line(samples: FeatureSamples, row: int, tokenizer) -> Text | None:
+    """A Lorsa's top context: `← 'token'(position) contribution, ...`, the source tokens that feed its peak
+    activation, strongest first (see `ZPatterns`; the weak ones only counted); None for rows without z-patterns."""
+    if samples.z_patterns is None:
+        return None
+    shown, n_weak = shown_sources(samples, row)
+    tokens = samples.tokens[row]
+    pieces = [
+        f"'{visible(token_pieces(tokenizer, [int(tokens[source])])[0])}'({source}) {value:.3g}"
+        for source, value in shown
+    ]
+    line = Text("← " + ", ".join(pieces), style="cyan")
+    if n_weak:
+        line.append(f"{', ' if pieces else ''}+{n_weak} under {MIN_SHOWN_SHARE:.0%} of the max", style="dim")
+    return line
 
 
 def sparkline(counts: np.ndarray) -> str:
@@ -300,6 +321,9 @@ def _pool_panels(
             ("red", BAND_STYLES[2]),
         )
     note = Text(f"{tokenizer_note}; ±{window} tokens around each context's max", style="dim")
+    top = analysis.pool(TOP_POOL)
+    if top is not None and top.z_patterns is not None:
+        note.append("; ← the source tokens (position) feeding a context's max and their contribution (z-pattern)")
     pools = sorted(analysis.samples, key=lambda pool: pool.name != TOP_POOL)  # top contexts first, then as stored
     panels: list[RenderableType] = []
     for pool in pools:

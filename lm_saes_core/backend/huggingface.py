@@ -30,14 +30,15 @@ class _Layout:
     """Where the decoder layers and their parts live in a causal LM of one family."""
 
     layers: str  # dotted path from the causal LM to the nn.ModuleList of layers
+    ln1: str
     attn: str
     ln2: str
     mlp: str
     final_norm: str  # dotted path from the causal LM to the norm before the LM head
 
 
-_LLAMA = _Layout("model.layers", "self_attn", "post_attention_layernorm", "mlp", "model.norm")
-_GPT2 = _Layout("transformer.h", "attn", "ln_2", "mlp", "transformer.ln_f")
+_LLAMA = _Layout("model.layers", "input_layernorm", "self_attn", "post_attention_layernorm", "mlp", "model.norm")
+_GPT2 = _Layout("transformer.h", "ln_1", "attn", "ln_2", "mlp", "transformer.ln_f")
 LAYOUTS: dict[str, _Layout] = {"llama": _LLAMA, "mistral": _LLAMA, "qwen2": _LLAMA, "qwen3": _LLAMA, "gpt2": _GPT2}
 
 _Read = Callable[[nn.Module, torch.Tensor], torch.Tensor]
@@ -49,7 +50,7 @@ def _same(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The norm's input scaled to unit RMS (centred first for LayerNorm), before its weight, as TransformerLens
-    defines `ln2.hook_normalized`; computed in float32 like HF's own RMSNorm."""
+    defines `ln1.hook_normalized` / `ln2.hook_normalized`; computed in float32 like HF's own RMSNorm."""
     x = x.float()
     if isinstance(norm, nn.LayerNorm):
         x = x - x.mean(-1, keepdim=True)
@@ -60,6 +61,8 @@ def _normalized(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # hook suffix -> (part of the layer, "in" or "out" of that part, how to read the activation from it)
 _HOOKS: dict[str, tuple[str, str, _Read]] = {
     "hook_resid_pre": ("layer", "in", _same),
+    "ln1.hook_normalized": ("ln1", "in", _normalized),
+    "ln1.hook_out": ("ln1", "out", _same),
     "hook_attn_out": ("attn", "out", _same),
     "hook_resid_mid": ("ln2", "in", _same),
     # TransformerLens' hook_mlp_in is the MLP branch entry before ln2, i.e. a copy of resid_mid.
@@ -222,7 +225,7 @@ class HuggingFaceLanguageModel(LanguageModel):
 
     def _attach_replacement(self, name: str, replace: Replacement) -> RemovableHandle:
         """Register the torch hook that swaps the activation named `name` for `replace(activation)`. An observer
-        reads the activation as the hook point defines it (`ln2.hook_normalized`: the norm's input normalised), which
+        reads the activation as the hook point defines it (`ln*.hook_normalized`: the norm's input normalised), which
         is not always the tensor the hook sits on."""
         module, side, read = self._module(name)
         if isinstance(replace, Observer):
@@ -251,8 +254,8 @@ class HuggingFaceLanguageModel(LanguageModel):
         replacements: dict[str, Replacement] | None = None,
     ) -> torch.Tensor:
         replacements = replacements or {}
-        # ln2.hook_normalized is computed from the norm's input (it is no tensor of the HF forward).
-        self.check_replacements(replacements, ["ln2.hook_normalized"], "huggingface")
+        # ln1/ln2.hook_normalized are computed from the norm's input (they are no tensor of the HF forward).
+        self.check_replacements(replacements, ["ln1.hook_normalized", "ln2.hook_normalized"], "huggingface")
         device = self.model.device
         handles = []
         try:

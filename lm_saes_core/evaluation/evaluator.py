@@ -198,16 +198,26 @@ class Evaluator:
     ) -> None:
         device, dtype = model.cfg.device, model.cfg.dtype
         hooks = model.cfg.hook_points
+        contexts = model.granularity == "contexts"
+        if contexts and not isinstance(positions, torch.Tensor):
+            raise ValueError(
+                f"sae_type {model.cfg.sae_type!r} reads whole contexts: evaluate it on 2-D batches (activation "
+                "factory target activations-2d)"
+            )
         if isinstance(positions, torch.Tensor):
             flat = {hook: batch[hook][positions.to(batch[hook].device)] for hook in hooks}
         else:
             flat = {hook: batch[hook][:positions] for hook in hooks}
-        flat = {hook: value.to(device, dtype) for hook, value in flat.items()}
+        flat = {hook: value.to(device, dtype) for hook, value in flat.items()}  # the evaluated tokens' rows
         n = flat[hooks[0]].shape[0]
         if n == 0:
             return
         _, _, _, c_out = model.prepare(flat)
-        out = model.compute_loss(flat)
+        if contexts:  # whole contexts in (attention reads every earlier position), the evaluated tokens' rows out
+            whole = {hook: batch[hook].to(device, dtype) for hook in hooks}
+            out = model.compute_loss(whole | {"mask": positions.to(device)})
+        else:
+            out = model.compute_loss(flat)
         reconstructions = model.outputs_by_hook(out.reconstructed / c_out)  # raw scale
         for hook, reconstruction in reconstructions.items():
             totals.hooks.setdefault(hook, _HookTotals()).add(flat[hook].double(), reconstruction.double())

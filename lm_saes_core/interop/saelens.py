@@ -258,23 +258,23 @@ def build_model(cfg: SAEConfig, weights: dict[str, torch.Tensor]) -> SparseAutoE
     return model.eval()
 
 
-def import_saelens(
+def read_saelens_config(
     path: str | Path,
     *,
     device: str = "cpu",
     dtype: torch.dtype | str | None = None,
     hook_point_in: str | None = None,
     hook_point_out: str | None = None,
-) -> SparseAutoEncoder:
-    """Load a SAELens SAE directory (6.x or pre-6.0 config, inference or training save) as our model.
+) -> SAEConfig:
+    """Our config of a SAELens SAE directory, from its cfg.json alone: what `import_saelens` builds the model with."""
+    return _saelens_config(Path(path), device, dtype, hook_point_in, hook_point_out)[0]
 
-    Accepted: standard, topk, jumprelu (`threshold` or training `log_threshold`), transcoder, skip_transcoder,
-    jumprelu_transcoder, jumprelu_skip_transcoder, with `normalize_activations: "none"`. `apply_b_dec_to_input: true`
-    is folded into the encoder bias: (x - b_dec) W_enc + b_enc = x W_enc + (b_enc - b_dec W_enc). `dtype` defaults to
-    the config's. Hook names come from the metadata unless given.
-    """
-    directory = Path(path)
-    cfg_path, weights_path = directory / SAELENS_CONFIG_FILE, directory / SAELENS_WEIGHTS_FILE
+
+def _saelens_config(
+    directory: Path, device: str, dtype: torch.dtype | str | None, hook_point_in: str | None, hook_point_out: str | None
+) -> tuple[SAEConfig, dict[str, Any]]:
+    """(our config, the upgraded SAELens cfg.json) of a SAELens SAE directory, refusing what has no exact mapping."""
+    cfg_path = directory / SAELENS_CONFIG_FILE
     cfg = upgrade_saelens_config(read_json(cfg_path), str(cfg_path))
     metadata = cfg["metadata"]
     architecture = cfg["architecture"]
@@ -303,15 +303,62 @@ def import_saelens(
             f"{cfg_path}: metadata.hook_head_index={metadata['hook_head_index']!r} (a per-head SAE) is not supported"
         )
     is_transcoder = architecture in TRANSCODER_ARCHITECTURES
-    apply_b_dec = bool(cfg["apply_b_dec_to_input"])
-    if is_transcoder and apply_b_dec:
+    if is_transcoder and cfg["apply_b_dec_to_input"]:
         raise InteropError(f"{cfg_path}: apply_b_dec_to_input must be false for architecture {architecture!r}")
-    is_jumprelu = architecture.startswith("jumprelu")
-    has_skip = "skip" in architecture
-
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
     d_out = int(cfg.get("d_out") or d_in) if is_transcoder else d_in
-    target_dtype = parse_dtype(dtype if dtype is not None else cfg.get("dtype") or "float32")
+
+    hook_in = hook_point_in or metadata.get("hook_name")
+    if not hook_in:
+        raise InteropError(f"{cfg_path}: no metadata.hook_name (or legacy hook_point); pass hook_point_in=...")
+    hook_out = hook_in
+    if is_transcoder:
+        hook_out = hook_point_out or metadata.get("hook_name_out")
+        if not hook_out or hook_out == hook_in:
+            raise InteropError(
+                f"{cfg_path}: a transcoder needs an output hook different from the input hook {hook_in!r}, got "
+                f"metadata.hook_name_out={metadata.get('hook_name_out')!r}; pass hook_point_out=..."
+            )
+    act_fn = "topk" if architecture == "topk" else "jumprelu" if architecture.startswith("jumprelu") else "relu"
+    model_cfg = SAEConfig(
+        hook_point_in=hook_in,
+        hook_point_out=hook_out,
+        d_model=d_in,
+        d_sae=d_sae,
+        d_out=d_out if is_transcoder else None,
+        use_skip_connection="skip" in architecture,
+        act_fn=act_fn,
+        norm_activation="inference",
+        # Only TopK's ranking can depend on decoder norms in SAELens; everything else gates on the raw pre-activation.
+        sparsity_include_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)) and act_fn == "topk",
+        device=device,
+        dtype=parse_dtype(dtype if dtype is not None else cfg.get("dtype") or "float32"),
+        # SAELens's TopKSAEConfig defaults k to 100 when a config omits it.
+        **({"top_k": int(cfg.get("k", 100))} if act_fn == "topk" else {}),
+    )
+    return model_cfg, cfg
+
+
+def import_saelens(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    hook_point_in: str | None = None,
+    hook_point_out: str | None = None,
+) -> SparseAutoEncoder:
+    """Load a SAELens SAE directory (6.x or pre-6.0 config, inference or training save) as our model.
+
+    Accepted: standard, topk, jumprelu (`threshold` or training `log_threshold`), transcoder, skip_transcoder,
+    jumprelu_transcoder, jumprelu_skip_transcoder, with `normalize_activations: "none"`. `apply_b_dec_to_input: true`
+    is folded into the encoder bias: (x - b_dec) W_enc + b_enc = x W_enc + (b_enc - b_dec W_enc). `dtype` defaults to
+    the config's. Hook names come from the metadata unless given.
+    """
+    directory = Path(path)
+    model_cfg, cfg = _saelens_config(directory, device, dtype, hook_point_in, hook_point_out)
+    cfg_path, weights_path = directory / SAELENS_CONFIG_FILE, directory / SAELENS_WEIGHTS_FILE
+    is_jumprelu, has_skip = model_cfg.act_fn == "jumprelu", model_cfg.use_skip_connection
+    d_in, d_sae, d_out = model_cfg.d_model, model_cfg.d_sae, model_cfg.d_output
 
     tensors = read_safetensors(weights_path)
     if is_jumprelu and "log_threshold" in tensors and "threshold" not in tensors:
@@ -332,40 +379,11 @@ def import_saelens(
                 "finetuning_scaling_factor: true; cannot tell whether to apply it"
             )
         t["W_dec"] = t["W_dec"] * scaling.double().reshape(d_sae, 1)  # f * s @ W_dec == f @ (s * W_dec)
-    b_E = t["b_enc"] - t["b_dec"] @ t["W_enc"] if apply_b_dec else t["b_enc"]
+    b_E = t["b_enc"] - t["b_dec"] @ t["W_enc"] if cfg["apply_b_dec_to_input"] else t["b_enc"]
     weights = {"W_E": t["W_enc"], "b_E": b_E, "W_D": t["W_dec"], "b_D": t["b_dec"]}
     if is_jumprelu:
         # SAELens gates on pre > relu(threshold): a threshold <= 0 is plain ReLU, i.e. log(0) = -inf here.
         weights["activation_function.log_jumprelu_threshold"] = t["threshold"].clamp_min(0).log()
     if has_skip:
         weights["W_skip"] = t["W_skip"]
-
-    hook_in = hook_point_in or metadata.get("hook_name")
-    if not hook_in:
-        raise InteropError(f"{cfg_path}: no metadata.hook_name (or legacy hook_point); pass hook_point_in=...")
-    hook_out = hook_in
-    if is_transcoder:
-        hook_out = hook_point_out or metadata.get("hook_name_out")
-        if not hook_out or hook_out == hook_in:
-            raise InteropError(
-                f"{cfg_path}: a transcoder needs an output hook different from the input hook {hook_in!r}, got "
-                f"metadata.hook_name_out={metadata.get('hook_name_out')!r}; pass hook_point_out=..."
-            )
-    act_fn = "topk" if architecture == "topk" else "jumprelu" if is_jumprelu else "relu"
-    model_cfg = SAEConfig(
-        hook_point_in=hook_in,
-        hook_point_out=hook_out,
-        d_model=d_in,
-        d_sae=d_sae,
-        d_out=d_out if is_transcoder else None,
-        use_skip_connection=has_skip,
-        act_fn=act_fn,
-        norm_activation="inference",
-        # Only TopK's ranking can depend on decoder norms in SAELens; everything else gates on the raw pre-activation.
-        sparsity_include_decoder_norm=bool(cfg.get("rescale_acts_by_decoder_norm", False)) and act_fn == "topk",
-        device=device,
-        dtype=target_dtype,
-        # SAELens's TopKSAEConfig defaults k to 100 when a config omits it.
-        **({"top_k": int(cfg.get("k", 100))} if act_fn == "topk" else {}),
-    )
     return build_model(model_cfg, weights)

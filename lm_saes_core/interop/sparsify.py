@@ -125,22 +125,23 @@ def _first_tensor_dtype(path: Path) -> torch.dtype:
         return handle.get_tensor(next(iter(handle.keys()))).dtype
 
 
-def import_sparsify(
+def read_sparsify_config(
     path: str | Path,
     *,
     device: str = "cpu",
     dtype: torch.dtype | str | None = None,
     hook_point_in: str | None = None,
     hook_point_out: str | None = None,
-) -> SparseAutoEncoder:
-    """Load one sparsify hookpoint directory (e.g. `run/layers.6`) as a TopK model.
+) -> SAEConfig:
+    """Our config of one sparsify hookpoint directory, from its cfg.json (and the weights' dtype): what
+    `import_sparsify` builds the model with."""
+    return _sparsify_config(Path(path), device, dtype, hook_point_in, hook_point_out)
 
-    The b_dec subtraction before encoding is folded into b_E; decoder-norm gating is off (sparsify ranks raw
-    pre-activations). `dtype` defaults to that of the file's first tensor (bf16 on the Hub); hook names default to
-    the directory name mapped by `sparsify_hook_points`. `multi_topk` only adds a training loss, so it is accepted.
-    """
-    directory = Path(path)
-    cfg_path, weights_path = directory / SPARSIFY_CONFIG_FILE, directory / SPARSIFY_WEIGHTS_FILE
+
+def _sparsify_config(
+    directory: Path, device: str, dtype: torch.dtype | str | None, hook_point_in: str | None, hook_point_out: str | None
+) -> SAEConfig:
+    cfg_path = directory / SPARSIFY_CONFIG_FILE
     cfg = read_json(cfg_path)
     activation = cfg.get("activation", "topk")
     if activation != "topk":
@@ -156,21 +157,6 @@ def import_sparsify(
             f"{cfg_path}: skip_connection without transcode is not supported (our skip connection belongs to "
             "transcoders)"
         )
-
-    tensors = read_safetensors(weights_path)
-    file_dtype = _first_tensor_dtype(weights_path)
-    expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
-    if skip:
-        expected["W_skip"] = (d_in, d_in)
-    check_shapes(tensors, expected, weights_path)
-
-    t = {name: value.double() for name, value in tensors.items()}
-    W_E = t["encoder.weight"].T
-    b_E = t["encoder.bias"] if transcode else t["encoder.bias"] - t["b_dec"] @ W_E
-    weights = {"W_E": W_E, "b_E": b_E, "W_D": t["W_dec"], "b_D": t["b_dec"]}
-    if skip:
-        weights["W_skip"] = t["W_skip"]
-
     if hook_point_in is None:
         hook_point_in, default_out = sparsify_hook_points(directory.name, transcode)
         hook_point_out = hook_point_out or default_out
@@ -178,7 +164,12 @@ def import_sparsify(
         if transcode:
             raise InteropError(f"{cfg_path}: a transcoder (transcode: true) needs hook_point_out as well")
         hook_point_out = hook_point_in
-    model_cfg = SAEConfig(
+    if dtype is None:
+        weights_path = directory / SPARSIFY_WEIGHTS_FILE
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path} not found")
+        dtype = _first_tensor_dtype(weights_path)
+    return SAEConfig(
         hook_point_in=hook_point_in,
         hook_point_out=hook_point_out,
         d_model=d_in,
@@ -190,6 +181,40 @@ def import_sparsify(
         norm_activation="inference",
         sparsity_include_decoder_norm=False,
         device=device,
-        dtype=parse_dtype(dtype) if dtype is not None else file_dtype,
+        dtype=parse_dtype(dtype),
     )
+
+
+def import_sparsify(
+    path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    hook_point_in: str | None = None,
+    hook_point_out: str | None = None,
+) -> SparseAutoEncoder:
+    """Load one sparsify hookpoint directory (e.g. `run/layers.6`) as a TopK model.
+
+    The b_dec subtraction before encoding is folded into b_E; decoder-norm gating is off (sparsify ranks raw
+    pre-activations). `dtype` defaults to that of the file's first tensor (bf16 on the Hub); hook names default to
+    the directory name mapped by `sparsify_hook_points`. `multi_topk` only adds a training loss, so it is accepted.
+    """
+    directory = Path(path)
+    model_cfg = _sparsify_config(directory, device, dtype, hook_point_in, hook_point_out)
+    weights_path = directory / SPARSIFY_WEIGHTS_FILE
+    d_in, d_sae = model_cfg.d_model, model_cfg.d_sae
+    transcode = model_cfg.d_out is not None  # cfg.json's `transcode` (the hook names may say otherwise)
+
+    tensors = read_safetensors(weights_path)
+    expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    if model_cfg.use_skip_connection:
+        expected["W_skip"] = (d_in, d_in)
+    check_shapes(tensors, expected, weights_path)
+
+    t = {name: value.double() for name, value in tensors.items()}
+    W_E = t["encoder.weight"].T
+    b_E = t["encoder.bias"] if transcode else t["encoder.bias"] - t["b_dec"] @ W_E
+    weights = {"W_E": W_E, "b_E": b_E, "W_D": t["W_dec"], "b_D": t["b_dec"]}
+    if model_cfg.use_skip_connection:
+        weights["W_skip"] = t["W_skip"]
     return build_model(model_cfg, weights)

@@ -1,6 +1,7 @@
 """The family of sparse dictionaries: the `SparseDictionary` base, one module per kind (`sae.py`: SAE and
-transcoder, `crosscoder.py`, `clt.py`: cross-layer transcoder; the first three share `sparse_coder.py`'s dense and
-sparse paths), their activation functions and losses, and loading saved dictionaries by `sae_type`."""
+transcoder, `crosscoder.py`, `clt.py`: cross-layer transcoder, `molt.py`: mixture of linear transforms; all four
+share `sparse_coder.py`'s dense and sparse paths), their activation functions and losses, and loading saved
+dictionaries by `sae_type`."""
 
 from typing import Annotated, Any, Union
 
@@ -17,11 +18,13 @@ from lm_saes_core.models.base import (
 from lm_saes_core.models.clt import CLTConfig, CrossLayerTranscoder
 from lm_saes_core.models.config import SparseDictionaryConfig
 from lm_saes_core.models.crosscoder import CrossCoder, CrossCoderConfig
+from lm_saes_core.models.lorsa import LorsaConfig, LowRankSparseAttention
 from lm_saes_core.models.losses import LossCoefficients, LossConfig, LossOutput
+from lm_saes_core.models.molt import MixtureOfLinearTransforms, MOLTConfig
 from lm_saes_core.models.pretrained import PretrainedSAE, load_sparse_dictionary
 from lm_saes_core.models.sae import SAEConfig, SparseAutoEncoder
 
-DICTIONARY_CONFIGS = (SAEConfig, CrossCoderConfig, CLTConfig)
+DICTIONARY_CONFIGS = (SAEConfig, CrossCoderConfig, CLTConfig, MOLTConfig, LorsaConfig)
 """Every kind's config; a new kind adds its config here so settings files can name its `sae_type`."""
 DEFAULT_SAE_TYPE = "sae"
 """What a config without `sae_type` means (files written before there were other kinds)."""
@@ -59,9 +62,13 @@ __all__ = [
     "CrossCoder",
     "CrossCoderConfig",
     "CrossLayerTranscoder",
+    "LorsaConfig",
+    "LowRankSparseAttention",
     "LossCoefficients",
     "LossConfig",
     "LossOutput",
+    "MixtureOfLinearTransforms",
+    "MOLTConfig",
     "NoOutputDirectionsError",
     "Prepared",
     "PretrainedSAE",

@@ -180,8 +180,23 @@ class SparseDictionary(nn.Module):
         thresholds = {id(p) for p in self.activation_function.threshold_parameters()}
         return [p for p in self.parameters() if id(p) not in thresholds]
 
+    def encoder_norm(self) -> Tensor | None:
+        """Per feature, the norm of the weights that read it (None for a kind without one such vector)."""
+        return None
+
     def norm_statistics(self) -> dict[str, float]:
-        return {"metrics/decoder_norm": self.decoder_norm().mean().item()}
+        """Mean encoder and decoder norms per feature, and the decoder bias's norm (the mean over a kind's heads or
+        layers when it has one bias each)."""
+        stats = {}
+        encoder = self.encoder_norm()
+        if encoder is not None:
+            stats["metrics/encoder_norm"] = encoder.mean().item()
+        stats["metrics/decoder_norm"] = self.decoder_norm().mean().item()
+        bias = getattr(self, "b_D", None)
+        if bias is not None:
+            biases = list(bias) if isinstance(bias, nn.ParameterList) else [bias]
+            stats["metrics/decoder_bias_norm"] = torch.stack([b.norm(dim=-1).mean() for b in biases]).mean().item()
+        return stats
 
     @torch.no_grad()
     def log_statistics(self) -> dict[str, float]:

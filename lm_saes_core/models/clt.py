@@ -132,15 +132,6 @@ class CrossLayerTranscoder(SparseCoder):
     def encoder_norm(self) -> Tensor:
         return self.W_E.norm(dim=1)  # (L, F)
 
-    def norm_statistics(self) -> dict[str, float]:
-        stats = {
-            "metrics/encoder_norm": self.encoder_norm().mean().item(),
-            "metrics/decoder_norm": self.decoder_norm().mean().item(),
-        }
-        if self.b_D is not None:
-            stats["metrics/decoder_bias_norm"] = torch.stack([bias.norm() for bias in self.b_D]).mean().item()
-        return stats
-
     def group_metric_key(self, group: int, metric: str) -> str:
         """Layer l of the CLT (0-based, in `hook_points_out` order): `metrics/explained_variance_L{l}`,
         `metrics/l0_layer{l}` (its own features' L0) and `metrics/l_rec_L{l}`, the reference system's names."""

@@ -107,15 +107,6 @@ class CrossCoder(SparseCoder):
     def encoder_norm(self) -> Tensor:
         return self.W_E.norm(dim=1)  # (H, F)
 
-    def norm_statistics(self) -> dict[str, float]:
-        stats = {
-            "metrics/encoder_norm": self.encoder_norm().mean().item(),
-            "metrics/decoder_norm": self.decoder_norm().mean().item(),
-        }
-        if self.b_D is not None:
-            stats["metrics/decoder_bias_norm"] = self.b_D.norm(dim=-1).mean().item()
-        return stats
-
     # ---------------------------------------------------------------- metrics per head
 
     def group_metric_key(self, group: int, metric: str) -> str:

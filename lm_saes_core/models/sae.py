@@ -115,15 +115,6 @@ class SparseAutoEncoder(SparseCoder):
     def encoder_norm(self) -> Tensor:
         return self.W_E.norm(dim=0)
 
-    def norm_statistics(self) -> dict[str, float]:
-        stats = {
-            "metrics/encoder_norm": self.encoder_norm().mean().item(),
-            "metrics/decoder_norm": self.decoder_norm().mean().item(),
-        }
-        if self.b_D is not None:
-            stats["metrics/decoder_bias_norm"] = self.b_D.norm().item()
-        return stats
-
     @torch.no_grad()
     def set_decoder_to_fixed_norm(self, value: float, force_exact: bool) -> None:
         """Exact: every decoder row gets norm `value`; otherwise rows longer than `value` are shrunk to it."""

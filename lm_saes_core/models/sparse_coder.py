@@ -8,6 +8,8 @@ SAE, layers for a CLT, heads for a crosscoder); the TopK family selects per grou
 activations that span them, and the sparse form is one (selection, values) per group.
 """
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -100,7 +102,45 @@ class SparseCoder(SparseDictionary):
         f, h, sparse = self._features(rows)
         y = self._decode_rows(rows, f, sparse)
         shape = self.feature_shape
-        return f.reshape(*leading, *shape), h.reshape(*leading, *shape), y.reshape(*leading, *y.shape[1:])
+        f = f.reshape(*leading, *shape)
+        self._last_selection = None if sparse is None else (weakref.ref(f), [(s.cols, v.detach()) for s, v in sparse])
+        return f, h.reshape(*leading, *shape), y.reshape(*leading, *y.shape[1:])
+
+    _last_selection: tuple[weakref.ref, list[tuple[Tensor, Tensor]]] | None = None
+    """The features the last `encode_and_reconstruct` returned (a weak reference) and, per group, their selected
+    columns and values, when it took the sparse path."""
+
+    def feature_activity(self, feature_acts: Tensor) -> tuple[Tensor, Tensor] | None:
+        """(on how many rows each feature is active (n_features,) float32, the sum of the activations) read from the
+        selection, O(rows x k) instead of a pass over the dense (rows, n_features): when `feature_acts` is the tensor
+        the last `encode_and_reconstruct` returned from the sparse path; else None.
+
+        Exact: a selected pair is active exactly when its value is positive, and a pair repeats only with value 0."""
+        remembered = self._last_selection
+        if remembered is None or remembered[0]() is not feature_acts:
+            return None
+        counts = feature_acts.new_zeros(self.n_features, dtype=torch.float32)
+        total = feature_acts.new_zeros((), dtype=torch.float32)
+        for group, (cols, values) in enumerate(remembered[1]):
+            active = values > 0
+            counts.index_add_(0, cols + group * self.cfg.d_sae, active.to(torch.float32))
+            total += values.sum(dtype=torch.float32)
+        return counts, total
+
+    @torch.no_grad()
+    def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The feature activations of normalised inputs x (..., *input_shape) as lists (row, feature, value): rows of
+        the flattened leading dims, features flattened over `feature_shape`; what `encode` gives, without forming the
+        dense (rows, n_features) tensor. The TopK family's sparse path only (else None: use `encode`). Pairs come in
+        no particular order and may carry the value 0 (a pair repeats only then)."""
+        k = self.current_k
+        if not self._use_sparse_kernels(k):
+            return None
+        _, rows = self._rows(x)
+        sparse = self._select(rows, self._hidden_pre(rows), k)
+        row = torch.cat([selection.rows for selection, _ in sparse])
+        feature = torch.cat([selection.cols + group * self.cfg.d_sae for group, (selection, _) in enumerate(sparse)])
+        return row, feature, torch.cat([values for _, values in sparse])
 
     def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
         """Mean over tokens (and output hooks) of ||residual - the top k_aux dead latents' reconstruction||^2, the

@@ -4,7 +4,6 @@ contexts), stored in the record store and optionally exported to a file."""
 import logging
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import torch
 from pydantic import Field, model_validator
@@ -15,15 +14,8 @@ from lm_saes_core.analysis.feature_analyzer import FeatureAnalyzer, FeatureAnaly
 from lm_saes_core.backend.base import LanguageModelConfig
 from lm_saes_core.config import BaseConfig, ConfigError
 from lm_saes_core.data import DatasetConfig
-from lm_saes_core.io import read_json_object
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models import (
-    PretrainedSAE,
-    SparseDictionary,
-    SparseDictionaryConfig,
-    locate_pretrained,
-    read_dictionary_config,
-)
+from lm_saes_core.models import PretrainedSAE, SparseDictionary, SparseDictionaryConfig
 from lm_saes_core.runners.common import (
     check_dictionary_fits,
     check_model_config,
@@ -80,9 +72,8 @@ class AnalyzeCrossCoderSettings(_AnalyzeSettings):
 
 
 def read_sae_config(sae: PretrainedSAE) -> tuple[SparseDictionaryConfig, dict]:
-    """The saved dictionary's config (validated, of its kind) and its config.json contents, without the weights."""
-    config_file, _ = locate_pretrained(sae.pretrained_name_or_path)
-    return read_dictionary_config(config_file), read_json_object(config_file, ConfigError)
+    """The saved dictionary's config (validated, of its kind) and the config a record keeps, without the weights."""
+    return sae.read_config()
 
 
 @torch.no_grad()
@@ -173,7 +164,7 @@ def _analyze(
             DictionaryRecord(
                 name=settings.sae_name,
                 series=settings.sae_series,
-                path=str(Path(settings.sae.pretrained_name_or_path).resolve()),
+                path=settings.sae.source(),
                 cfg=saved_cfg,
                 model_name=model_name,
                 metrics=existing.metrics if existing is not None else {},  # keep what evaluation stored

@@ -17,7 +17,7 @@ from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig, Evaluator
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models import PretrainedSAE, locate_pretrained, read_dictionary_config
+from lm_saes_core.models import PretrainedSAE
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
 from lm_saes_core.models.conversion import topk_to_jumprelu
 from lm_saes_core.runners.common import check_dictionary_fits, check_model_config, load_language_model_and_datasets
@@ -52,10 +52,12 @@ class ConversionResult:
 
 def convert_topk_to_jumprelu(settings: ConvertTopKToJumpReLUSettings) -> ConversionResult:
     setup_logging()
-    config_file, _ = locate_pretrained(settings.sae.pretrained_name_or_path)
-    cfg = read_dictionary_config(config_file)
+    cfg, _ = settings.sae.read_config()
     if not ACTIVATION_FUNCTIONS[cfg.act_fn].uses_k:
-        raise ConfigError(f"sae: {config_file} has act_fn {cfg.act_fn!r}; only a TopK-family dictionary converts")
+        raise ConfigError(
+            f"sae: {settings.sae.pretrained_name_or_path} has act_fn {cfg.act_fn!r}; only a TopK-family dictionary "
+            "converts"
+        )
     factory_cfg = settings.activation_factory
     check_dictionary_fits(cfg, factory_cfg)
     check_model_config(factory_cfg, settings.model, [cfg])

@@ -17,10 +17,10 @@ from lm_saes_core.analysis.direct_logit import (
     feature_directions,
 )
 from lm_saes_core.backend.base import LanguageModelConfig
-from lm_saes_core.config import BaseConfig, ConfigError
-from lm_saes_core.io import atomic_write_text, read_json_object
+from lm_saes_core.config import BaseConfig
+from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models import PretrainedSAE, locate_pretrained, read_dictionary_config
+from lm_saes_core.models import PretrainedSAE
 from lm_saes_core.store import DictionaryRecord, FeatureLogits, RecordStore, RecordStoreConfig, open_store
 
 logger = logging.getLogger(__name__)
@@ -49,9 +49,7 @@ class DirectLogitAttributeSettings(BaseConfig):
 def direct_logit_attribute(settings: DirectLogitAttributeSettings) -> dict[int, FeatureLogits]:
     """Attribute every feature of `settings.sae`, store the results on its feature records, return them by index."""
     setup_logging()
-    config_file, _ = locate_pretrained(settings.sae.pretrained_name_or_path)
-    saved_cfg = read_json_object(config_file, ConfigError)
-    sae_cfg = read_dictionary_config(config_file)
+    sae_cfg, saved_cfg = settings.sae.read_config()
     hooks = check_attributable(sae_cfg, head=settings.head)  # the kind and the hook names, before any heavy work
     # The store opens (an unreachable MongoDB fails here) before the model loads.
     with open_store(settings.store) as store:
@@ -84,7 +82,7 @@ def _ensure_records(store: RecordStore, settings: DirectLogitAttributeSettings, 
     model_name = settings.model.model_name
     if store.get_model(model_name) is None:
         store.add_model(model_name, settings.model.model_dump(mode="json", exclude={"device"}))
-    path = str(Path(settings.sae.pretrained_name_or_path).resolve())
+    path = settings.sae.source()
     stored = store.get_dictionary(settings.sae_name, settings.sae_series)
     if stored is None:
         store.add_dictionary(

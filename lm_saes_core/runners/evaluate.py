@@ -21,6 +21,7 @@ from lm_saes_core.evaluation import EvalConfig, EvalResult, Evaluator
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
 from lm_saes_core.models.pretrained import PretrainedSAE
+from lm_saes_core.plots import density_svg
 from lm_saes_core.runners.common import check_dictionary_fits, check_model_config, load_language_model_and_datasets
 from lm_saes_core.runners.head_groups import (
     HeadGroupFactory,
@@ -150,9 +151,23 @@ def _report(settings: _EvaluateSettings, result: EvalResult, model_name: str | N
         }
         Path(settings.output_path).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(settings.output_path, json.dumps(record, indent=2))
+        histogram = result.frequency_histogram
+        n_tokens = result.metrics.get("details/n_tokens", 0)
+        picture = density_svg(
+            f"{settings.sae_series}/{settings.sae_name}: feature density on {n_tokens:.0f} held-out tokens",
+            histogram.bin_edges.tolist(),
+            histogram.counts.tolist(),
+            histogram.n_dead,
+        )
+        atomic_write_text(density_path(settings.output_path), picture)
     if settings.wandb is not None:
         _log_to_wandb(settings, result)
     return result
+
+
+def density_path(output_path: str | Path) -> Path:
+    """The feature-density histogram (SVG) written beside an evaluation's metrics JSON."""
+    return Path(output_path).with_suffix(".density.svg")
 
 
 def _warn_on_other_model(factory_cfg: ActivationFactoryConfig, model_name: str) -> None:

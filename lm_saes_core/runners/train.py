@@ -49,10 +49,11 @@ from lm_saes_core.runners.head_groups import (
     load_head_groups,
     merged_stream,
 )
-from lm_saes_core.training.checkpoint import find_latest_checkpoint
-from lm_saes_core.training.config import TrainerConfig
+from lm_saes_core.training.checkpoint import find_latest_checkpoint, read_run_settings
+from lm_saes_core.training.config import RUN_NEUTRAL_FIELDS, TrainerConfig
 from lm_saes_core.training.data_parallel import DataParallel, init_data_parallel
 from lm_saes_core.training.initializer import Initializer, InitializerConfig
+from lm_saes_core.training.run_log import LOG_FILE, RunLog, write_training_curves
 from lm_saes_core.training.trainer import Trainer, TrainResult
 from lm_saes_core.wandb_logging import WandbConfig, start_wandb_run
 
@@ -195,6 +196,11 @@ class SweepingItem(BaseConfig):
     wandb: WandbConfig | None = None
     seed: int = 42
     """Seeds torch before the dictionary is initialised, so a run (or a sweep item) is reproducible."""
+    resume_from: str | None = None
+    """Continue a run from a checkpoint: a checkpoint directory (`.../checkpoints/step_N`), "latest" (the newest
+    complete checkpoint under trainer.exp_result_path written by these settings; an error when there is none) or
+    "auto" (the same, but a fresh start when there is none: what pipelines use, so a killed run continues when run
+    again). "latest" and "auto" refuse, by name, a checkpoint that other settings wrote."""
 
     @model_validator(mode="after")
     def _sparsity_penalty(self) -> "SweepingItem":
@@ -217,8 +223,22 @@ class SweepingItem(BaseConfig):
 
 
 class TrainSAESettings(SweepingItem, _SourceSettings):
-    resume_from: str | None = None
-    """A checkpoint directory (`.../checkpoints/step_N`) or "latest" (the newest under trainer.exp_result_path)."""
+    """`train_sae`'s settings: one dictionary of any kind and the activation factory it trains on."""
+
+    @model_validator(mode="after")
+    def _whole_contexts_and_host(self) -> "TrainSAESettings":
+        """A kind that consumes whole contexts (Lorsa) needs 2-D batches; starting from the host's attention needs
+        the host model."""
+        if isinstance(self.sae, PretrainedSAE):
+            return self  # checked once loaded
+        try:
+            check_whole_contexts(self.sae, self.activation_factory)
+        except ConfigError as exc:
+            raise field_error("activation_factory.target", str(exc), self.activation_factory.target.value) from None
+        init = self.initializer
+        if init is not None and init.uses_host_attention and self.model is None:
+            raise field_error("model", "the initializer starts the Lorsa from the host model's attention", None)
+        return self
 
 
 class TrainCLTSettings(TrainSAESettings):
@@ -226,13 +246,31 @@ class TrainCLTSettings(TrainSAESettings):
     activation factory produces every `hook_points_in` and `hook_points_out`."""
 
 
+class TrainMOLTSettings(TrainSAESettings):
+    """`train_molt`'s settings: those of `train_sae`, for a mixture of linear transforms (`sae_type: molt`) whose
+    activation factory produces its `hook_point_in` and `hook_point_out`."""
+
+
+class TrainLorsaSettings(TrainSAESettings):
+    """`train_lorsa`'s settings: those of `train_sae`, for a low-rank sparse attention (`sae_type: lorsa`) whose
+    activation factory gives whole contexts (target `activations-2d`; `batch_size` counts contexts) of its
+    `hook_point_in` and `hook_point_out`."""
+
+
+def check_whole_contexts(cfg: SparseDictionaryConfig, factory: ActivationFactoryConfig) -> None:
+    """A kind that consumes whole contexts (Lorsa attends over each context's positions) cannot train on 1-D
+    (shuffled token) batches."""
+    if SparseDictionary.kind(cfg.sae_type).granularity == "contexts" and factory.target != "activations-2d":
+        raise ConfigError(
+            f"activation_factory.target {factory.target.value!r} gives a hook without positions for Lorsa: sae_type "
+            f"{cfg.sae_type!r} attends over whole contexts; use target 'activations-2d' (batch_size counts contexts)"
+        )
+
+
 class TrainCrossCoderSettings(SweepingItem, _HeadGroupSettings):
     """`train_crosscoder`'s settings: a crosscoder (or saved weights to continue) over the heads its
     `activation_factories` produce: one factory per group of heads, each may run its own model (give each a `name`
     when they read the same hooks; the crosscoder's `heads` are then `<name>/<hook>`)."""
-
-    resume_from: str | None = None
-    """A checkpoint directory (`.../checkpoints/step_N`) or "latest" (the newest under trainer.exp_result_path)."""
 
 
 class SweepSAESettings(_SourceSettings):
@@ -243,6 +281,16 @@ class SweepSAESettings(_SourceSettings):
         so a dictionary trained in a sweep is recognised (and reused) by a single run, and the other way round."""
         source = self.model_dump(exclude={"items"})
         return TrainSAESettings.model_validate({**source, **self.items[index].model_dump()})
+
+    @model_validator(mode="after")
+    def _whole_contexts(self) -> "SweepSAESettings":
+        for index, item in enumerate(self.items):
+            try:
+                if not isinstance(item.sae, PretrainedSAE):
+                    check_whole_contexts(item.sae, self.activation_factory)
+            except ConfigError as exc:
+                raise field_error(f"items.{index}.sae.sae_type", str(exc), item.sae.sae_type) from None
+        return self
 
     @model_validator(mode="after")
     def _distinct_outputs(self) -> "SweepSAESettings":
@@ -270,18 +318,68 @@ def _check_schedules(settings: _StreamSettings, trainers: list[TrainerConfig]) -
             trainer.check_schedule_lengths(max(trainer.total_training_tokens // batch_size, 1), batch_size)
 
 
-def _resolve_resume(resume_from: str | None, trainer: TrainerConfig) -> Path | None:
+SETTINGS_NEUTRAL_KEYS = frozenset(
+    {"resume_from", "wandb", "sae.device", *(f"trainer.{name}" for name in RUN_NEUTRAL_FIELDS)}
+)
+"""Settings (dotted keys, and everything under them) that may differ between a run and the checkpoint it continues:
+they change neither the weights nor the batches."""
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.removesuffix("."): value}
+
+
+def settings_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:
+    """Dotted key -> (saved, current) for every setting that differs and would change the run."""
+
+    def neutral(key: str) -> bool:
+        return any(key == name or key.startswith(f"{name}.") for name in SETTINGS_NEUTRAL_KEYS)
+
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    return {
+        key: (old.get(key, missing), new.get(key, missing))
+        for key in sorted(old.keys() | new.keys())
+        if not neutral(key) and old.get(key, missing) != new.get(key, missing)
+    }
+
+
+def _describe(changes: dict[str, tuple[Any, Any]], limit: int = 6) -> str:
+    shown = [f"{key}: {old!r} -> {new!r}" for key, (old, new) in list(changes.items())[:limit]]
+    more = f" and {len(changes) - limit} more" if len(changes) > limit else ""
+    return "; ".join(shown).replace("<object object", "<unset") + more
+
+
+def _resolve_resume(resume_from: str | None, trainer: TrainerConfig, settings_dump: dict) -> Path | None:
+    """The checkpoint to continue from (None: start at step 0). See `SweepingItem.resume_from`."""
     if resume_from is None:
         return None
-    if resume_from == "latest":
-        latest = find_latest_checkpoint(trainer.exp_result_path)
-        if latest is None:
-            raise FileNotFoundError(f"resume_from='latest': no checkpoint under {trainer.exp_result_path}/checkpoints")
+    if resume_from not in ("latest", "auto"):
+        path = Path(resume_from)
+        if not path.is_dir():
+            raise ConfigError(f"resume_from: checkpoint directory {path} does not exist")
+        return path
+    latest = find_latest_checkpoint(trainer.exp_result_path)
+    if latest is None:
+        if resume_from == "latest":
+            raise ConfigError(f"resume_from='latest': no checkpoint under {trainer.exp_result_path}/checkpoints")
+        return None
+    saved = read_run_settings(latest)
+    if saved is None:
+        logger.warning("%s records no run settings (an older checkpoint): only its trainer and dictionary settings "
+                       "are compared with this run's", latest)  # fmt: skip
         return latest
-    path = Path(resume_from)
-    if not path.is_dir():
-        raise FileNotFoundError(f"resume_from: checkpoint directory {path} does not exist")
-    return path
+    changes = settings_changes(saved, settings_dump)
+    if changes:
+        raise ConfigError(
+            f"resume_from={resume_from!r}: the checkpoint {latest} was written by other settings ({_describe(changes)})"
+            f", so it is not continued. Restore those settings to continue it, or move {latest.parent} away to train "
+            "these settings from step 0"
+        )
+    logger.info("continuing from %s", latest)
+    return latest
 
 
 def _dictionary_config(
@@ -318,8 +416,27 @@ def _initialize(
         return preloaded, stream
     if resume_from is not None:
         return SparseDictionary.from_config(item.sae), stream  # the trainer loads the checkpoint's weights
+    init = item.initializer or InitializerConfig()
+    host = _host_attention(item, init)
     torch.manual_seed(item.seed)
-    return Initializer(item.initializer or InitializerConfig()).initialize(item.sae, stream)
+    return Initializer(init).initialize(item.sae, stream, host)
+
+
+def _host_attention(item: SweepingItem | TrainSAESettings, init: InitializerConfig):
+    """The host model's attention layer a Lorsa starts from, when its initializer asks: the run's `model`, loaded once
+    more for it (the stream's copy lives inside the stream)."""
+    if not init.uses_host_attention:
+        return None
+    model_cfg = getattr(item, "model", None)
+    if model_cfg is None:
+        raise ConfigError(
+            "initializer.initialize_lorsa_with_mhsa / initialize_W_D_with_active_subspace need the host model: set "
+            "`model` (in a sweep, train the Lorsa with train_lorsa)"
+        )
+    from lm_saes_core.backend import load_model
+    from lm_saes_core.backend.attention import host_attention
+
+    return host_attention(load_model(model_cfg), init.host_layer(item.sae), item.sae.hook_point_in)
 
 
 SETTINGS_FILE = "train_settings.json"
@@ -331,7 +448,7 @@ def finished_run(output: Path, settings_dump: dict) -> TrainResult | None:
     result_file, settings_file = output / RESULT_FILE, output / SETTINGS_FILE
     if not (result_file.is_file() and settings_file.is_file() and (output / "config.json").is_file()):
         return None
-    if json.loads(settings_file.read_text()) != settings_dump:
+    if settings_changes(json.loads(settings_file.read_text()), settings_dump):
         return None
     stored = json.loads(result_file.read_text())
     return TrainResult(**{**stored, "output_path": Path(stored["output_path"]), "checkpoints": [], "reused": True})
@@ -354,13 +471,23 @@ def _fit(
         (output / RESULT_FILE).unlink(missing_ok=True)  # a run in progress is not a finished one
         atomic_write_text(output / SETTINGS_FILE, json.dumps(settings_dump, indent=2))
     wandb_run = start_wandb_run(item.wandb, config=settings_dump) if item.wandb and main else None
+    if main and resume_from is None:
+        (output / LOG_FILE).unlink(missing_ok=True)  # an earlier run's curves are not this run's
+    run_log = RunLog(output, model.n_features, wandb_run) if main else None
     try:
         result = Trainer(item.trainer, data_parallel).fit(
-            model, stream, wandb_run=wandb_run, resume_from=resume_from, progress_bar=(item.sae_name, line)
+            model,
+            stream,
+            wandb_run=run_log,
+            resume_from=resume_from,
+            progress_bar=(item.sae_name, line),
+            run_settings=settings_dump,
         )
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+    if main:
+        write_training_curves(output, f"{item.sae_series}/{item.sae_name}")
     if not result.stream_exhausted and main:
         summary = {key: value for key, value in vars(result).items() if key not in ("checkpoints", "reused")}
         atomic_write_text(output / RESULT_FILE, json.dumps({**summary, "output_path": str(result.output_path)}))
@@ -385,6 +512,16 @@ def train_clt(settings: TrainCLTSettings) -> TrainResult:
     return _train(settings, kind="clt")
 
 
+def train_molt(settings: TrainMOLTSettings) -> TrainResult:
+    """Train a mixture of linear transforms (the seed's runner name; `train_sae` does the same for any kind)."""
+    return _train(settings, kind="molt")
+
+
+def train_lorsa(settings: TrainLorsaSettings) -> TrainResult:
+    """Train a low-rank sparse attention (the seed's runner name; `train_sae` does the same for any kind)."""
+    return _train(settings, kind="lorsa")
+
+
 def _require_kind(cfg: SparseDictionaryConfig | PretrainedSAE, kind: str | None) -> None:
     if kind is not None and not isinstance(cfg, PretrainedSAE) and cfg.sae_type != kind:
         raise ConfigError(f"sae.sae_type is {cfg.sae_type!r}, but this runner trains sae_type {kind!r}")
@@ -394,20 +531,23 @@ def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | Non
     setup_logging()
     _require_kind(settings.sae, kind)
     data_parallel = init_data_parallel(settings.data_parallel_size, str(settings.sae.device))
-    previous = finished_run(Path(settings.trainer.exp_result_path), settings.model_dump(mode="json"))
-    if data_parallel is not None:
-        data_parallel.barrier()  # every rank has looked before rank 0 starts rewriting the directory
-    if previous is not None and settings.resume_from is None:
+    dump = settings.model_dump(mode="json")
+    previous = finished_run(Path(settings.trainer.exp_result_path), dump)
+    if previous is not None and settings.resume_from in (None, "auto"):
         logger.info("%s already holds a finished run with these settings; nothing to train", previous.output_path)
         return previous
-    resume_from = _resolve_resume(settings.resume_from, settings.trainer)
+    resume_from = _resolve_resume(settings.resume_from, settings.trainer, dump)
+    if data_parallel is not None:
+        data_parallel.barrier()  # every rank has looked before rank 0 starts rewriting the directory
     _check_schedules(settings, [settings.trainer])
     cfg, preloaded = _dictionary_config(settings.sae)
     _require_kind(cfg, kind)
+    if isinstance(settings, TrainSAESettings):
+        check_whole_contexts(cfg, settings.activation_factory)  # saved weights are checked once their kind is known
     _check_loss(cfg, preloaded, settings.trainer)
     stream = settings.open_stream([cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
-    return _fit(settings, model, stream, resume_from, settings.model_dump(mode="json"), 0, data_parallel)
+    return _fit(settings, model, stream, resume_from, dump, 0, data_parallel)
 
 
 _END = object()
@@ -465,6 +605,13 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
             logger.info("%s already holds a finished run with these settings; not trained again", result.output_path)
     if not pending:
         return results  # type: ignore[return-value]
+    resumes = {}  # an item continues from its own checkpoint: its stream skips the batches it had trained on
+    for index in pending:
+        item = settings.items[index]
+        try:
+            resumes[index] = _resolve_resume(item.resume_from, item.trainer, dumps[index])
+        except ConfigError as exc:
+            raise ConfigError(f"items[{index}] ({item.sae_name!r}): {exc}") from None
     _check_schedules(settings, [settings.items[index].trainer for index in pending])
     loaded = {index: _dictionary_config(settings.items[index].sae) for index in pending}
     for index, (cfg, preloaded) in loaded.items():
@@ -478,7 +625,7 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
     queues: list[queue.Queue] = [queue.Queue(maxsize=4) for _ in pending]  # queues[slot] feeds items[pending[slot]]
     item_streams, models = [], []
     for slot, index in enumerate(pending):
-        model, initial = _initialize(settings.items[index], iter(head), loaded[index][1], None)
+        model, initial = _initialize(settings.items[index], iter(head), loaded[index][1], resumes[index])
         models.append(model)
         item_streams.append(itertools.chain(initial, _drain(queues[slot])))
     stop = threading.Event()
@@ -486,7 +633,9 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
     def run(slot: int) -> None:
         index = pending[slot]
         try:
-            results[index] = _fit(settings.items[index], models[slot], item_streams[slot], None, dumps[index], slot)
+            results[index] = _fit(
+                settings.items[index], models[slot], item_streams[slot], resumes[index], dumps[index], slot
+            )
         except BaseException as exc:
             results[index] = exc
         finally:

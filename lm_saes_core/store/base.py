@@ -8,16 +8,24 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from lm_saes_core.config import UserError
 from lm_saes_core.store.records import (
+    FEATURE_SORT_KEYS,
     DatasetRecord,
     DictionaryRecord,
+    ExplanationHit,
     FeatureAnalysis,
+    FeatureFilter,
     FeatureLogits,
+    FeaturePage,
     FeatureRecord,
     Interpretation,
     ModelRecord,
 )
+
+MAX_PAGE_SIZE = 1000
 
 
 class RecordNotFoundError(UserError, KeyError):
@@ -103,6 +111,35 @@ class RecordStore(ABC):
     def interpreted_indices(self, dictionary: str, series: str, *, successful_only: bool = True) -> set[int]:
         """Indices of features that have an interpretation (with an explanation when `successful_only`)."""
 
+    # browsing (the feature browser's queries: never read sample pools) ----------------------------------------
+    @abstractmethod
+    def feature_page(
+        self,
+        dictionary: str,
+        series: str,
+        *,
+        analysis_name: str = "default",
+        sort: str = "index",
+        descending: bool = False,
+        where: FeatureFilter | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> FeaturePage:
+        """One page of the dictionary's feature table: the features (with a record of any kind) matching `where`,
+        sorted by `sort` (one of `FEATURE_SORT_KEYS`; features lacking the value last, ties by index), rows
+        `offset` to `offset + limit`, and how many match in all. Sorting, filtering and paging happen in the store's
+        query. RecordNotFoundError when the dictionary is not stored, ValueError for a bad sort key or range."""
+
+    @abstractmethod
+    def feature_frequencies(self, dictionary: str, series: str, analysis_name: str = "default") -> np.ndarray:
+        """(n,) float64 act_times / n_analyzed_tokens of every feature that has the analysis, in index order (0 for
+        an analysis of no tokens). RecordNotFoundError when the dictionary is not stored."""
+
+    @abstractmethod
+    def search_explanations(self, text: str, *, limit: int = 50) -> list[ExplanationHit]:
+        """Features of every dictionary whose explanation contains `text` (case-insensitive, as
+        `FeatureFilter.explanation_contains`), in (series, dictionary, index) order, at most `limit` of them."""
+
     def close(self) -> None:  # noqa: B027 (a no-op default; backends with connections override it)
         """Release connections; the store is unusable afterwards."""
 
@@ -111,3 +148,17 @@ class RecordStore(ABC):
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def check_page_arguments(sort: str, limit: int, offset: int) -> None:
+    """The arguments of `RecordStore.feature_page` every backend accepts; ValueError naming the bad one."""
+    if sort not in FEATURE_SORT_KEYS:
+        raise ValueError(f"unknown sort key {sort!r}; use one of {', '.join(FEATURE_SORT_KEYS)}")
+    check_limit(limit)
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+
+
+def check_limit(limit: int) -> None:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise ValueError(f"limit must be in [1, {MAX_PAGE_SIZE}], got {limit}")

@@ -21,9 +21,11 @@ from lm_saes_core.store.records import (
     Interpretation,
     InterpretationScore,
     LogitToken,
+    ZPatterns,
 )
 
 _SAMPLE_ARRAYS = ("tokens", "activations", "lengths", "doc_index", "doc_position")
+_Z_PATTERN_ARRAYS = ("peaks", "sources", "contributions")
 
 
 def array_to_bytes(array: np.ndarray) -> bytes:
@@ -46,16 +48,23 @@ def unpack_document(data: bytes) -> dict[str, Any]:
 
 # samples and analyses ------------------------------------------------------------------------------------------
 def samples_to_doc(samples: FeatureSamples) -> dict[str, Any]:
+    """A pool's document; a Lorsa's top pool adds a `z_patterns` sub-document (absent for every other pool)."""
     doc: dict[str, Any] = {"name": samples.name}
     for key in _SAMPLE_ARRAYS:
         doc[key] = array_to_bytes(getattr(samples, key))
     doc["dataset"] = [str(name) for name in samples.dataset]
+    if samples.z_patterns is not None:
+        doc["z_patterns"] = {key: array_to_bytes(getattr(samples.z_patterns, key)) for key in _Z_PATTERN_ARRAYS}
     return doc
 
 
 def samples_from_doc(doc: Mapping[str, Any]) -> FeatureSamples:
     arrays = {key: array_from_bytes(doc[key]) for key in _SAMPLE_ARRAYS}
-    return FeatureSamples(name=doc["name"], dataset=list(doc["dataset"]), **arrays)
+    z_doc = doc.get("z_patterns")  # absent: not a Lorsa's top pool, or written before z-patterns were stored
+    z_patterns = None
+    if z_doc is not None:
+        z_patterns = ZPatterns(**{key: array_from_bytes(z_doc[key]) for key in _Z_PATTERN_ARRAYS})
+    return FeatureSamples(name=doc["name"], dataset=list(doc["dataset"]), z_patterns=z_patterns, **arrays)
 
 
 def pack_samples(samples: list[FeatureSamples]) -> bytes:

@@ -6,7 +6,7 @@ ordered bulk write, so there are never two analyses of one name, and reading wit
 (`analyses.samples`). Arrays are `np.save` bytes (BSON binary). An analysis whose encoded size exceeds
 `gridfs_threshold_bytes` keeps its sample pools in one GridFS file (`samples_file` holds its id) so the feature
 document stays under MongoDB's 16 MB limit; the file's metadata names (dictionary, series, index, analysis) so it is
-deleted with the analysis it belongs to.
+deleted with the analysis it belongs to. `read_only=True` (the feature browser) creates no indices.
 """
 
 import re
@@ -16,19 +16,30 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import gridfs
+import numpy as np
 import pymongo
 from pymongo import UpdateMany
 from pymongo.errors import PyMongoError
 
 from lm_saes_core.config import MongoDBConfig, redact_credentials, scrub_secrets
 from lm_saes_core.store import codec
-from lm_saes_core.store.base import RecordNotFoundError, RecordStore, StoreUnavailableError
+from lm_saes_core.store.base import (
+    RecordNotFoundError,
+    RecordStore,
+    StoreUnavailableError,
+    check_limit,
+    check_page_arguments,
+)
 from lm_saes_core.store.records import (
     DatasetRecord,
     DictionaryRecord,
+    ExplanationHit,
     FeatureAnalysis,
+    FeatureFilter,
     FeatureLogits,
+    FeaturePage,
     FeatureRecord,
+    FeatureSummary,
     Interpretation,
     ModelRecord,
 )
@@ -39,6 +50,65 @@ GRIDFS_THRESHOLD_BYTES = 12 * 2**20
 
 _READ_CHUNK = 256  # features fetched per query while iterating
 _URI_PASSWORD = re.compile(r"^[a-z+]+://[^:@/]*:([^@/]*)@")
+_SORT_FIELDS = {
+    "index": "index",
+    "frequency": "frequency",
+    "max_activation": "max_feature_acts",
+    "explanation": "explanation",
+    "score": "score",
+}
+
+
+def _summary_stages(dictionary: str, series: str, analysis_name: str) -> list[dict[str, Any]]:
+    """Aggregation stages turning the dictionary's feature documents into feature-table rows (no samples): index,
+    the analysis' scalars (absent without it), frequency, explanation, score (mean balanced accuracy), scores."""
+    analysis = {
+        "$arrayElemAt": [
+            {"$filter": {"input": {"$ifNull": ["$analyses", []]}, "cond": {"$eq": ["$$this.name", analysis_name]}}},
+            0,
+        ]
+    }
+    n_tokens = "$analysis.n_analyzed_tokens"
+    return [
+        {"$match": {"dictionary": dictionary, "series": series}},
+        {"$project": {"analyses.samples": 0, "interpretation.details": 0}},
+        {"$project": {"_id": 0, "index": 1, "interpretation": 1, "analysis": analysis}},
+        {
+            "$project": {
+                "index": 1,
+                "act_times": "$analysis.act_times",
+                "n_analyzed_tokens": n_tokens,
+                "max_feature_acts": "$analysis.max_feature_acts",
+                "mean_feature_acts": "$analysis.mean_feature_acts",
+                "location": "$analysis.decoder.location",
+                "frequency": {
+                    "$cond": [
+                        {"$gt": [n_tokens, 0]},
+                        {"$divide": ["$analysis.act_times", n_tokens]},
+                        {"$cond": [{"$eq": [n_tokens, 0]}, 0.0, None]},
+                    ]
+                },
+                "explanation": "$interpretation.explanation",
+                "score": {"$avg": "$interpretation.scores.balanced_accuracy"},
+                "scores": "$interpretation.scores",
+            }
+        },
+    ]
+
+
+def _filter_query(where: FeatureFilter) -> dict[str, Any]:
+    query: dict[str, Any] = {}
+    for field, low, high in (
+        ("frequency", where.min_frequency, where.max_frequency),
+        ("max_feature_acts", where.min_max_activation, where.max_max_activation),
+        ("score", where.min_score, None),
+    ):
+        bounds = {key: float(value) for key, value in (("$gte", low), ("$lt", high)) if value is not None}
+        if bounds:
+            query[field] = bounds
+    if where.explanation_contains:
+        query["explanation"] = {"$regex": re.escape(where.explanation_contains), "$options": "i"}
+    return query
 
 
 class MongoRecordStore(RecordStore):
@@ -50,6 +120,7 @@ class MongoRecordStore(RecordStore):
         client: Any = None,
         server_selection_timeout_ms: int = 3000,
         gridfs_threshold_bytes: int = GRIDFS_THRESHOLD_BYTES,
+        read_only: bool = False,
     ):
         """`client` injects a ready client (e.g. `mongomock.MongoClient()`); otherwise one is made for `uri` and must
         answer a ping within `server_selection_timeout_ms`, else StoreUnavailableError (before any heavy work). The
@@ -81,6 +152,8 @@ class MongoRecordStore(RecordStore):
         self._dictionaries = self._db["dictionaries"]
         self._features = self._db["features"]
         self._gridfs_files = self._db["fs.files"]
+        if read_only:
+            return
         self._models.create_index("name", unique=True)
         self._datasets.create_index("name", unique=True)
         self._dictionaries.create_index([("name", 1), ("series", 1)], unique=True)
@@ -90,6 +163,7 @@ class MongoRecordStore(RecordStore):
 
     @classmethod
     def from_config(cls, cfg: MongoDBConfig, **kwargs: Any) -> "MongoRecordStore":
+        """`kwargs` as the constructor's (e.g. `read_only=True`)."""
         return cls(cfg.connection_uri(), cfg.mongo_db, **kwargs)
 
     def __repr__(self) -> str:
@@ -279,3 +353,76 @@ class MongoRecordStore(RecordStore):
         else:
             query["interpretation"] = {"$exists": True}
         return {int(doc["index"]) for doc in self._features.find(query, {"index": 1})}
+
+    # browsing ------------------------------------------------------------------------------------------------
+    def feature_page(
+        self,
+        dictionary: str,
+        series: str,
+        *,
+        analysis_name: str = "default",
+        sort: str = "index",
+        descending: bool = False,
+        where: FeatureFilter | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> FeaturePage:
+        """One aggregation: feature-table rows, the filter, then a $facet of the count and the sorted page (a
+        `missing` key first in the sort puts features lacking the value last in either direction)."""
+        check_page_arguments(sort, limit, offset)
+        self._require_dictionary(dictionary, series)
+        field = _SORT_FIELDS[sort]
+        direction = -1 if descending else 1
+        missing = {"$cond": [{"$eq": [{"$ifNull": [f"${field}", None]}, None]}, 1, 0]}
+        rows = [
+            {"$addFields": {"missing": missing}},
+            {"$sort": {"missing": 1, field: direction} | ({} if field == "index" else {"index": 1})},
+            {"$skip": offset},
+            {"$limit": limit},
+        ]
+        pipeline = _summary_stages(dictionary, series, analysis_name) + [
+            {"$match": _filter_query(where or FeatureFilter())},
+            {"$facet": {"total": [{"$count": "n"}], "rows": rows}},
+        ]
+        result = next(iter(self._features.aggregate(pipeline)))
+        summaries = [
+            FeatureSummary(
+                index=int(doc["index"]),
+                act_times=doc.get("act_times"),
+                n_analyzed_tokens=doc.get("n_analyzed_tokens"),
+                max_feature_acts=doc.get("max_feature_acts"),
+                mean_feature_acts=doc.get("mean_feature_acts"),
+                explanation=doc.get("explanation"),
+                score=doc.get("score"),
+                scores={item["method"]: item["balanced_accuracy"] for item in doc.get("scores") or []},
+                location=doc.get("location"),
+            )
+            for doc in result["rows"]
+        ]
+        return FeaturePage(total=result["total"][0]["n"] if result["total"] else 0, rows=summaries)
+
+    def feature_frequencies(self, dictionary: str, series: str, analysis_name: str = "default") -> np.ndarray:
+        self._require_dictionary(dictionary, series)
+        pipeline = _summary_stages(dictionary, series, analysis_name) + [
+            {"$match": {"frequency": {"$ne": None}}},
+            {"$sort": {"index": 1}},
+            {"$project": {"_id": 0, "frequency": 1}},
+        ]
+        return np.array([float(doc["frequency"]) for doc in self._features.aggregate(pipeline)], dtype=np.float64)
+
+    def search_explanations(self, text: str, *, limit: int = 50) -> list[ExplanationHit]:
+        check_limit(limit)
+        query = {"interpretation.explanation": {"$regex": re.escape(text), "$options": "i"}}
+        projection = {"_id": 0, "dictionary": 1, "series": 1, "index": 1, "interpretation.explanation": 1}
+        projection["interpretation.scores.balanced_accuracy"] = 1
+        docs = self._features.find(query, projection).sort([("series", 1), ("dictionary", 1), ("index", 1)])
+        hits = []
+        for doc in docs.limit(int(limit)):
+            accuracies = [score["balanced_accuracy"] for score in doc["interpretation"].get("scores") or []]
+            score = sum(accuracies) / len(accuracies) if accuracies else None
+            hits.append(
+                ExplanationHit(
+                    doc["dictionary"], doc["series"], int(doc["index"]), doc["interpretation"]["explanation"], score
+                )
+            )
+        return hits

@@ -57,9 +57,29 @@ class FeatureSamples:
     in the pipeline and are not documents tokens)."""
     dataset: list[str]
     """(n,) name of the dataset (activation-factory source) each row came from."""
+    z_patterns: "ZPatterns | None" = None
+    """Lorsa's top contexts: which source positions feed each row's peak activation. None for other pools and
+    kinds."""
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+
+@dataclass
+class ZPatterns:
+    """Where a Lorsa feature's activation at each row's peak comes from (rows as in the pool that holds them).
+
+    OV head i at the peak position t reads source position s <= t with contribution A[t, s] * v_i[s] (attention
+    weight of its QK head times the head's value at s, value bias included); over all sources they sum to the
+    pre-activation h_i[t], which is the activation there. Only the `K` sources with the largest |contribution| are
+    kept, strongest first."""
+
+    peaks: np.ndarray
+    """(n,) int32 position t of each row's max activation (the first, on ties)."""
+    sources: np.ndarray
+    """(n, K) int32 source positions, strongest |contribution| first; -1 past a row's sources (t + 1 < K)."""
+    contributions: np.ndarray
+    """(n, K) float32 A[t, s] * v_i[s] of each source; 0 where `sources` is -1."""
 
 
 @dataclass
@@ -149,3 +169,72 @@ class FeatureRecord:
 
     def analysis(self, name: str = "default") -> FeatureAnalysis | None:
         return next((analysis for analysis in self.analyses if analysis.name == name), None)
+
+
+# ------------------------------------------------------------------------------------------------ browsing queries
+
+FEATURE_SORT_KEYS = ("index", "frequency", "max_activation", "explanation", "score")
+"""What `RecordStore.feature_page` sorts by. Features lacking the value (no analysis, no explanation, no score) come
+last in either direction; ties are broken by index."""
+
+
+@dataclass
+class FeatureFilter:
+    """Which features of a dictionary `RecordStore.feature_page` returns. Every condition given must hold; one on a
+    value the feature lacks excludes it. Ranges are half-open, [min, max), so adjacent histogram bars never share a
+    feature."""
+
+    min_frequency: float | None = None
+    """act_times / n_analyzed_tokens >= this."""
+    max_frequency: float | None = None
+    """act_times / n_analyzed_tokens < this."""
+    min_max_activation: float | None = None
+    """max_feature_acts >= this."""
+    max_max_activation: float | None = None
+    """max_feature_acts < this."""
+    explanation_contains: str | None = None
+    """A substring of the explanation, case-insensitive (ASCII letters on SQLite, all letters on MongoDB)."""
+    min_score: float | None = None
+    """The explanation's score (see `FeatureSummary.score`) >= this."""
+
+
+@dataclass
+class FeatureSummary:
+    """One row of a dictionary's feature table: an analysis' scalars and the explanation, without samples."""
+
+    index: int
+    act_times: int | None
+    n_analyzed_tokens: int | None
+    max_feature_acts: float | None
+    mean_feature_acts: float | None
+    explanation: str | None
+    score: float | None
+    """The mean balanced accuracy of the explanation's scorers (detection, fuzzing); None when unscored."""
+    scores: dict[str, float] = field(default_factory=dict)
+    """Balanced accuracy by scorer."""
+    location: str | None = None
+    """Where a crosscoder's or CLT's feature writes (`FeatureAnalysis.location`)."""
+
+    @property
+    def frequency(self) -> float | None:
+        if self.n_analyzed_tokens is None or self.act_times is None:
+            return None
+        return self.act_times / self.n_analyzed_tokens if self.n_analyzed_tokens else 0.0
+
+
+@dataclass
+class FeaturePage:
+    total: int
+    """Features matching the filter, over all pages."""
+    rows: list[FeatureSummary]
+
+
+@dataclass
+class ExplanationHit:
+    """A feature whose explanation matched a search."""
+
+    dictionary: str
+    series: str
+    index: int
+    explanation: str
+    score: float | None

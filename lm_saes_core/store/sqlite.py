@@ -6,8 +6,11 @@ reader sees a record as it was before or after it, never half written. SQLite so
 at once instead of waiting on its busy handler (processes opening a new file at the same moment, each switching it
 to WAL): opening and starting a transaction, which change nothing when refused, are retried until the busy timeout is
 spent. Analysis statistics are columns (where a crosscoder's or CLT's feature writes: a JSON column, NULL for other
-kinds) and the sample pools a separate BLOB, so listing features without samples never reads the large blobs. Files
-of an older schema version are migrated on opening.
+kinds) and the sample pools a separate BLOB, so listing features without samples never reads the large blobs. The
+feature browser's queries (`feature_page`, `feature_frequencies`, `search_explanations`) read covering indices only:
+the analyses' scalars, and each feature's explanation and score, kept as columns beside its interpretation. Files of
+an older schema version are migrated on opening. `read_only=True` opens the file as a `mode=ro` URI (the feature
+browser): nothing is created, migrated or written, and a file of another schema version is a named error.
 """
 
 import json
@@ -19,19 +22,40 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lm_saes_core.store import codec
-from lm_saes_core.store.base import RecordNotFoundError, RecordStore, StoreSchemaError, StoreUnavailableError
+from lm_saes_core.store.base import (
+    RecordNotFoundError,
+    RecordStore,
+    StoreSchemaError,
+    StoreUnavailableError,
+    check_limit,
+    check_page_arguments,
+)
 from lm_saes_core.store.records import (
     DatasetRecord,
     DictionaryRecord,
+    ExplanationHit,
     FeatureAnalysis,
+    FeatureFilter,
     FeatureLogits,
+    FeaturePage,
     FeatureRecord,
+    FeatureSummary,
     Interpretation,
     ModelRecord,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# The feature browser's covering indices: its table sorts, filters and counts features without reading the rows,
+# which hold large sample pools (analyses) and JSON documents (features).
+_BROWSE_INDICES = (
+    """CREATE INDEX IF NOT EXISTS feature_analyses_stats ON feature_analyses
+        (dictionary, series, name, idx, act_times, n_analyzed_tokens, max_feature_acts, mean_feature_acts)""",
+    "CREATE INDEX IF NOT EXISTS features_browse ON features (dictionary, series, idx, explanation, score)",
+)
 
 _TABLES = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
@@ -40,20 +64,32 @@ _TABLES = (
     """CREATE TABLE IF NOT EXISTS dictionaries (
         name TEXT NOT NULL, series TEXT NOT NULL, path TEXT NOT NULL, cfg TEXT NOT NULL, model_name TEXT,
         metrics TEXT NOT NULL, PRIMARY KEY (name, series))""",
+    # explanation and score: copies of the interpretation's explanation and mean balanced accuracy, to sort by
     """CREATE TABLE IF NOT EXISTS features (
         dictionary TEXT NOT NULL, series TEXT NOT NULL, idx INTEGER NOT NULL, logits TEXT, interpretation TEXT,
-        PRIMARY KEY (dictionary, series, idx))""",
+        explanation TEXT, score REAL, PRIMARY KEY (dictionary, series, idx))""",
     """CREATE TABLE IF NOT EXISTS feature_analyses (
         dictionary TEXT NOT NULL, series TEXT NOT NULL, idx INTEGER NOT NULL, name TEXT NOT NULL,
         act_times INTEGER NOT NULL, n_analyzed_tokens INTEGER NOT NULL, max_feature_acts REAL NOT NULL,
         mean_feature_acts REAL NOT NULL, histogram_edges BLOB NOT NULL, histogram_counts BLOB NOT NULL,
         samples BLOB NOT NULL, decoder TEXT, PRIMARY KEY (dictionary, series, idx, name))""",
+    *_BROWSE_INDICES,
 )
 
 # Schema upgrades: _MIGRATIONS[v] turns a version-v file into version v + 1 (statements run in one transaction).
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # 2: where a feature's decoders write (JSON of `codec.decoder_to_doc`; NULL for one decoder per feature)
     1: ("ALTER TABLE feature_analyses ADD COLUMN decoder TEXT",),
+    # 3: the explanation and score columns, filled from the stored interpretations, and the browser's indices
+    2: (
+        "ALTER TABLE features ADD COLUMN explanation TEXT",
+        "ALTER TABLE features ADD COLUMN score REAL",
+        """UPDATE features SET explanation = json_extract(interpretation, '$.explanation'),
+            score = (SELECT AVG(json_extract(item.value, '$.balanced_accuracy'))
+                FROM json_each(interpretation, '$.scores') AS item)
+            WHERE interpretation IS NOT NULL""",
+        *_BROWSE_INDICES,
+    ),
 }
 
 _READ_CHUNK = 256  # features per read transaction while iterating (the lock is released between chunks)
@@ -75,22 +111,91 @@ _STATS_COLUMNS = (
 )
 
 
+# Row sources of the feature table, each read from covering indices alone (the planner would otherwise pick the primary
+# keys and read every row, with its sample pools or JSON documents). Parameters: analysis name, dictionary, series.
+_FREQUENCY = """CASE WHEN a.n_analyzed_tokens > 0 THEN CAST(a.act_times AS REAL) / a.n_analyzed_tokens
+    WHEN a.n_analyzed_tokens = 0 THEN 0.0 END"""
+# Every feature: the scalars of one analysis (NULL without it), the explanation and its score.
+_SUMMARY_ROWS = f"""
+    SELECT f.idx AS idx, a.max_feature_acts AS max_activation, {_FREQUENCY} AS frequency,
+        f.explanation AS explanation, f.score AS score
+    FROM features AS f INDEXED BY features_browse
+        LEFT JOIN feature_analyses AS a INDEXED BY feature_analyses_stats
+        ON a.dictionary = f.dictionary AND a.series = f.series AND a.idx = f.idx AND a.name = ?
+    WHERE f.dictionary = ? AND f.series = ?"""
+# The features that have the analysis, without their explanations: every feature when all have it.
+_ANALYSIS_ROWS = f"""
+    SELECT a.idx AS idx, a.max_feature_acts AS max_activation, {_FREQUENCY} AS frequency
+    FROM feature_analyses AS a INDEXED BY feature_analyses_stats
+    WHERE a.name = ? AND a.dictionary = ? AND a.series = ?"""
+# Every feature, without analysis scalars (the analysis name parameter, unused, keeps the sources' parameters alike).
+_INTERPRETATION_ROWS = """
+    SELECT f.idx AS idx, f.explanation AS explanation, f.score AS score
+    FROM features AS f INDEXED BY features_browse
+    WHERE ? IS NOT NULL AND f.dictionary = ? AND f.series = ?"""
+_SORT_COLUMNS = {
+    "index": "idx",
+    "frequency": "frequency",
+    "max_activation": "max_activation",
+    "explanation": "explanation",
+    "score": "score",
+}
+
+
+def _like_pattern(text: str) -> str:
+    """`text` as a LIKE pattern matching any string that contains it (with ESCAPE '\\')."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def _filter_sql(where: FeatureFilter) -> tuple[str, list]:
+    """The WHERE clause over `_SUMMARY_ROWS`' columns for `where`, and its parameters."""
+    conditions, params = [], []
+    for column, operator, value in (
+        ("frequency", ">=", where.min_frequency),
+        ("frequency", "<", where.max_frequency),
+        ("max_activation", ">=", where.min_max_activation),
+        ("max_activation", "<", where.max_max_activation),
+        ("score", ">=", where.min_score),
+    ):
+        if value is not None:
+            conditions.append(f"{column} {operator} ?")
+            params.append(float(value))
+    if where.explanation_contains:
+        conditions.append("explanation LIKE ? ESCAPE '\\'")
+        params.append(_like_pattern(where.explanation_contains))
+    return (" WHERE " + " AND ".join(conditions)) if conditions else "", params
+
+
 class SQLiteRecordStore(RecordStore):
-    def __init__(self, path: str | Path, *, busy_timeout_s: float = 60.0):
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 60.0, read_only: bool = False):
         self.path = Path(path)
         self.busy_timeout_s = busy_timeout_s
+        self.read_only = read_only
         self._lock = threading.RLock()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn: sqlite3.Connection | None = None
+        if not read_only:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._conn = sqlite3.connect(
-                self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
-            conn = self._conn
-            self._retry_while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
-            conn.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe against corruption
-            with self._transaction(write=True) as conn:
-                self._create_or_migrate(conn)
+            if read_only:
+                self._conn = sqlite3.connect(
+                    f"{self.path.resolve().as_uri()}?mode=ro",
+                    uri=True,
+                    timeout=busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+                with self._transaction(write=False) as conn:
+                    self._check_version(conn)
+            else:
+                self._conn = sqlite3.connect(
+                    self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+                )
+                conn = self._conn
+                self._retry_while_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
+                conn.execute("PRAGMA synchronous=NORMAL")  # durable at each WAL checkpoint; safe against corruption
+                with self._transaction(write=True) as conn:
+                    self._create_or_migrate(conn)
         except sqlite3.OperationalError as exc:  # locked past the timeout, unreadable, ...
             self.close()
             raise StoreUnavailableError(f"cannot open the record store {self.path}: {exc}") from exc
@@ -148,7 +253,8 @@ class SQLiteRecordStore(RecordStore):
                     conn.execute("ROLLBACK")
                 raise
 
-    def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
+    def _schema_version(self, conn: sqlite3.Connection) -> int | None:
+        """The file's schema version (None for a new, empty file); StoreSchemaError when newer than this code."""
         has_version_table = conn.execute(
             "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
         ).fetchone()
@@ -158,6 +264,22 @@ class SQLiteRecordStore(RecordStore):
                 f"the record store {self.path} has schema version {version}, newer than this lm-saes supports "
                 f"({SCHEMA_VERSION}); upgrade lm-saes or point the store at another file"
             )
+        return version
+
+    def _check_version(self, conn: sqlite3.Connection) -> None:
+        """Read-only opening: the file must already be a record store of this schema version."""
+        version = self._schema_version(conn)
+        if version is None:
+            raise StoreSchemaError(f"{self.path} is not an lm-saes record store (it has no schema_version table)")
+        if version < SCHEMA_VERSION:
+            raise StoreSchemaError(
+                f"the record store {self.path} has schema version {version}, older than this lm-saes ({SCHEMA_VERSION})"
+                f", and was opened read-only; upgrade it by opening it once for writing, e.g. `lm-saes list "
+                f"--store-path {self.path}`"
+            )
+
+    def _create_or_migrate(self, conn: sqlite3.Connection) -> None:
+        version = self._schema_version(conn)
         if version is None:
             for statement in _TABLES:
                 conn.execute(statement)
@@ -388,12 +510,15 @@ class SQLiteRecordStore(RecordStore):
 
     def set_interpretation(self, dictionary: str, series: str, index: int, interpretation: Interpretation) -> None:
         value = json.dumps(codec.interpretation_to_doc(interpretation))
+        accuracies = [score.balanced_accuracy for score in interpretation.scores]
+        score = sum(accuracies) / len(accuracies) if accuracies else None
         with self._transaction(write=True) as conn:
             self._require_dictionary(conn, dictionary, series)
             conn.execute(
-                """INSERT INTO features (dictionary, series, idx, interpretation) VALUES (?, ?, ?, ?)
-                ON CONFLICT (dictionary, series, idx) DO UPDATE SET interpretation = excluded.interpretation""",
-                (dictionary, series, int(index), value),
+                """INSERT INTO features (dictionary, series, idx, interpretation, explanation, score)
+                VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (dictionary, series, idx) DO UPDATE SET
+                interpretation = excluded.interpretation, explanation = excluded.explanation, score = excluded.score""",
+                (dictionary, series, int(index), value, interpretation.explanation, score),
             )
 
     def interpreted_indices(self, dictionary: str, series: str, *, successful_only: bool = True) -> set[int]:
@@ -405,3 +530,102 @@ class SQLiteRecordStore(RecordStore):
                 (dictionary, series),
             ).fetchall()
         return {row[0] for row in rows}
+
+    # browsing ------------------------------------------------------------------------------------------------
+    def feature_page(
+        self,
+        dictionary: str,
+        series: str,
+        *,
+        analysis_name: str = "default",
+        sort: str = "index",
+        descending: bool = False,
+        where: FeatureFilter | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> FeaturePage:
+        """In one read transaction: the page's indices (ORDER BY, LIMIT, OFFSET over the narrowest row source that
+        has the sort and filter columns), the count of matches, and the page's rows in full."""
+        check_page_arguments(sort, limit, offset)
+        where = where or FeatureFilter()
+        condition, filter_params = _filter_sql(where)
+        column = _SORT_COLUMNS[sort]
+        direction = "DESC" if descending else "ASC"
+        order = f"idx {direction}" if column == "idx" else f"({column} IS NULL), {column} {direction}, idx"
+        on_analysis = sort in ("frequency", "max_activation") or any(
+            bound is not None
+            for bound in (where.min_frequency, where.max_frequency, where.min_max_activation, where.max_max_activation)
+        )
+        on_interpretation = sort in ("explanation", "score") or bool(where.explanation_contains)
+        on_interpretation |= where.min_score is not None
+        params = [analysis_name, dictionary, series, *filter_params]
+        with self._transaction(write=False) as conn:
+            self._require_dictionary(conn, dictionary, series)
+            n_features = conn.execute(
+                "SELECT COUNT(*) FROM features INDEXED BY features_browse WHERE dictionary = ? AND series = ?",
+                (dictionary, series),
+            ).fetchone()[0]
+            rows_sql = _INTERPRETATION_ROWS
+            if on_analysis:
+                n_analysed = conn.execute(
+                    f"SELECT COUNT(*) FROM ({_ANALYSIS_ROWS})", (analysis_name, dictionary, series)
+                ).fetchone()[0]
+                every_feature = n_analysed == n_features  # analysed features are a subset of the features
+                rows_sql = _ANALYSIS_ROWS if every_feature and not on_interpretation else _SUMMARY_ROWS
+            indices = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT idx FROM ({rows_sql}){condition} ORDER BY {order} LIMIT ? OFFSET ?",
+                    (*params, limit, offset),
+                )
+            ]
+            if condition:
+                total = conn.execute(f"SELECT COUNT(*) FROM ({rows_sql}){condition}", params).fetchone()[0]
+            else:
+                total = n_features
+            marks = ", ".join("?" * len(indices))
+            rows = conn.execute(
+                f"""SELECT f.idx, a.act_times, a.n_analyzed_tokens, a.max_feature_acts, a.mean_feature_acts,
+                f.explanation, f.score, json_extract(f.interpretation, '$.scores'),
+                json_extract(a.decoder, '$.location')
+                FROM features AS f LEFT JOIN feature_analyses AS a
+                    ON a.dictionary = f.dictionary AND a.series = f.series AND a.idx = f.idx AND a.name = ?
+                WHERE f.dictionary = ? AND f.series = ? AND f.idx IN ({marks})""",
+                (analysis_name, dictionary, series, *indices),
+            ).fetchall()
+        by_index = {row[0]: row for row in rows}
+        summaries = []
+        for index in indices:
+            _, act_times, n_tokens, max_act, mean_act, explanation, score, scores, location = by_index[index]
+            summaries.append(
+                FeatureSummary(
+                    index=index,
+                    act_times=act_times,
+                    n_analyzed_tokens=n_tokens,
+                    max_feature_acts=max_act,
+                    mean_feature_acts=mean_act,
+                    explanation=explanation,
+                    score=score,
+                    scores={item["method"]: item["balanced_accuracy"] for item in json.loads(scores or "[]")},
+                    location=location,
+                )
+            )
+        return FeaturePage(total=total, rows=summaries)
+
+    def feature_frequencies(self, dictionary: str, series: str, analysis_name: str = "default") -> np.ndarray:
+        with self._transaction(write=False) as conn:
+            self._require_dictionary(conn, dictionary, series)
+            cursor = conn.execute(
+                f"SELECT frequency FROM ({_ANALYSIS_ROWS}) ORDER BY idx", (analysis_name, dictionary, series)
+            )
+            return np.fromiter((row[0] for row in cursor), dtype=np.float64)
+
+    def search_explanations(self, text: str, *, limit: int = 50) -> list[ExplanationHit]:
+        check_limit(limit)
+        with self._transaction(write=False) as conn:
+            rows = conn.execute(
+                """SELECT dictionary, series, idx, explanation, score FROM features INDEXED BY features_browse
+                WHERE explanation LIKE ? ESCAPE '\\' ORDER BY series, dictionary, idx LIMIT ?""",
+                (_like_pattern(text), int(limit)),
+            ).fetchall()
+        return [ExplanationHit(*row) for row in rows]

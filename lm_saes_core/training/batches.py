@@ -1,6 +1,9 @@
 """Small helpers on activation batches (dicts of tensors, 1-D `(N, D)` or 2-D `(B, S, D)` with a `mask`)."""
 
-from collections.abc import Mapping
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -32,3 +35,79 @@ def count_tokens(batch: Batch) -> int:
     if not activations:
         raise KeyError(f"cannot count the tokens of a batch without mask, tokens or activations; keys: {sorted(batch)}")
     return activations[0].shape[:-1].numel()
+
+
+_END = object()
+
+
+class Prefetched(Iterator[Batch]):
+    """The batches of `stream`, in its order, produced up to `depth` ahead by a background thread: reading,
+    decoding and shuffling the next batches overlaps the training step, which waits only when the stream is slower
+    than the step. The stream's errors are raised here, where the batch they stopped would have been.
+
+    From construction on the thread alone drives `stream`; `close()` (or leaving a `with` block) stops it after the
+    batch in hand and joins it, so that `stream` may be used or closed again by its owner. `depth=0` starts no
+    thread: the batches are read when asked for, in the caller's thread."""
+
+    def __init__(self, stream: Iterator[Batch], depth: int = 2):
+        if depth < 0:
+            raise ValueError(f"prefetch depth must be 0 (no thread) or more, got {depth}")
+        self._stream = stream if depth == 0 else None
+        self._queue: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, args=(stream,), name="batch-prefetch", daemon=True)
+        if depth > 0:
+            self._thread.start()
+
+    def _produce(self, stream: Iterator[Batch]) -> None:
+        import os
+        nice = int(os.environ.get("LM_SAES_PREFETCH_NICE", "0"))  # EXPERIMENT
+        if nice:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        try:
+            for batch in stream:
+                if not self._put(batch):
+                    return
+        except BaseException as exc:  # handed to the consumer, which raises it
+            self._put(exc)
+            return
+        self._put(_END)
+
+    def _put(self, item: object) -> bool:
+        """Queue `item` unless closed meanwhile; False when closed."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __next__(self) -> Batch:
+        if self._done:
+            raise StopIteration
+        if self._stream is not None:
+            return next(self._stream)
+        item = self._queue.get()
+        if item is _END or isinstance(item, BaseException):
+            self._done = True
+            self._thread.join()
+            if item is _END:
+                raise StopIteration
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):  # make room for a blocked put, then wait for the thread
+                self._queue.get_nowait()
+            self._thread.join(timeout=0.05)
+        self._done = True
+
+    def __enter__(self) -> "Prefetched":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -7,6 +7,11 @@ resuming (nor is a `step_N` whose files are missing or cut short, e.g. copied by
 run's output directory, which holds other files too: they are staged the same way and moved in config-last, after
 the earlier config.json is withdrawn, so the directory never holds a config.json beside weights it does not describe.
 `trainer_state.pt` holds only tensors, numbers, strings and containers, so it is read with `weights_only=True`.
+
+A checkpoint also records the settings of the run that wrote it (`train_settings.json`), so a run that looks for a
+checkpoint to continue (`resume_from: auto`) takes only one its own settings wrote. Periodic checkpoints (written on
+a wall-clock cadence to bound what a killed run loses) carry a `periodic` marker and only the newest two are kept:
+they are resume points, not snapshots of the run's history.
 """
 
 import json
@@ -29,6 +34,9 @@ from lm_saes_core.models.base import CONFIG_FILE, WEIGHTS_FILE
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
+RUN_SETTINGS_FILE = "train_settings.json"
+PERIODIC_MARKER = "periodic"
+PERIODIC_KEPT = 2
 STATE_FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -69,14 +77,28 @@ def restore_rng_states(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict[str, Any]) -> Path:
-    """Write `root/checkpoints/step_{step}/` (weights unfolded, so training can continue from them) atomically."""
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model,
+    trainer_state: dict[str, Any],
+    *,
+    run_settings: dict[str, Any] | None = None,
+    periodic: bool = False,
+) -> Path:
+    """Write `root/checkpoints/step_{step}/` (weights unfolded, so training can continue from them) atomically, with
+    the settings of the run (`run_settings`) when given. A `periodic` checkpoint replaces all but the newest earlier
+    periodic one."""
     final = Path(root) / "checkpoints" / f"step_{step}"
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = temporary_path(final)
     try:
         staging.mkdir()
         model.save_pretrained(staging, fold_activation_scale=False)
+        if run_settings is not None:
+            (staging / RUN_SETTINGS_FILE).write_text(json.dumps(run_settings, indent=2))
+        if periodic:
+            (staging / PERIODIC_MARKER).touch()
         with atomic_path(staging / STATE_FILE) as tmp:
             torch.save({"format_version": STATE_FORMAT_VERSION, **trainer_state}, tmp)
         _fsync_directory(staging)
@@ -84,7 +106,23 @@ def save_checkpoint(root: str | Path, step: int, model, trainer_state: dict[str,
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if periodic:
+        _prune_periodic(final.parent, keep=PERIODIC_KEPT)
     return final
+
+
+def _prune_periodic(directory: Path, keep: int) -> None:
+    """Remove all but the newest `keep` complete periodic checkpoints (an incomplete one is no resume point)."""
+    periodic = [path for _, path in _step_directories(directory) if (path / PERIODIC_MARKER).is_file()]
+    complete = [path for path in periodic if checkpoint_problem(path) is None]
+    for path in complete[keep:]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_run_settings(path: str | Path) -> dict[str, Any] | None:
+    """The settings of the run that wrote checkpoint `path`, or None when it recorded none (older checkpoints)."""
+    file = Path(path) / RUN_SETTINGS_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def save_final_dictionary(model, output: str | Path, *, fold_activation_scale: bool) -> Path:
@@ -180,18 +218,22 @@ def load_trainer_state(path: str | Path) -> dict[str, Any]:
 def find_latest_checkpoint(root: str | Path) -> Path | None:
     """The complete checkpoint with the highest step under `root/checkpoints`, or None. Incomplete `step_N`
     directories are passed over with a warning naming what they lack."""
-    directory = Path(root) / "checkpoints"
-    if not directory.is_dir():
-        return None
-    found = []
-    for child in directory.iterdir():
-        match = _STEP_DIR.match(child.name)
-        if match and not is_temporary(child) and child.is_dir():
-            found.append((int(match.group(1)), child))
-    for _, candidate in sorted(found, reverse=True):
+    for _, candidate in _step_directories(Path(root) / "checkpoints"):
         problem = checkpoint_problem(candidate)
         if problem is None:
             return candidate
         if (candidate / STATE_FILE).exists():  # a directory without trainer state is no checkpoint attempt at all
             logger.warning("skipping the incomplete checkpoint %s: %s", candidate, problem)
     return None
+
+
+def _step_directories(directory: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every `step_N` directory under `directory`, newest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for child in directory.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and not is_temporary(child) and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found, reverse=True)

@@ -10,7 +10,14 @@ from lm_saes_core.training.schedules import CheckpointMode, LRSchedulerName, res
 
 # Fields that may differ between a checkpoint and the settings that resume it: they do not change the weights.
 RUN_NEUTRAL_FIELDS = frozenset(
-    {"log_frequency", "exp_result_path", "checkpoint_every_steps", "n_checkpoints", "check_point_save_mode"}
+    {
+        "log_frequency",
+        "exp_result_path",
+        "checkpoint_every_steps",
+        "n_checkpoints",
+        "check_point_save_mode",
+        "checkpoint_every_minutes",
+    }
 )
 LOSS_FIELDS = frozenset(LossConfig.model_fields)
 """Keys of the loss config that settings files may still give directly under `trainer` (where they used to be)."""
@@ -46,6 +53,11 @@ class TrainerConfig(BaseConfig):
     checkpoint_every_steps: int | None = Field(default=None, gt=0)
     n_checkpoints: int = Field(default=10, ge=0)
     check_point_save_mode: CheckpointMode = "log"
+    checkpoint_every_minutes: float | None = Field(default=None, gt=0)
+    """Also checkpoint whenever this much wall-clock time has passed since the last checkpoint (or the start), so a
+    killed run loses at most about this much work whatever the hardware's speed. These periodic checkpoints are
+    resume points: only the newest two are kept. The steps of `n_checkpoints` / `checkpoint_every_steps` are all
+    kept. Pipeline items default to 10 minutes."""
     exp_result_path: str = "results"
     fold_activation_scale: bool = True
     """Fold the dataset-wise normalisation into the final saved weights (checkpoints are never folded)."""

@@ -12,14 +12,15 @@ naming the field.
 
 import itertools
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import Field
 
-from lm_saes_core.config import BaseConfig
+from lm_saes_core.config import BaseConfig, ConfigError
 from lm_saes_core.models import SparseDictionary, SparseDictionaryConfig
 from lm_saes_core.models.capabilities import (
     DecoderBiasInitializable,
@@ -28,6 +29,9 @@ from lm_saes_core.models.capabilities import (
     NormConstrainable,
 )
 from lm_saes_core.training.batches import Batch, to_device, valid_rows
+
+if TYPE_CHECKING:
+    from lm_saes_core.backend.attention import HostAttention
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +52,30 @@ class InitializerConfig(BaseConfig):
     fewer start dead (a 78-step TopK run on SmolLM2: 11% dead instead of 46%, held-out EV 0.62 instead of 0.55)."""
     norm_estimation_batches: int = Field(default=8, gt=0)
     """Batches averaged for the dataset-wise mean token norm (dataset-wise normalisation without known norms)."""
+    initialize_lorsa_with_mhsa: bool = False
+    """Lorsa: copy W_Q, W_K (and QK-norm weights) from the host model's attention at `model_layer`, its heads repeated
+    over n_qk_heads (the config's heads, RoPE and scale must be the host's; the run's `model` is read for it)."""
+    initialize_W_D_with_active_subspace: bool = False
+    """Lorsa: start the OV heads of each host head in the subspace that head's values span on one batch (W_V), and
+    W_O as what the host head writes for them (per-head active subspace; needs the host model as above)."""
+    model_layer: int | None = Field(default=None, ge=0)
+    """The host layer of the two options above; None: the layer of the Lorsa's `hook_point_in` (blocks.L....)."""
+
+    @property
+    def uses_host_attention(self) -> bool:
+        return self.initialize_lorsa_with_mhsa or self.initialize_W_D_with_active_subspace
+
+    def host_layer(self, cfg: SparseDictionaryConfig) -> int:
+        """The host layer a Lorsa is initialised from: `model_layer`, else the layer its input hook names."""
+        if self.model_layer is not None:
+            return self.model_layer
+        match = re.fullmatch(r"blocks\.(\d+)\..+", getattr(cfg, "hook_point_in", ""))
+        if match is None:
+            raise ValueError(
+                f"initializer.model_layer: give the host layer (hook_point_in {getattr(cfg, 'hook_point_in', None)!r} "
+                "names none)"
+            )
+        return int(match.group(1))
 
     def steps_for(self, model: SparseDictionary) -> "InitializationSteps":
         """The data-driven steps to take on `model`: those asked for that its kind supports; a step set explicitly
@@ -66,11 +94,15 @@ class InitializerConfig(BaseConfig):
             if name == "bias_init_method" and able and not model.cfg.use_decoder_bias:
                 able = False
             if asked and not able and name in explicit:
-                raise ValueError(
+                raise ConfigError(
                     f"initializer.{name}={getattr(self, name)!r} is not available for this dictionary (sae_type "
                     f"{model.cfg.sae_type!r}{', use_decoder_bias=False' if name == 'bias_init_method' else ''})"
                 )
             steps[name] = asked and able
+        for name in ("initialize_lorsa_with_mhsa", "initialize_W_D_with_active_subspace"):
+            if getattr(self, name) and not isinstance(model, HostAttentionInitializable):
+                raise ConfigError(f"initializer.{name} applies to sae_type 'lorsa', not {model.cfg.sae_type!r}")
+            steps[name] = getattr(self, name)
         return InitializationSteps(**steps)
 
 
@@ -80,10 +112,26 @@ class InitializationSteps:
     grid_search_init_norm: bool
     init_encoder_with_decoder_transpose: bool
     init_encoder_bias_with_mean_hidden_pre: bool
+    initialize_lorsa_with_mhsa: bool = False
+    initialize_W_D_with_active_subspace: bool = False
 
     @property
     def needs_batch(self) -> bool:
-        return self.bias_init_method or self.grid_search_init_norm or self.init_encoder_bias_with_mean_hidden_pre
+        return (
+            self.bias_init_method
+            or self.grid_search_init_norm
+            or self.init_encoder_bias_with_mean_hidden_pre
+            or self.initialize_W_D_with_active_subspace
+        )
+
+
+@runtime_checkable
+class HostAttentionInitializable(Protocol):
+    """A kind that starts from a host model's attention layer (Lorsa)."""
+
+    def init_qk_from_host(self, host: "HostAttention") -> None: ...
+
+    def init_ov_with_active_subspace(self, batch: Batch, host: "HostAttention") -> None: ...
 
 
 def estimate_activation_norms(batches: list[Batch], hook_points: list[str]) -> dict[str, float]:
@@ -114,10 +162,10 @@ class Initializer:
         self.best_decoder_norm: float | None = None  # the grid search's choice, for reporting
 
     def initialize(
-        self, cfg: SparseDictionaryConfig, stream: Iterable[Batch]
+        self, cfg: SparseDictionaryConfig, stream: Iterable[Batch], host: "HostAttention | None" = None
     ) -> tuple[SparseDictionary, Iterator[Batch]]:
         """Return the initialised model (of the kind `cfg.sae_type` names) and a stream that still yields every
-        batch, peeked ones first."""
+        batch, peeked ones first. `host`: the host model's attention layer, for a Lorsa initialised from it."""
         init = self.cfg
         model = SparseDictionary.kind(cfg.sae_type)(cfg)  # holds its own copy of cfg; the norms below go there
         bounds = {
@@ -141,15 +189,30 @@ class Initializer:
             norms = estimate_activation_norms(peeked, cfg.hook_points)
             logger.info("dataset-wise activation norms: %s", {k: round(v, 4) for k, v in norms.items()})
             model.set_dataset_average_activation_norm(norms)
+        if steps.initialize_lorsa_with_mhsa:
+            model.init_qk_from_host(self._checked_host(host, cfg))
         if steps.needs_batch and not peeked:
             peeked = list(itertools.islice(batches, 1))
             if not peeked:
                 raise ValueError("the activation stream is empty: data-driven initialisation needs one batch")
+        if steps.initialize_W_D_with_active_subspace:
+            model.init_ov_with_active_subspace(to_device(peeked[0], cfg.device), self._checked_host(host, cfg))
         if steps.needs_batch:
             self._initialize_from_batch(model, to_device(peeked[0], cfg.device), steps)
         else:
             self._reinit_encoder(model, None, steps)
         return model, itertools.chain(peeked, batches)
+
+    def _checked_host(self, host: "HostAttention | None", cfg: SparseDictionaryConfig) -> "HostAttention":
+        layer = self.cfg.host_layer(cfg)
+        if host is None:
+            raise ValueError(
+                "initializer.initialize_lorsa_with_mhsa / initialize_W_D_with_active_subspace need the host model's "
+                f"attention layer {layer}: give the run a `model` (train_sae / train_lorsa read it)"
+            )
+        if host.layer != layer:
+            raise ValueError(f"initializer.model_layer is {layer}, but the host attention given is layer {host.layer}")
+        return host
 
     @torch.no_grad()
     def _initialize_from_batch(self, model: SparseDictionary, batch: Batch, steps: InitializationSteps) -> None:

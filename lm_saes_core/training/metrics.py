@@ -1,13 +1,37 @@
 """Training statistics: the per-window metrics of spec 4.9 and the dead-latent counters that Aux-K needs.
 
-Window values stay on the device as tensors and are read back once per report, so logging costs one sync.
+Window values stay on the device as tensors and are read back once per report, so logging costs one sync. What both
+need of a step's feature activations, how often each feature fired and their sum, is counted once per step
+(`FeatureActivity`): from the selection of the sparse TopK path when the dictionary kept it, else in one pass over the
+dense activations.
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from lm_saes_core.evaluation.frequency import frequency_counts
+
+
+class FeatureActivity(NamedTuple):
+    """What the dead-latent counter and the metric window need of one step's feature activations."""
+
+    counts: torch.Tensor  # (n_features,) float32: the tokens on which each feature is active (> 0)
+    total: torch.Tensor  # 0-d float32: the sum of every activation
+
+    @classmethod
+    def of(cls, model, feature_acts: torch.Tensor) -> "FeatureActivity":
+        """Counted from the selection the dictionary made (`model.feature_activity`, the sparse TopK path: O(tokens x
+        k)) when it knows the one that gave `feature_acts`; else from the dense activations (N, *feature_shape)."""
+        known = getattr(model, "feature_activity", None)
+        counted = known(feature_acts) if known is not None else None
+        if counted is not None:
+            return cls(*counted)
+        with torch.no_grad():
+            f = feature_acts.detach().reshape(-1, model.n_features)
+            # Activations are never negative, so active means non-zero; a float sum of 0/1 is exact below 2^24 rows.
+            return cls((f > 0).sum(0, dtype=torch.float32), f.sum(dtype=torch.float32))
 
 
 class DeadLatentStatistics:
@@ -23,14 +47,13 @@ class DeadLatentStatistics:
 
     def update(
         self,
-        feature_acts: torch.Tensor,
+        activity: FeatureActivity,
         n_tokens: int,
         combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
-        """`feature_acts` (N, *feature_shape); `combine` ORs the fired flags over data-parallel ranks, whose
-        `feature_acts` are slices of one batch."""
-        n_features = self.tokens_since_last_activation.shape[0]
-        fired = (feature_acts.reshape(-1, n_features) > 0).any(dim=0)
+        """`activity` of one step's features; `combine` ORs the fired flags over data-parallel ranks, whose
+        activities are of slices of one batch."""
+        fired = activity.counts > 0
         if combine is not None:
             fired = combine(fired)
         counter = self.tokens_since_last_activation
@@ -82,8 +105,11 @@ class MetricWindow:
         self.maxima[key] = torch.maximum(self.maxima[key], value) if key in self.maxima else value
 
     @torch.no_grad()
-    def update(self, out, grad_norm_before: torch.Tensor, grad_norm_after: torch.Tensor) -> None:
-        """`out` is the model's LossOutput; label, reconstruction and feature acts hold the valid tokens only."""
+    def update(
+        self, out, activity: FeatureActivity, grad_norm_before: torch.Tensor, grad_norm_after: torch.Tensor
+    ) -> None:
+        """`out` is the model's LossOutput (label, reconstruction and feature acts hold the valid tokens only),
+        `activity` that of its feature acts."""
         self.steps += 1
         self._add("losses/overall_loss", out.loss)
         for name, value in out.terms.items():
@@ -92,21 +118,19 @@ class MetricWindow:
         outputs = (-1, self.n_outputs, width) if self.n_outputs > 1 else (-1, width)
         y = out.label.reshape(outputs).float()
         y_hat = out.reconstructed.reshape(outputs).float()
-        f = out.feature_acts.reshape(-1, self.n_features).float()
-        error = (y_hat - y).square().sum(-1)  # (N,) or (N, hooks)
-        spread = (y - y.mean(0)).square().sum(-1)  # (N,) or (N, hooks)
+        error = (y_hat - y).square_().sum(-1)  # (N,) or (N, hooks); squared in place: one temporary, not two
+        spread = (y - y.mean(0)).square_().sum(-1)  # (N,) or (N, hooks)
         self._add("metrics/explained_variance", 1 - error.mean() / spread.mean())
         self._add("metrics/explained_variance_legacy", (1 - error / spread).mean())
         if self.group_statistics is not None:
             for key, value in self.group_statistics(out.label, out.reconstructed, out.feature_acts).items():
                 self._add(key, value)
-        active = f > 0
-        self._add("metrics/mean_feature_act", f.sum() / active.sum().clamp(min=1))
+        self._add("metrics/mean_feature_act", activity.total / activity.counts.sum().clamp(min=1))
         l2_error = error.sqrt().mean()
         self._add("metrics/l2_norm_error", l2_error)
         self._add("metrics/l2_norm_error_ratio", l2_error / y.norm(dim=-1).mean())
-        self.active_counts += active.sum(0)
-        self.tokens += f.shape[0]
+        self.active_counts += activity.counts
+        self.tokens += y.shape[0]
         self._max("metrics/gradient_norm_per_param", grad_norm_after)
         self._max("metrics/gradient_norm_before_clipping", grad_norm_before)
 

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import logging
 import math
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 
 from lm_saes_core.config import ConfigError
 from lm_saes_core.models import LossCoefficients, SparseDictionary, load_sparse_dictionary
-from lm_saes_core.training.batches import Batch, count_tokens, to_device
+from lm_saes_core.training.batches import Batch, Prefetched, count_tokens, to_device
 from lm_saes_core.training.checkpoint import (
     capture_rng_states,
     find_latest_checkpoint,
@@ -32,7 +33,7 @@ from lm_saes_core.training.checkpoint import (
 )
 from lm_saes_core.training.config import TrainerConfig
 from lm_saes_core.training.data_parallel import DataParallel
-from lm_saes_core.training.metrics import DeadLatentStatistics, MetricWindow
+from lm_saes_core.training.metrics import DeadLatentStatistics, FeatureActivity, MetricWindow
 from lm_saes_core.training.optim import build_optimizer, build_scheduler, clip_rms_grad_norm_
 from lm_saes_core.training.schedules import annealed_k, checkpoint_steps, resolve_steps, warmup_factor
 
@@ -54,6 +55,8 @@ class TrainResult:
     last_metrics: dict[str, float] = field(default_factory=dict)
     reused: bool = False
     """True when a finished run with identical settings was found and nothing was trained."""
+    resumed_from_step: int | None = None
+    """The step of the checkpoint this run continued from; None when it started from step 0."""
 
 
 @dataclass
@@ -68,9 +71,12 @@ class _Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig, data_parallel: DataParallel | None = None):
-        """`data_parallel`: this process's place in a torchrun launch (see `training.data_parallel`); None alone."""
+    def __init__(self, cfg: TrainerConfig, data_parallel: DataParallel | None = None, prefetch: int = 2):
+        """`data_parallel`: this process's place in a torchrun launch (see `training.data_parallel`); None alone.
+        `prefetch`: batches a background thread reads ahead of the step (`batches.Prefetched`); 0 reads each batch
+        in the training thread when the step asks for it. The batches and their order are the same either way."""
         self.cfg = cfg
+        self.prefetch = prefetch
         self.dp = data_parallel
         self.is_main = data_parallel is None or data_parallel.is_main
         self.world_size = 1 if data_parallel is None else data_parallel.world_size
@@ -86,9 +92,11 @@ class Trainer:
         wandb_run: Any = None,
         resume_from: str | Path | None = None,
         progress_bar: tuple[str, int] = ("training", 0),
+        run_settings: dict[str, Any] | None = None,
     ) -> TrainResult:
         """Train any kind of dictionary on `stream`. `progress_bar`: the progress bar's label and line (a sweep gives
-        each item its own)."""
+        each item its own). `run_settings`: the run's settings, recorded in every checkpoint so that a later run can
+        tell whether a checkpoint is its own."""
         cfg = self.cfg
         model.check_loss(cfg.loss)
         if self.dp is not None:
@@ -105,10 +113,13 @@ class Trainer:
         saves = [s for s in planned if s > progress.step]
         window = MetricWindow(model.n_features, model.cfg.device, len(model.cfg.hooks_out), model.group_statistics)
         result = TrainResult(progress.step, T, progress.n_tokens, False, Path(cfg.exp_result_path))
+        if resume_from is not None:
+            result.resumed_from_step = progress.step
+        last_save = time.monotonic()
         label, line = progress_bar
         bar = tqdm(total=T, initial=progress.step, desc=label, position=line, unit="step", dynamic_ncols=True,
                    disable=not self.is_main)  # fmt: skip
-        with bar:
+        with bar, Prefetched(batches, self.prefetch) as batches:
             while progress.step < T:
                 batch = next(batches, None)
                 if batch is None:
@@ -141,11 +152,17 @@ class Trainer:
                         _log_console(progress.step, T, result.last_metrics)
                     if wandb_run is not None:
                         wandb_run.log(result.last_metrics, step=progress.step)
-                if saves and progress.step >= saves[0]:
+                planned_now = bool(saves) and progress.step >= saves[0]
+                if planned_now:
                     saves.pop(0)
+                periodic = not planned_now and progress.step < T and self._periodic_due(last_save)
+                if planned_now or periodic:
                     if self.is_main:
                         state = self._state(progress, optimizer, scheduler, dead, wandb_run)
-                        result.checkpoints.append(save_checkpoint(cfg.exp_result_path, progress.step, model, state))
+                        path = save_checkpoint(cfg.exp_result_path, progress.step, model, state,
+                                               run_settings=run_settings, periodic=periodic)  # fmt: skip
+                        result.checkpoints.append(path)
+                    last_save = time.monotonic()
 
         result.steps, result.n_tokens = progress.step, progress.n_tokens
         model.batch_kth = None  # the process group's search is for training steps only
@@ -183,8 +200,9 @@ class Trainer:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        dead.update(out.feature_acts, n_tokens, combine=self.dp.any if self.dp is not None else None)
-        window.update(out, grad_norm, clipped_norm)
+        activity = FeatureActivity.of(model, out.feature_acts)
+        dead.update(activity, n_tokens, combine=self.dp.any if self.dp is not None else None)
+        window.update(out, activity, grad_norm, clipped_norm)
         return out, loss_value, lr, coefficients
 
     def _start(self, model, batches: Iterator[Batch], optimizer):
@@ -226,6 +244,10 @@ class Trainer:
         restore_rng_states(state["rng"])
         logger.info("resumed from %s at step %d of %d", path, progress.step, progress.total_steps)
         return batches, progress, scheduler
+
+    def _periodic_due(self, last_save: float) -> bool:
+        minutes = self.cfg.checkpoint_every_minutes
+        return minutes is not None and time.monotonic() - last_save >= minutes * 60
 
     def _warn_about_schedule_overlap(self, total_steps: int) -> None:
         cfg = self.cfg

@@ -1,0 +1,128 @@
+"""Reading cached activations against a plain sequential read of the same chunk files (the physical limit).
+
+"Sequential read" reads every chunk file of the hook points, in stored order, into one reused buffer (`readinto`):
+what the disk (or the page cache) gives. "Reader" is `CachedActivations.iterate` in a shuffled chunk order, each
+chunk decoded to tensors on the training device (on CPU every page of them touched, so lazily mapped bytes count only
+once read). "Training stream" is the activation factory as training uses it: the reader, 2-D chunks flattened to
+1-D tokens, a 32,768-row shuffle buffer and batches of 4,096 tokens, on the device. Rates are chunk-file bytes per
+second (the training stream drops padding and BOS tokens, so it moves fewer bytes than it reads), medians of
+interleaved rounds. The files sit in the page cache after the warm-up pass (dropping it needs root and disturbs
+other work), so the limit is memory bandwidth: the tightest test of the reader's own overhead.
+
+    python benchmarks/cache_reader.py [--cache .lm_saes/quickstart/activations] [--hooks H ...] [--rounds 5]
+        [--device cpu] [--workers 2]
+"""
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from lm_saes_core.activation.config import ActivationFactoryConfig
+from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.activation.reader import CachedActivations
+
+
+def chunk_files(cache: CachedActivations) -> list[Path]:
+    return [cache.chunk_file(hook, chunk["name"]) for chunk in cache.chunks for hook in cache.hook_points]
+
+
+def sequential_read(files: list[Path]) -> float:
+    """Seconds to read every file into one reused buffer."""
+    buffer = bytearray(max(path.stat().st_size for path in files))
+    view = memoryview(buffer)
+    started = time.perf_counter()
+    for path in files:
+        with open(path, "rb", buffering=0) as handle:
+            size = path.stat().st_size
+            read = 0
+            while read < size:
+                read += handle.readinto(view[read:size])
+    return time.perf_counter() - started
+
+
+def touch(tensor: torch.Tensor) -> None:
+    """Read one element per 4 KiB page, so a lazily mapped tensor is really read (a no-op cost once it is)."""
+    flat = tensor.reshape(-1)
+    flat[:: max(1, 4096 // tensor.element_size())].sum()
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def reader(cache: CachedActivations, device: str, workers: int, epoch: int) -> float:
+    started = time.perf_counter()
+    for item in cache.iterate(device=device, num_workers=workers, shuffle_seed=0, epoch=epoch):
+        if not device.startswith("cuda"):
+            for value in item.values():
+                touch(value)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def training_stream(cache: CachedActivations, device: str, workers: int, epoch: int) -> float:
+    source = {"type": "activations", "name": "cache", "path": str(cache.root), "shuffle_chunks": True,
+              "device": device, "num_workers": workers}  # fmt: skip
+    cfg = ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=cache.hook_points,
+                                  batch_size=4096, buffer_size=32768, buffer_shuffle={"perm_seed": 0})  # fmt: skip
+    started = time.perf_counter()
+    for batch in ActivationFactory(cfg).process(epoch=epoch):
+        if not device.startswith("cuda"):
+            for value in batch.values():
+                touch(value)
+    synchronize(device)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cache", default=".lm_saes/quickstart/activations")
+    parser.add_argument("--hooks", nargs="+", default=None, help="hook points to read (default: all of the cache's)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=2, help="reader threads (the source's num_workers)")
+    args = parser.parse_args()
+    if not (Path(args.cache) / "manifest.json").exists():
+        raise SystemExit(
+            f"no activation cache at {args.cache}: make one with `lm-saes quickstart` or `lm-saes generate`"
+        )
+    cache = CachedActivations(args.cache, hook_points=args.hooks)
+    files = chunk_files(cache)
+    n_bytes = sum(path.stat().st_size for path in files)
+    seconds: dict[str, list[float]] = {"raw": [], "reader": [], "stream": []}
+    sequential_read(files)  # warm-up: the page cache, the allocator, the threads
+    reader(cache, args.device, args.workers, 0)
+    for round_ in range(args.rounds):
+        seconds["raw"].append(sequential_read(files))
+        seconds["reader"].append(reader(cache, args.device, args.workers, round_))
+        seconds["stream"].append(training_stream(cache, args.device, args.workers, round_))
+    rates = {name: n_bytes / statistics.median(values) for name, values in seconds.items()}
+    device = (
+        torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    )
+    table = Table(
+        title=f"Cached activations: {len(cache.chunks)} chunks x {len(cache.hook_points)} hook points "
+        f"({n_bytes / 2**20:,.0f} MiB, {cache.dtype}, {cache.layout}) from {args.cache}; {args.workers} reader "
+        f"threads; {device}; page cache warm; median of {args.rounds} interleaved rounds"
+    )
+    for column in ("contender", "MiB/s", "s per pass (each round)", "vs sequential read"):
+        table.add_column(column, justify="left" if column == "contender" else "right")
+    labels = {
+        "raw": "sequential read of the chunk files (readinto one buffer)",
+        "reader": f"CachedActivations.iterate, shuffled chunks, decoded on {args.device}",
+        "stream": f"training stream: + 1-D tokens, 32,768-row shuffle buffer, batches of 4,096 on {args.device}",
+    }
+    for name, label in labels.items():
+        runs = " ".join(f"{value:.2f}" for value in seconds[name])
+        table.add_row(label, f"{rates[name] / 2**20:,.0f}", runs, f"{rates[name] / rates['raw']:.2f}")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""The training loop's fast paths give exactly what the plain paths give: the prefetching stream (same batches, same
+order, same errors), the reused shuffle buffer (the batches of concatenate-then-permute), the one-read safetensors
+reader (the tensors of `safetensors.torch.load_file`), the feature activity counted from the sparse selection (the
+dense count), a run with prefetching (the weights and metrics of a run without), and the feature analysis from the
+sparse selection (the analysis of the dense activations)."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from lm_saes_core.activation.buffer import ActivationBatcher, concat_items, n_rows, take_rows
+from lm_saes_core.activation.config import ActivationFactoryConfig, BufferShuffleConfig
+from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.activation.reader import read_safetensors
+from lm_saes_core.activation.writer import ActivationWriter, ActivationWriterConfig
+from lm_saes_core.analysis import FeatureAnalyzer, FeatureAnalyzerConfig
+from lm_saes_core.analysis.feature_analyzer import SparseFeatureActs, encode_contexts
+from lm_saes_core.models import CLTConfig, CrossCoderConfig, LossConfig, SAEConfig, SparseDictionary
+from lm_saes_core.training import Trainer, TrainerConfig
+from lm_saes_core.training.batches import Prefetched
+from lm_saes_core.training.metrics import FeatureActivity
+
+HOOK = "blocks.1.hook_resid_post"
+D = 16
+
+
+def cache_items(n_items: int = 12, rows: int = 4, context: int = 8, seed: int = 0):
+    """2-D items as the factory writes them; the first position of every row is masked out (BOS)."""
+    generator = torch.Generator().manual_seed(seed)
+    for index in range(n_items):
+        mask = torch.ones(rows, context, dtype=torch.bool)
+        mask[:, 0] = False
+        mask[index % rows, -(index % 3) :] = False  # rows of different lengths
+        yield {
+            HOOK: torch.randn(rows, context, D, generator=generator) * 3,
+            "tokens": torch.randint(3, 1000, (rows, context), generator=generator),
+            "mask": mask,
+            "attention_mask": torch.ones(rows, context, dtype=torch.bool),
+            "doc_index": torch.full((rows, context), index),
+            "doc_position": torch.arange(context).repeat(rows, 1),
+            "source_idx": torch.zeros(rows, context, dtype=torch.long),
+        }
+
+
+@pytest.fixture
+def cache(tmp_path):
+    cfg = ActivationWriterConfig(hook_points=[HOOK], cache_dir=str(tmp_path / "cache"), n_samples_per_chunk=4)
+    ActivationWriter(cfg, provenance={"dataset_name": "synthetic"}).write(cache_items())
+    return tmp_path / "cache"
+
+
+def factory_stream(cache, epoch: int = 0):
+    cfg = ActivationFactoryConfig(
+        sources=[{"type": "activations", "name": "c", "path": str(cache), "shuffle_chunks": True}],
+        target="activations-1d", hook_points=[HOOK], batch_size=24, buffer_size=96, buffer_shuffle={"perm_seed": 3},
+    )  # fmt: skip
+    return ActivationFactory(cfg).process(epoch=epoch)
+
+
+def assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------- prefetching
+
+
+def test_prefetched_stream_yields_the_same_batches_in_the_same_order(cache):
+    plain = list(factory_stream(cache))
+    for depth in (0, 1, 3):
+        with Prefetched(factory_stream(cache), depth) as prefetched:
+            assert_same_batches(plain, list(prefetched))
+        assert next(prefetched, None) is None  # exhausted stays exhausted
+
+
+def test_prefetched_stream_raises_the_error_where_the_batch_would_have_been():
+    def failing():
+        yield {"x": torch.zeros(1)}
+        yield {"x": torch.ones(1)}
+        raise OSError("disk gone")
+
+    with Prefetched(failing(), 2) as prefetched:
+        assert next(prefetched)["x"].item() == 0
+        assert next(prefetched)["x"].item() == 1
+        with pytest.raises(OSError, match="disk gone"):
+            next(prefetched)
+
+
+def test_closing_a_prefetched_stream_stops_its_thread_and_leaves_the_stream_usable():
+    endless = ({"x": torch.tensor([i])} for i in itertools.count())
+    prefetched = Prefetched(endless, 2)
+    assert [next(prefetched)["x"].item() for _ in range(3)] == [0, 1, 2]
+    prefetched.close()
+    assert not prefetched._thread.is_alive()
+    following = next(endless)["x"].item()  # the owner reads on: nothing was lost beyond what was read ahead
+    assert 3 <= following <= 3 + 2 + 1
+
+
+# ---------------------------------------------------------------- the shuffle buffer
+
+
+def concatenate_then_permute(batch_size: int, buffer_size: int | None, seed: int, items):
+    """The batcher as it was before it reused its memory: the reference for its batches."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def permute(buffer):
+        return take_rows(buffer, torch.randperm(n_rows(buffer), generator=generator))
+
+    pending, rows, threshold = [], 0, buffer_size or batch_size
+    for item in items:
+        pending.append(item)
+        rows += n_rows(item)
+        if rows < threshold:
+            continue
+        buffer, start = concat_items(pending), 0
+        if buffer_size is not None:
+            buffer = permute(buffer)
+        keep = batch_size if buffer_size is None else max(buffer_size // 2, batch_size)
+        while rows - start >= keep:
+            yield take_rows(buffer, slice(start, start + batch_size))
+            start += batch_size
+        pending = [take_rows(buffer, slice(start, rows))] if start < rows else []
+        rows -= start
+    if rows:
+        buffer = concat_items(pending)
+        if buffer_size is not None:
+            buffer = permute(buffer)
+        for start in range(0, rows, batch_size):
+            yield take_rows(buffer, slice(start, start + batch_size))
+
+
+def test_shuffle_buffer_gives_the_batches_of_concatenate_then_permute():
+    rng = random.Random(0)
+    for _ in range(200):
+        batch_size = rng.randint(1, 20)
+        buffer_size = rng.choice([None, batch_size, batch_size + rng.randint(1, 100)])
+        seed = rng.randint(0, 5)
+        sizes = [rng.randint(0, 60) for _ in range(rng.randint(0, 30))]
+
+        def items(sizes=sizes):
+            start = 0
+            for n in sizes:
+                rows = torch.arange(start, start + n)
+                yield {"x": torch.randn(n, 3), "tokens": rows, "mask": rows % 2 == 0}
+                start += n
+
+        torch.manual_seed(0)
+        expected = list(concatenate_then_permute(batch_size, buffer_size, seed, items()))
+        torch.manual_seed(0)
+        batcher = ActivationBatcher(batch_size, buffer_size, BufferShuffleConfig(perm_seed=seed))
+        assert_same_batches(expected, list(batcher(items())))
+
+
+def test_shuffle_buffer_refuses_items_with_other_keys():
+    batcher = ActivationBatcher(2, 8)
+    items = [{"x": torch.zeros(3), "y": torch.zeros(3)}, {"x": torch.zeros(3)}]
+    with pytest.raises(ValueError, match="same keys"):
+        list(batcher(items))
+
+
+# ---------------------------------------------------------------- reading chunk files
+
+
+def test_one_read_safetensors_gives_the_tensors_of_load_file(tmp_path):
+    tensors = {
+        "flags": torch.tensor([True, False, True]),  # 3 bytes: what follows is not aligned by itself
+        "half": torch.randn(3, 5).to(torch.bfloat16),
+        "ids": torch.arange(7),
+        "empty": torch.empty(0, 4),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "bytes": torch.arange(5, dtype=torch.uint8),
+    }
+    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"chunk": "x"})
+    expected, read = load_file(str(tmp_path / "t.safetensors")), read_safetensors(tmp_path / "t.safetensors")
+    assert read.keys() == expected.keys()
+    for name, value in expected.items():
+        assert read[name].dtype == value.dtype and read[name].shape == value.shape, name
+        assert torch.equal(read[name], value), name
+
+
+# ---------------------------------------------------------------- feature activity
+
+
+def dense_activity(feature_acts: torch.Tensor, n_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    f = feature_acts.detach().reshape(-1, n_features)
+    return (f > 0).sum(0).float(), f.sum()
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SAEConfig(d_model=D, d_sae=64, hook_point_in=HOOK, hook_point_out=HOOK, act_fn="topk", top_k=4,
+                  norm_activation="inference"),
+        SAEConfig(d_model=D, d_sae=64, hook_point_in=HOOK, hook_point_out=HOOK, act_fn="batchtopk", top_k=4,
+                  sparsity_include_decoder_norm=True, norm_activation="inference"),
+        CrossCoderConfig(d_model=D, d_sae=48, heads=["a", "b", "c"], act_fn="topk", top_k=3,
+                         norm_activation="inference"),
+        CLTConfig(d_model=D, d_sae=32, hook_points_in=["i0", "i1"], hook_points_out=["o0", "o1"], act_fn="layertopk",
+                  top_k=6, norm_activation="inference"),
+        CLTConfig(d_model=D, d_sae=32, hook_points_in=["i0", "i1"], hook_points_out=["o0", "o1"],
+                  act_fn="batchlayertopk", top_k=6, norm_activation="inference"),
+    ],
+    ids=["sae-topk", "sae-batchtopk-gated", "crosscoder-topk", "clt-layertopk", "clt-batchlayertopk"],
+)  # fmt: skip
+def test_activity_from_the_sparse_selection_is_the_dense_count(config):
+    torch.manual_seed(0)
+    model = SparseDictionary.from_config(config)
+    model.sparse_kernels = True
+    batch = {hook: torch.randn(200, D) for hook in config.hook_points}
+    out = model.compute_loss(batch, LossConfig().coefficients())
+    counted = model.feature_activity(out.feature_acts)
+    assert counted is not None  # the sparse path kept its selection
+    counts, total = counted
+    dense_counts, dense_total = dense_activity(out.feature_acts, model.n_features)
+    assert torch.equal(counts, dense_counts)
+    assert total.item() == pytest.approx(dense_total.item(), rel=1e-5)
+    assert FeatureActivity.of(model, out.feature_acts).counts is not None
+    assert model.feature_activity(out.feature_acts.clone()) is None  # another tensor: counted densely
+    assert torch.equal(FeatureActivity.of(model, out.feature_acts.clone()).counts, dense_counts)
+
+
+# ---------------------------------------------------------------- a run
+
+
+def test_a_run_with_prefetching_equals_one_without(cache, tmp_path):
+    def run(prefetch: int, out: str):
+        torch.manual_seed(0)
+        cfg = SAEConfig(
+            d_model=D,
+            d_sae=64,
+            hook_point_in=HOOK,
+            hook_point_out=HOOK,
+            act_fn="topk",
+            top_k=4,
+            norm_activation="inference",
+        )
+        model = SparseDictionary.from_config(cfg)
+        trainer_cfg = TrainerConfig(
+            loss=LossConfig(auxk_coefficient=1 / 32, k_aux=8, dead_threshold=48), lr=1e-3,
+            total_training_tokens=24 * 12, log_frequency=4, n_checkpoints=0, exp_result_path=str(tmp_path / out),
+        )  # fmt: skip
+        stream = itertools.chain.from_iterable(factory_stream(cache, epoch) for epoch in itertools.count())
+        result = Trainer(trainer_cfg, prefetch=prefetch).fit(model, stream)
+        return model.state_dict(), result.last_metrics
+
+    (plain, plain_metrics), (prefetched, prefetched_metrics) = run(0, "plain"), run(3, "prefetched")
+    assert plain_metrics == prefetched_metrics and "losses/aux_loss" in plain_metrics
+    for name, value in plain.items():
+        assert torch.equal(value, prefetched[name]), name
+
+
+# ---------------------------------------------------------------- analysis
+
+
+def assert_same_analyses(expected, actual) -> None:
+    assert len(expected) == len(actual)
+    for a, b in zip(expected, actual, strict=True):
+        for name in ("act_times", "n_analyzed_tokens", "max_feature_acts", "mean_feature_acts"):
+            assert getattr(a, name) == getattr(b, name), name
+        assert np.array_equal(a.histogram_counts, b.histogram_counts)
+        for pool_a, pool_b in zip(a.samples, b.samples, strict=True):
+            assert pool_a.name == pool_b.name and pool_a.dataset == pool_b.dataset
+            for field in ("tokens", "activations", "lengths", "doc_index", "doc_position"):
+                assert np.array_equal(getattr(pool_a, field), getattr(pool_b, field)), (pool_a.name, field)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SAEConfig(d_model=D, d_sae=64, hook_point_in=HOOK, hook_point_out=HOOK, act_fn="topk", top_k=4,
+                  norm_activation="inference"),
+        SAEConfig(d_model=D, d_sae=64, hook_point_in=HOOK, hook_point_out=HOOK, act_fn="batchtopk", top_k=4,
+                  sparsity_include_decoder_norm=True, norm_activation="inference"),
+        CLTConfig(d_model=D, d_sae=32, hook_points_in=["i0", "i1"], hook_points_out=["o0", "o1"], act_fn="layertopk",
+                  top_k=6, norm_activation="inference"),
+    ],
+    ids=["sae-topk", "sae-batchtopk", "clt-layertopk"],
+)  # fmt: skip
+def test_analysis_from_the_sparse_selection_equals_the_dense_one(config):
+    torch.manual_seed(0)
+    model = SparseDictionary.from_config(config)
+    if config.act_fn == "batchtopk":
+        model.activation_function.topk_threshold.fill_(0.3)  # the inference threshold
+    items = [
+        {
+            **{hook: torch.randn(6, 8, D) * 2 for hook in config.hook_points},
+            **{k: v for k, v in item.items() if k != HOOK},
+        }
+        for item in cache_items(n_items=5, rows=6)
+    ]
+    analyzer = FeatureAnalyzer(FeatureAnalyzerConfig(total_analyzing_tokens=10_000, n_top=3, n_non_activating=2))
+    assert isinstance(encode_contexts(model.eval(), items[0]), SparseFeatureActs)  # the sparse path is taken
+    sparse = analyzer.analyze(model, items, progress=False)
+    dense = analyzer.analyze_features(
+        items, lambda item: model.eval().encode_batch({h: item[h] for h in config.hook_points}),
+        n_features=model.n_features, progress=False,
+    )  # fmt: skip
+    assert_same_analyses(dense, sparse)
