@@ -121,7 +121,7 @@ def main() -> None:
     for name, label in labels.items():
         runs = " ".join(f"{value:.2f}" for value in seconds[name])
         table.add_row(label, f"{rates[name] / 2**20:,.0f}", runs, f"{rates[name] / rates['raw']:.2f}")
-    Console().print(table)
+    Console(width=140).print(table)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ def main() -> None:
             raise SystemExit("no CUDA device: run on a GPU machine, or pass --smoke to check the parts on the CPU")
     outcomes = []
     for title, (script, *arguments), limit in parts(args.smoke):
+        title = f"{title} (smoke: tiny sizes, CPU)" if args.smoke else title
         print(f"\n=== {title}: {script} {' '.join(arguments)} (limit {limit} s)", flush=True)
         started = time.perf_counter()
         try:

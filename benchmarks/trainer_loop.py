@@ -101,15 +101,15 @@ KINDS = {
 
 def synthetic_kind(d_model: int, d_sae: int, k: int, n_tokens: int, directory: Path) -> Kind:
     """An SAE of any size on a cache written here with the project's writer: 2-D contexts of 128 positions (the
-    first masked, as BOS is), each token a sparse sum of 64 random directions out of 4 * d_model plus noise."""
+    first masked, as BOS is), each token a random mix of 64 fixed directions plus noise (cheap to make)."""
     generator = torch.Generator().manual_seed(0)
-    directions = torch.randn(4 * d_model, d_model, generator=generator) / d_model**0.5
+    directions = torch.randn(64, d_model, generator=generator)
 
     def items() -> Iterator[dict[str, torch.Tensor]]:
         rows, context = 64, 128
         for index in range(-(-n_tokens // (rows * context))):
-            codes = torch.rand(rows * context, len(directions), generator=generator).lt_(64 / len(directions))
-            activation = codes.float() @ directions + 0.1 * torch.randn(rows * context, d_model, generator=generator)
+            mix = torch.randn(rows * context, len(directions), generator=generator).relu_()
+            activation = mix @ directions + 0.5 * torch.randn(rows * context, d_model, generator=generator)
             mask = torch.ones(rows, context, dtype=torch.bool)
             mask[:, 0] = False
             yield {SYNTHETIC_HOOK: activation.reshape(rows, context, d_model),
@@ -129,15 +129,16 @@ def synthetic_kind(d_model: int, d_sae: int, k: int, n_tokens: int, directory: P
     return Kind(f"SAE {d_model} x {d_sae}, TopK k {k} (synthetic cache)", directory, "", config)
 
 
-def factory_config(kind: Kind, batch: int) -> ActivationFactoryConfig:
-    """As configs/quickstart/train.yaml reads its cache: chunks shuffled, 1-D tokens, a 32,768-row shuffle buffer."""
-    source = {"type": "activations", "name": "cache", "path": str(kind.cache), "shuffle_chunks": True}
+def factory_config(kind: Kind, batch: int, device: str) -> ActivationFactoryConfig:
+    """As configs/quickstart/train.yaml reads its cache: chunks shuffled, 1-D tokens, a 32,768-row shuffle buffer;
+    the chunks go to the training device as they are read, so flattening and shuffling run there."""
+    source = {"type": "activations", "name": "cache", "path": str(kind.cache), "shuffle_chunks": True, "device": device}
     return ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=kind.hooks(),
                                    batch_size=batch, buffer_size=32768, buffer_shuffle={"perm_seed": 0})  # fmt: skip
 
 
-def stream(kind: Kind, batch: int) -> Iterator[dict[str, torch.Tensor]]:
-    return ActivationFactory(factory_config(kind, batch)).process()
+def stream(kind: Kind, batch: int, device: str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+    return ActivationFactory(factory_config(kind, batch, device)).process()
 
 
 def dataset_norms(kind: Kind) -> dict[str, float]:
@@ -178,7 +179,7 @@ def run_trainer(
         trainer = Trainer(trainer_config(steps, batch, out), prefetch=prefetch)
         synchronize(device)
         started = time.perf_counter()
-        result = trainer.fit(model, stream(kind, batch), progress_bar=("trainer loop", 0))
+        result = trainer.fit(model, stream(kind, batch, device), progress_bar=("trainer loop", 0))
         synchronize(device)
         elapsed = time.perf_counter() - started
     assert result.steps == steps, result
@@ -231,7 +232,7 @@ def compare(kind: Kind, args: argparse.Namespace, console: Console) -> None:
     if args.profile:
         profile(kind, norms, args.steps, args.batch, args.device)
         return
-    batches = [b for b, _ in zip(stream(kind, args.batch), range(args.steps), strict=False)]
+    batches = [b for b, _ in zip(stream(kind, args.batch, args.device), range(args.steps), strict=False)]
     assert len(batches) == args.steps, f"the cache holds only {len(batches)} batches of {args.batch}"
     batches = [{key: value.to(args.device) for key, value in batch.items()} for batch in batches]
     contenders: dict[str, Callable[[], tuple[float, SparseDictionary]]] = {

@@ -20,6 +20,7 @@ from dagster._core.storage.tags import ASSET_PARTITION_RANGE_END_TAG as RANGE_EN
 from dagster._core.storage.tags import ASSET_PARTITION_RANGE_START_TAG as RANGE_START
 
 from lm_saes_core.analysis.autointerp.local_server import (
+    LOCAL_MODEL_NAME,
     LocalLLMServer,
     LocalServerUnavailableError,
     start_local_server,
@@ -212,7 +213,7 @@ def local_llm(pipeline: str, log_path: Path) -> LocalLLMServer | None:
     """The bundled model's server, started when `pipeline` interprets features and no endpoint is configured (its
     URL then goes to `$LM_SAES_LLM_BASE_URL` for this process); None when an endpoint is configured or the server
     cannot run here (the interpretations are then skipped, and the message says why)."""
-    from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV, resolve_auto_interp
+    from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV, LLM_MODEL_ENV, resolve_auto_interp
     from lm_saes_dagster.definitions import pipeline_config
 
     cfg = pipeline_config(pipeline)
@@ -224,6 +225,7 @@ def local_llm(pipeline: str, log_path: Path) -> LocalLLMServer | None:
         print(f"no LLM endpoint configured and the bundled one cannot start ({exc}); interpretations are skipped")
         return None
     os.environ[LLM_BASE_URL_ENV] = server.base_url
+    os.environ[LLM_MODEL_ENV] = LOCAL_MODEL_NAME  # what the records and the summary name as the labeller
     print(
         f"No LLM endpoint configured: features are labelled by the bundled SmolLM2-135M-Instruct, served by llama.cpp "
         f"at {server.base_url} (pid {server.process.pid}, log {log_path}) until this run ends. A 135M model's labels "

@@ -1,21 +1,23 @@
 """The training loop's fast paths give exactly what the plain paths give: the prefetching stream (same batches, same
-order, same errors), the reused shuffle buffer (the batches of concatenate-then-permute), the one-read safetensors
-reader (the tensors of `safetensors.torch.load_file`), the feature activity counted from the sparse selection (the
+order, same errors), the reused shuffle buffer (the batches of concatenate-then-permute), the chunk reader (the
+sizes its sidecars recorded, the files' tensors), the feature activity counted from the sparse selection (the
 dense count), a run with prefetching (the weights and metrics of a run without), and the feature analysis from the
 sparse selection (the analysis of the dense activations)."""
 
 import itertools
+import json
 import random
 
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lm_saes_core.activation.buffer import ActivationBatcher, concat_items, n_rows, take_rows
+from lm_saes_core.activation.cache_format import ActivationCacheError
 from lm_saes_core.activation.config import ActivationFactoryConfig, BufferShuffleConfig
 from lm_saes_core.activation.factory import ActivationFactory
-from lm_saes_core.activation.reader import read_safetensors
+from lm_saes_core.activation.reader import CachedActivations, written_bytes
 from lm_saes_core.activation.writer import ActivationWriter, ActivationWriterConfig
 from lm_saes_core.analysis import FeatureAnalyzer, FeatureAnalyzerConfig
 from lm_saes_core.analysis.feature_analyzer import SparseFeatureActs, encode_contexts
@@ -168,21 +170,24 @@ def test_shuffle_buffer_refuses_items_with_other_keys():
 # ---------------------------------------------------------------- reading chunk files
 
 
-def test_one_read_safetensors_gives_the_tensors_of_load_file(tmp_path):
-    tensors = {
-        "flags": torch.tensor([True, False, True]),  # 3 bytes: what follows is not aligned by itself
-        "half": torch.randn(3, 5).to(torch.bfloat16),
-        "ids": torch.arange(7),
-        "empty": torch.empty(0, 4),
-        "scalar": torch.tensor(3.5, dtype=torch.float64),
-        "bytes": torch.arange(5, dtype=torch.uint8),
-    }
-    save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"chunk": "x"})
-    expected, read = load_file(str(tmp_path / "t.safetensors")), read_safetensors(tmp_path / "t.safetensors")
-    assert read.keys() == expected.keys()
-    for name, value in expected.items():
-        assert read[name].dtype == value.dtype and read[name].shape == value.shape, name
-        assert torch.equal(read[name], value), name
+def test_the_written_size_is_read_from_the_sidecars_head_or_from_the_whole_sidecar(cache, tmp_path):
+    chunk = cache / HOOK / "chunk-00000001.json"
+    sidecar = json.loads(chunk.read_text())
+    assert written_bytes(chunk) == sidecar["file_bytes"] == (cache / HOOK / "chunk-00000001.safetensors").stat().st_size
+    reordered = tmp_path / "reordered.json"  # file_bytes after 10 kB of token lists: the whole sidecar is parsed
+    reordered.write_text(json.dumps({"tokens": list(range(3000)), "file_bytes": 1234}))
+    assert written_bytes(reordered) == 1234
+    with pytest.raises(ActivationCacheError, match="missing file"):
+        written_bytes(tmp_path / "absent.json")
+
+
+def test_chunks_read_in_the_reader_threads_are_the_files_tensors(cache):
+    reader = CachedActivations(cache)
+    for chunk in reader.chunks:
+        expected = load_file(str(reader.chunk_file(HOOK, chunk["name"])))
+        item = reader.load_chunk(chunk)
+        assert torch.equal(item[HOOK], expected["activation"])
+        assert all(torch.equal(item[key], value) for key, value in expected.items() if key != "activation")
 
 
 # ---------------------------------------------------------------- feature activity
@@ -303,3 +308,45 @@ def test_analysis_from_the_sparse_selection_equals_the_dense_one(config):
         n_features=model.n_features, progress=False,
     )  # fmt: skip
     assert_same_analyses(dense, sparse)
+
+
+# ---------------------------------------------------------------- gated JumpReLU
+
+
+class RecomputingGatedJumpReLU(torch.autograd.Function):
+    """The gated JumpReLU as it was: the mask recomputed in backward, the window's three bounds tested apart."""
+
+    @staticmethod
+    def forward(ctx, x, norm, threshold, window):
+        ctx.save_for_backward(x, norm, threshold)
+        ctx.window = window
+        return x * (x > threshold / norm)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, norm, threshold = ctx.saved_tensors
+        grad_x = grad_output * (x > threshold / norm)
+        low, high = (threshold - ctx.window / 2) / norm, (threshold + ctx.window / 2) / norm
+        in_window = (x > low) & (x < high) & (x > 0)
+        grad_threshold = (grad_output * in_window).reshape(-1, *threshold.shape).sum(0) * (
+            -threshold / (ctx.window * norm)
+        )
+        return grad_x, None, grad_threshold, None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0.5, 2.0])
+def test_gated_jumprelu_keeps_its_mask_and_gives_the_same_values_and_gradients(dtype, window):
+    from lm_saes_core.models.activation_functions import gated_jumprelu
+
+    torch.manual_seed(0)
+    x, norm = (torch.randn(300, 50) * 0.3).to(dtype), (torch.rand(50) + 0.1).to(dtype)
+    threshold, grad = (torch.rand(50) * 0.2).to(dtype), torch.randn(300, 50).to(dtype)
+    results = []
+    for function in (RecomputingGatedJumpReLU.apply, gated_jumprelu):
+        inputs, thresholds = x.clone().requires_grad_(), threshold.clone().requires_grad_()
+        out = function(inputs, norm, thresholds, window)
+        out.backward(grad)
+        results.append((out.detach(), inputs.grad, thresholds.grad))
+    for expected, actual in zip(*results, strict=True):
+        assert torch.equal(expected, actual)

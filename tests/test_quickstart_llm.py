@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pipeline_fixtures import small_pipeline
 
-from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV
+from lm_saes_dagster.analysis_assets import LLM_BASE_URL_ENV, LLM_MODEL_ENV
 from lm_saes_dagster.materialize import local_llm
 
 
@@ -22,6 +22,8 @@ def pipelines(tmp_path, monkeypatch):
     monkeypatch.setenv(LLM_BASE_URL_ENV, "unset-by-the-test")
     monkeypatch.delenv(LLM_BASE_URL_ENV)
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.setenv(LLM_MODEL_ENV, "restored-by-the-test")
+    monkeypatch.delenv(LLM_MODEL_ENV)
     return directory
 
 
@@ -31,6 +33,7 @@ def test_without_an_endpoint_the_bundled_model_serves_the_run_and_is_stopped(pip
         pytest.skip(f"the bundled server cannot run here: {capsys.readouterr().out}")
     try:
         assert os.environ[LLM_BASE_URL_ENV] == server.base_url
+        assert os.environ[LLM_MODEL_ENV] == "smollm2-135m-instruct"  # not the default model name of auto_interp
         with urllib.request.urlopen(f"{server.base_url}/models", timeout=10) as response:
             assert response.status == 200
         told = capsys.readouterr().out

@@ -1,8 +1,7 @@
 """Reading cached activations: manifest-checked, chunk by chunk, with threads prefetching the next chunks."""
 
-import json
-import math
 import os
+import re
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,6 +11,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from lm_saes_core.activation.buffer import Item
 from lm_saes_core.activation.cache_format import (
@@ -25,52 +25,29 @@ from lm_saes_core.activation.cache_format import (
 from lm_saes_core.config import dtype_name
 
 REQUIRED_TENSORS = ("activation", "tokens")
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-}  # fmt: skip
+_FILE_BYTES = re.compile(rb'"file_bytes"\s*:\s*(\d+)')
 
 
-def _read_exactly(handle, buffer: memoryview) -> None:
-    done = 0
-    while done < len(buffer):
-        n = handle.readinto(buffer[done:])
-        if not n:
-            raise ValueError(f"the file ended {len(buffer) - done} bytes early")
-        done += n
+def written_bytes(sidecar: Path) -> int:
+    """The size a chunk file had when written, as its sidecar records it. The writer puts `file_bytes` before the
+    token lists that make up nearly all of a sidecar, so the head of the file is read, not the whole JSON (which
+    would cost about as much as reading the chunk itself); a sidecar laid out otherwise is parsed whole."""
+    try:
+        with open(sidecar, "rb") as handle:
+            head = handle.read(4096)
+    except FileNotFoundError:
+        raise ActivationCacheError(f"missing file {sidecar}") from None
+    match = _FILE_BYTES.search(head)
+    return int(match[1]) if match else read_json(sidecar)["file_bytes"]
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, read whole in one sequential read into one buffer that they view.
-
-    `safetensors.torch.load_file` maps the file and reads a page whenever a tensor first touches it: the reading
-    then happens wherever the tensors are first used (the training thread, one page fault per 4 KiB), not in the
-    reader's threads, and at a fraction of the speed of a plain read."""
-    with open(path, "rb", buffering=0) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        length = bytearray(8)
-        _read_exactly(handle, memoryview(length))
-        header_size = int.from_bytes(length, "little")
-        if header_size > size - 8:
-            raise ValueError(f"a header of {header_size} bytes in a file of {size}")
-        header = bytearray(header_size)
-        _read_exactly(handle, memoryview(header))
-        entries = json.loads(header)
-        data = torch.empty(size - 8 - header_size, dtype=torch.uint8)
-        _read_exactly(handle, memoryview(data.numpy()))
-    tensors = {}
-    for name, entry in entries.items():
-        if name == "__metadata__":
-            continue
-        dtype, (begin, end) = SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
-        item_size = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= begin <= end <= len(data) or end - begin != math.prod(entry["shape"]) * item_size:
-            raise ValueError(f"tensor {name!r} has offsets {begin}..{end}, which do not fit its shape and the file")
-        raw = data[begin:end]
-        if begin % item_size:  # a view of another dtype must start at a multiple of its size
-            raw = raw.clone()
-        tensors[name] = raw.view(dtype).reshape(entry["shape"])
-    return tensors
+def read_pages(tensors: dict[str, torch.Tensor]) -> None:
+    """Read every page of lazily mapped tensors now (one element per 4 KiB page), so that a reader thread, not the
+    one that first uses them, pays for reading the file: `safetensors.torch.load_file` maps the file and each page is
+    read on first touch. Mapping beats copying: the pages are the page cache's, and no fresh memory is faulted in."""
+    for tensor in tensors.values():
+        if tensor.numel():
+            tensor.reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()
 
 
 @dataclass(frozen=True)
@@ -161,18 +138,19 @@ class CachedActivations:
         return self.sources[hook].directory / f"{chunk}.{self.format}"
 
     def _load_file(self, path: Path, chunk: dict[str, Any], hook: str) -> dict[str, torch.Tensor]:
-        sidecar = read_json(path.with_suffix(".json"))
+        written = written_bytes(path.with_suffix(".json"))
         if not path.is_file():
             raise ActivationCacheError(f"chunk file missing: {path}")
         size = os.path.getsize(path)
-        if size != sidecar["file_bytes"]:
+        if size != written:
             raise ActivationCacheError(
-                f"chunk file {path} has {size} bytes but {sidecar['file_bytes']} were written: truncated or "
-                "replaced; delete the cache and regenerate it"
+                f"chunk file {path} has {size} bytes but {written} were written: truncated or replaced; delete the "
+                "cache and regenerate it"
             )
         try:
             if self.format == "safetensors":
-                tensors = read_safetensors(path)
+                tensors = load_file(str(path))
+                read_pages(tensors)
             else:
                 tensors = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # corrupted bytes surface as many exception types

@@ -476,12 +476,14 @@ class FeatureAnalysisState:
         histogram = self.histogram.view(self.n_features, -1).cpu().numpy()
         edges = self.histogram_edges.cpu().numpy()
         pools = [(name, *self._pool_arrays(pool, source_names)) for name, pool in self.pools.items() if pool.capacity]
+        # Plain lists where a row is read per feature: slicing a list is much cheaper than a NumPy row's .tolist().
+        pools = [(name, counts.tolist(), (*arrays[:-1], arrays[-1].tolist())) for name, counts, arrays in pools]
 
         analyses = []
         for i in range(self.n_features):
             samples = []
             for name, counts, (tokens, acts, lengths, doc_index, doc_position, dataset) in pools:
-                n = int(counts[i])
+                n = counts[i]
                 samples.append(
                     FeatureSamples(
                         name=name,
@@ -490,7 +492,7 @@ class FeatureAnalysisState:
                         lengths=lengths[i, :n],
                         doc_index=doc_index[i, :n],
                         doc_position=doc_position[i, :n],
-                        dataset=dataset[i, :n].tolist(),
+                        dataset=dataset[i][:n],
                     )
                 )
             analyses.append(

