@@ -357,7 +357,7 @@ def test_evaluate_sae_from_a_dataset_and_from_its_cache_agree(saved_sae, cache_d
     record = json.loads(output.read_text())
     assert record["sae_name"] == "layer3-topk" and record["metrics"] == from_dataset.metrics
     assert sum(record["frequency_histogram"]["counts"]) + record["frequency_histogram"]["n_dead"] == 256
-    assert [p.name for p in output.parent.iterdir()] == ["metrics.json"]  # no temporary file left
+    assert sorted(p.name for p in output.parent.iterdir()) == ["metrics.density.svg", "metrics.json"]  # no temp file
 
 
 @pytest.mark.slow
