@@ -231,6 +231,29 @@ def test_activity_from_the_sparse_selection_is_the_dense_count(config):
     assert torch.equal(FeatureActivity.of(model, out.feature_acts.clone()).counts, dense_counts)
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        CrossCoderConfig(d_model=D, d_sae=48, heads=["a", "b", "c"], act_fn="topk", top_k=3,
+                         norm_activation="inference"),
+        CLTConfig(d_model=D, d_sae=32, hook_points_in=["i0", "i1"], hook_points_out=["o0", "o1"],
+                  act_fn="batchlayertopk", top_k=6, norm_activation="inference"),
+    ],
+    ids=["crosscoder", "clt"],
+)  # fmt: skip
+@pytest.mark.parametrize("n_tokens", [37, 200, 1001])
+def test_group_statistics_from_the_sparse_selection_are_the_dense_ones(config, n_tokens):
+    torch.manual_seed(n_tokens)
+    model = SparseDictionary.from_config(config)
+    model.sparse_kernels = True
+    out = model.compute_loss({hook: torch.randn(n_tokens, D) for hook in config.hook_points})
+    fast = model.group_statistics(out.label, out.reconstructed, out.feature_acts)
+    dense = model.group_statistics(out.label, out.reconstructed, out.feature_acts.clone())  # not the selection's
+    assert list(fast) == list(dense) and any(key.endswith(("l0", f"l0_layer{0}")) for key in fast)
+    for key, value in dense.items():
+        assert torch.equal(fast[key], value), key
+
+
 # ---------------------------------------------------------------- a run
 
 

@@ -34,7 +34,6 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
@@ -476,8 +475,6 @@ class FeatureAnalysisState:
         histogram = self.histogram.view(self.n_features, -1).cpu().numpy()
         edges = self.histogram_edges.cpu().numpy()
         pools = [(name, *self._pool_arrays(pool, source_names)) for name, pool in self.pools.items() if pool.capacity]
-        # Plain lists where a row is read per feature: slicing a list is much cheaper than a NumPy row's .tolist().
-        pools = [(name, counts.tolist(), (*arrays[:-1], arrays[-1].tolist())) for name, counts, arrays in pools]
 
         analyses = []
         for i in range(self.n_features):
@@ -492,7 +489,7 @@ class FeatureAnalysisState:
                         lengths=lengths[i, :n],
                         doc_index=doc_index[i, :n],
                         doc_position=doc_position[i, :n],
-                        dataset=dataset[i][:n],
+                        dataset=dataset(i, n),
                     )
                 )
             analyses.append(
@@ -509,9 +506,9 @@ class FeatureAnalysisState:
             )
         return analyses
 
-    def _pool_arrays(self, pool: SamplePool, source_names: Sequence[str]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Counts (F,) and the pool's row arrays (F, n, ...) in sorted order, padding past each row's length cut;
-        the last array holds each row's dataset name."""
+    def _pool_arrays(self, pool: SamplePool, source_names: Sequence[str]) -> tuple[list[int], list]:
+        """Counts (F,) and the pool's row arrays (F, n, ...) in sorted order, padding past each row's length cut,
+        and `dataset(feature, count)`: the dataset names of the feature's first `count` rows."""
         order, counts = pool.sorted_slots()
         context = self.contexts.lookup(pool.context_id.gather(1, order))
         lengths = context["lengths"].to(torch.int32)
@@ -520,8 +517,21 @@ class FeatureAnalysisState:
         tokens = context["tokens"].masked_fill_(beyond, 0)
         arrays = [tokens, acts, lengths, context["doc_index"], context["doc_position"]]
         source = context["source_idx"].cpu().numpy()
-        names = np.asarray([*source_names, *(f"source_{i}" for i in range(len(source_names), source.max() + 1))])
-        return counts.cpu().numpy(), [*(array.cpu().numpy() for array in arrays), names.astype(object)[source]]
+        names = [*source_names, *(f"source_{i}" for i in range(len(source_names), source.max() + 1))]
+        counts = counts.cpu()
+        filled = source[(torch.arange(source.shape[1])[None, :] < counts[:, None]).numpy()]
+        if filled.size == 0 or (filled == filled[0]).all():  # one source (the usual case): no lookup per row
+            name = names[filled[0]] if filled.size else ""
+
+            def dataset(feature: int, count: int) -> list[str]:
+                return [name] * count
+        else:
+            rows = source.tolist()
+
+            def dataset(feature: int, count: int) -> list[str]:
+                return [names[index] for index in rows[feature][:count]]
+
+        return counts.tolist(), [*(array.cpu().numpy() for array in arrays), dataset]
 
 
 Encoder = Callable[[Item], Tensor]

@@ -72,7 +72,8 @@ class GatedJumpReLUFunction(torch.autograd.Function):
         kept = x > threshold / norm
         ctx.save_for_backward(x, norm, threshold, kept)  # the mask (1 byte an entry) is not recomputed in backward
         ctx.window = window
-        return x * kept
+        # `where`, not `x * kept`: multiplying by a bool tensor first copies it into a float tensor of x's size
+        return torch.where(kept, x, 0.0)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:  # type: ignore[override]
@@ -81,14 +82,14 @@ class GatedJumpReLUFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             # |x n - theta| < w / 2 and x n > 0, as bounds on x per feature (x > max(low, 0): both lower bounds)
             low, high = ((threshold - ctx.window / 2) / norm).clamp(min=0), (threshold + ctx.window / 2) / norm
-            in_window_grad = grad_output * ((x > low) & (x < high))
+            in_window_grad = torch.where((x > low) & (x < high), grad_output, 0.0)
             weight = -threshold / (ctx.window * norm)  # the feature shape
             grad_threshold = _sum_over_tokens(in_window_grad, threshold) * weight
         if ctx.needs_input_grad[0]:
             if in_window_grad is not None and not torch.is_grad_enabled():  # reuse its memory: no fresh allocation
-                grad_x = torch.mul(grad_output, kept, out=in_window_grad)
+                grad_x = torch.where(kept, grad_output, grad_output.new_zeros(()), out=in_window_grad)
             else:
-                grad_x = grad_output * kept
+                grad_x = torch.where(kept, grad_output, 0.0)
         return grad_x, None, grad_threshold, None
 
 

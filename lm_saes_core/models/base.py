@@ -235,10 +235,14 @@ class SparseDictionary(nn.Module):
             stats[self.group_metric_key(g, "explained_variance")] = 1 - error[g] / spread[g]
             stats[self.group_metric_key(g, "l_rec")] = error[g]
         if self.groups_own_features():
-            l0 = (feature_acts.reshape(-1, *self.feature_shape) > 0).sum(-1).float().mean(0)  # (G,)
+            l0 = self.group_l0(feature_acts)
             for g in range(len(groups)):
                 stats[self.group_metric_key(g, "l0")] = l0[g]
         return stats
+
+    def group_l0(self, feature_acts: Tensor) -> Tensor:
+        """(G,): the active features of each group per token, when the groups own features."""
+        return (feature_acts.reshape(-1, *self.feature_shape) > 0).sum(-1).float().mean(0)
 
     # ------------------------------------------------------------------------------ activation scaling
 

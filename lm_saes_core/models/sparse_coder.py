@@ -8,6 +8,7 @@ SAE, layers for a CLT, heads for a crosscoder); the TopK family selects per grou
 activations that span them, and the sparse form is one (selection, values) per group.
 """
 
+import math
 import weakref
 
 import torch
@@ -126,6 +127,15 @@ class SparseCoder(SparseDictionary):
             counts.index_add_(0, cols + group * self.cfg.d_sae, active.to(torch.float32))
             total += values.sum(dtype=torch.float32)
         return counts, total
+
+    def group_l0(self, feature_acts: Tensor) -> Tensor:
+        """Read from the selection when the sparse path made `feature_acts` (the same numbers: counts of 0/1 summed
+        exactly) instead of a pass over the dense activations."""
+        counted = self.feature_activity(feature_acts)
+        if counted is None:
+            return super().group_l0(feature_acts)
+        n_tokens = feature_acts.numel() // math.prod(self.feature_shape)
+        return counted[0].reshape(self.feature_shape).sum(-1) / n_tokens
 
     @torch.no_grad()
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
