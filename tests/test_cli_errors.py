@@ -122,9 +122,9 @@ def test_other_loss_settings_that_do_not_suit_the_dictionary_fail_before_the_mod
 
 def test_a_settings_error_names_the_field_and_its_value_not_the_whole_file(tmp_path):
     config = write(tmp_path, "train.yaml", train_settings(tmp_path, {"act_fn": "topk", "top_k": 8}))
-    result = invoke("train", config, "--set", "model_parallel_size=2")
-    assert_clean(result, "field 'model_parallel_size': model parallelism is not available")
-    assert "(got 2)" in result.stderr and "python-docs" not in result.stderr
+    result = invoke("train", config, "--set", "model_parallel_size=5")
+    assert_clean(result, "field 'model_parallel_size': sae.d_sae=1152 does not split into 5 equal feature shards")
+    assert "(got 5)" in result.stderr and "python-docs" not in result.stderr
 
 
 # Stores and endpoints ---------------------------------------------------------------------------------------------

@@ -192,7 +192,7 @@ def test_a_resumed_data_parallel_run_equals_the_uninterrupted_one(cache, tmp_pat
 
 def test_misuse_is_a_named_error(cache, tmp_path):
     os.environ.pop("WORLD_SIZE", None)
-    with pytest.raises(ConfigError, match=r"data_parallel_size=2 needs as many processes, this launch has 1"):
+    with pytest.raises(ConfigError, match=r"data_parallel_size=2 needs 2 processes, this launch has 1"):
         train_sae(TrainSAESettings.model_validate(settings(cache, tmp_path / "x", data_parallel_size=2)))
     settings_file = tmp_path / "dp.json"
     settings_file.write_text(json.dumps(settings(cache, tmp_path / "x", data_parallel_size=2)))
@@ -203,8 +203,8 @@ def test_misuse_is_a_named_error(cache, tmp_path):
     with pytest.raises(ValueError, match="a sweep trains its items in threads of one process"):
         SweepSAESettings.model_validate({"activation_factory": sweep["activation_factory"], "items": items,
                                          "data_parallel_size": 2})  # fmt: skip
-    with pytest.raises(ValueError, match="model parallelism is not available"):
-        TrainSAESettings.model_validate({**settings(cache, tmp_path / "z"), "model_parallel_size": 2})
+    with pytest.raises(ValueError, match="sae.d_sae=1152 does not split into 5 equal feature shards"):
+        TrainSAESettings.model_validate({**settings(cache, tmp_path / "z"), "model_parallel_size": 5})
     item = {"sae": settings(cache, tmp_path)["sae"], "trainer": {"total_training_tokens": 1024}}
     with pytest.raises(ValueError, match="model_parallel_size"):
         DictionaryItem.model_validate({**item, "model_parallel_size": 2})

@@ -281,8 +281,18 @@ class TopK(ActivationFunction):
 
     name = "topk"
     uses_k = True
+    row_kth: kernels.RowKth | None = None
+    """Set on one shard of a feature-parallel dictionary: a row's k-th largest score over every shard."""
 
     def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
+        if self.row_kth is not None:
+            scores = hidden_pre * norm if norm is not None else hidden_pre
+            with torch.no_grad():
+                rows = scores.detach().reshape(-1, scores.shape[-1])
+                candidates = rows.topk(min(k, rows.shape[-1]), dim=-1, sorted=False).values
+                kth = self.row_kth(candidates, k).reshape(*scores.shape[:-1], 1)
+            acts = threshold_activation(scores, kth, inclusive=True)
+            return acts / _nonzero(norm) if norm is not None else acts
         if norm is None:
             return topk(hidden_pre, k)
         return topk(hidden_pre * norm, k) / _nonzero(norm)
@@ -290,6 +300,10 @@ class TopK(ActivationFunction):
     def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
         """The sparse form over scores (N, *groups, d_sae)."""
         grouped = _groups(scores)
+        if self.row_kth is not None:
+            return [
+                (kernels.select_topk_of_shards(grouped[:, g], k, self.row_kth), None) for g in range(grouped.shape[1])
+            ]
         return [kernels.select_topk(grouped[:, group], k) for group in range(grouped.shape[1])]
 
     def statistics(self, k: int) -> dict[str, float]:

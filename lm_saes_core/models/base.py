@@ -24,7 +24,7 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 import torch
 from pydantic import ValidationError
@@ -37,6 +37,9 @@ from lm_saes_core.io import atomic_path, atomic_write_text, read_json_object
 from lm_saes_core.models.activation_functions import ActivationFunction, build_activation_function
 from lm_saes_core.models.config import SparseDictionaryConfig
 from lm_saes_core.models.losses import LossCoefficients, LossConfig, LossOutput
+
+if TYPE_CHECKING:
+    from lm_saes_core.models.feature_parallel import FeatureShards
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +113,23 @@ class SparseDictionary(nn.Module):
         activation function's initial state (`init_log_jumprelu_threshold_value`)."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------------------ feature parallelism
+
+    feature_shards: "FeatureShards | None" = None
+    """Set on one shard of a feature-parallel dictionary (`feature_parallel.shard_model`): its place on the mesh."""
+    whole_cfg: SparseDictionaryConfig | None = None
+    """A shard's: the config of the whole dictionary (`cfg` is the shard's, d_sae / shards features)."""
+
+    def feature_axes(self) -> dict[str, int]:
+        """The feature (d_sae) axis of every state tensor that has one, by state-dict name; the others are
+        replicated on every shard. A kind that cannot be split by features says so here."""
+        raise ConfigError(f"model_parallel_size > 1: feature parallelism is not available for sae_type "
+                          f"{self.cfg.sae_type!r} yet (it is for 'sae': SAEs and transcoders)")  # fmt: skip
+
+    def reduce_features(self, partial: Tensor) -> Tensor:
+        """The features' contribution to the output: a shard's partial sum summed over the shards (as is, alone)."""
+        return partial if self.feature_shards is None else self.feature_shards.reduce_partial(partial)
+
     # ------------------------------------------------------------------------------ sizes and state
 
     @property
@@ -139,8 +159,8 @@ class SparseDictionary(nn.Module):
         if self.activation_function.spans_groups:  # k counts features of every group (layer) together
             if not 0 < k <= self.n_features:
                 raise ValueError(f"current_k must lie in [1, n_features={self.n_features}], got {k}")
-        elif not 0 < k <= self.cfg.d_sae:
-            raise ValueError(f"current_k must lie in [1, d_sae={self.cfg.d_sae}], got {k}")
+        elif not 0 < k <= (self.whole_cfg or self.cfg).d_sae:
+            raise ValueError(f"current_k must lie in [1, d_sae={(self.whole_cfg or self.cfg).d_sae}], got {k}")
         self._current_k = int(k)
 
     @property
@@ -401,6 +421,10 @@ class SparseDictionary(nn.Module):
             if dead_latents is None:
                 raise ValueError("auxk_coefficient > 0 needs dead_latents (bool, (n_features,)) from the trainer")
             terms["aux_loss"] = c.auxk * self.aux_loss(x, h, y - y_hat.detach(), dead_latents, c.k_aux)
+        if self.feature_shards is not None:  # a shard's penalties are its features' part: log the whole value
+            for name in ("sparsity_loss", "lp_loss"):
+                if name in terms:
+                    terms[name] = terms[name] + (self.feature_shards.sum(terms[name]) - terms[name]).detach()
         loss = terms["mse_loss"]
         for name, term in terms.items():
             if name != "mse_loss":

@@ -41,6 +41,20 @@ def select_topk(scores: Tensor, k: int) -> tuple[Selection, Tensor]:
     return Selection(rows, indices.reshape(-1), offsets), (values > 0).reshape(-1)
 
 
+RowKth = Callable[[Tensor, int], Tensor]
+"""(candidates (N, c), k) -> (N,): per row the k-th largest over every feature shard's candidates (each shard's own
+k largest), for the TopK of a feature-parallel dictionary (`FeatureShards.row_kth`)."""
+
+
+def select_topk_of_shards(scores: Tensor, k: int, row_kth: RowKth) -> Selection:
+    """TopK over one shard's scores (N, F / shards): the positive entries among the k largest of their row over all
+    shards (each row may keep fewer or more than k here; the shards together keep the row's top k)."""
+    values, indices = scores.topk(min(k, scores.shape[1]), dim=-1, sorted=False)
+    kth = row_kth(values, k)
+    rows, slots = ((values >= kth[:, None]) & (values > 0)).nonzero(as_tuple=True)
+    return Selection(rows, indices[rows, slots], row_offsets(rows, scores.shape[0]))
+
+
 def select_above(scores: Tensor, threshold: Tensor | float, inclusive: bool = False) -> Selection:
     """Every positive score above one threshold."""
     above = (scores >= threshold) if inclusive else (scores > threshold)

@@ -144,6 +144,12 @@ class SparseAutoEncoder(SparseCoder):
         x = self.prepare(self.token_rows(batch)).input
         self.b_E.copy_(-(x @ self.W_E).float().mean(dim=0).to(self.b_E.dtype))
 
+    def feature_axes(self) -> dict[str, int]:
+        axes = {"W_E": 1, "b_E": 0, "W_D": 0}
+        if self.cfg.act_fn == "jumprelu":
+            axes["activation_function.log_jumprelu_threshold"] = 0
+        return axes
+
     def output_directions(self) -> Tensor:
         return self.W_D.detach()
 
@@ -161,11 +167,12 @@ class SparseAutoEncoder(SparseCoder):
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         """f @ W_D + b_D, without the skip term (which needs x; `forward` adds it)."""
-        y = feature_acts @ self.W_D
+        y = self.reduce_features(feature_acts @ self.W_D)
         return y + self.b_D if self.b_D is not None else y
 
     def _decode_rows(self, x: Tensor, f: Tensor | None, sparse: Sparse | None, features_only: bool = False) -> Tensor:
         y = kernels.sparse_decode(*sparse[0], self.W_D) if sparse is not None else f @ self.W_D
+        y = self.reduce_features(y)
         if features_only:
             return y
         if self.b_D is not None:

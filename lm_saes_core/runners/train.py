@@ -33,6 +33,7 @@ from lm_saes_core.models import (
     tagged_dictionary_configs,
 )
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
+from lm_saes_core.models.feature_parallel import FeatureShards
 from lm_saes_core.models.losses import SparsityLossType
 from lm_saes_core.runners.common import (
     activation_epochs,
@@ -51,7 +52,7 @@ from lm_saes_core.runners.head_groups import (
 )
 from lm_saes_core.training.checkpoint import find_latest_checkpoint, read_run_settings
 from lm_saes_core.training.config import RUN_NEUTRAL_FIELDS, TrainerConfig
-from lm_saes_core.training.data_parallel import DataParallel, init_data_parallel
+from lm_saes_core.training.data_parallel import DataParallel, init_parallel
 from lm_saes_core.training.initializer import Initializer, InitializerConfig
 from lm_saes_core.training.run_log import LOG_FILE, RunLog, write_training_curves
 from lm_saes_core.training.trainer import Trainer, TrainResult
@@ -101,13 +102,6 @@ class _StreamSettings(BaseConfig):
                 f"activation_factory.batch_size={batch_size} does not split evenly over "
                 f"data_parallel_size={self.data_parallel_size}",
                 self.data_parallel_size,
-            )
-        if self.model_parallel_size > 1:
-            raise field_error(
-                "model_parallel_size",
-                "model parallelism is not available; use data_parallel_size (one replica of the dictionary per "
-                "process, under torchrun)",
-                self.model_parallel_size,
             )
 
     def open_stream(
@@ -235,6 +229,7 @@ class TrainSAESettings(SweepingItem, _SourceSettings):
             check_whole_contexts(self.sae, self.activation_factory)
         except ConfigError as exc:
             raise field_error("activation_factory.target", str(exc), self.activation_factory.target.value) from None
+        _check_feature_parallel(self.sae, self.model_parallel_size)
         init = self.initializer
         if init is not None and init.uses_host_attention and self.model is None:
             raise field_error("model", "the initializer starts the Lorsa from the host model's attention", None)
@@ -297,14 +292,28 @@ class SweepSAESettings(_SourceSettings):
         paths = [item.trainer.exp_result_path for item in self.items]
         if len(set(paths)) != len(paths):
             raise field_error("items", f"items must write to distinct trainer.exp_result_path, got {paths}", paths)
-        if self.data_parallel_size > 1:
-            raise field_error(
-                "data_parallel_size",
-                "a sweep trains its items in threads of one process; train data-parallel items one at a time with "
-                "train_sae",
-                self.data_parallel_size,
-            )
+        for field in ("data_parallel_size", "model_parallel_size"):
+            if getattr(self, field) > 1:
+                raise field_error(
+                    field,
+                    "a sweep trains its items in threads of one process; train data- or model-parallel items one at "
+                    "a time with train_sae",
+                    getattr(self, field),
+                )
         return self
+
+
+def _check_feature_parallel(sae: SparseDictionaryConfig, model_parallel_size: int) -> None:
+    """Feature parallelism (model_parallel_size > 1) splits an SAE's or transcoder's features evenly over the
+    shards, with a per-token activation (TopK, BatchTopK, ReLU, JumpReLU); what cannot be split is named here."""
+    if model_parallel_size == 1 or isinstance(sae, PretrainedSAE):
+        return  # saved weights are checked once loaded
+    if sae.sae_type != "sae":
+        what = f"feature parallelism is not available for sae_type {sae.sae_type!r} yet (it is for 'sae')"
+        raise field_error("model_parallel_size", what, model_parallel_size)
+    if sae.d_sae % model_parallel_size:
+        what = f"sae.d_sae={sae.d_sae} does not split into {model_parallel_size} equal feature shards"
+        raise field_error("model_parallel_size", what, model_parallel_size)
 
 
 def _check_schedules(settings: _StreamSettings, trainers: list[TrainerConfig]) -> None:
@@ -462,6 +471,7 @@ def _fit(
     settings_dump: dict,
     line: int = 0,
     data_parallel: DataParallel | None = None,
+    shards: FeatureShards | None = None,
 ) -> TrainResult:
     """Train and record the run in its output directory (rank 0 of a data-parallel launch writes; the others train)."""
     main = data_parallel is None or data_parallel.is_main
@@ -475,7 +485,7 @@ def _fit(
         (output / LOG_FILE).unlink(missing_ok=True)  # an earlier run's curves are not this run's
     run_log = RunLog(output, model.n_features, wandb_run) if main else None
     try:
-        result = Trainer(item.trainer, data_parallel).fit(
+        result = Trainer(item.trainer, data_parallel, feature_shards=shards).fit(
             model,
             stream,
             wandb_run=run_log,
@@ -530,7 +540,9 @@ def _require_kind(cfg: SparseDictionaryConfig | PretrainedSAE, kind: str | None)
 def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | None = None) -> TrainResult:
     setup_logging()
     _require_kind(settings.sae, kind)
-    data_parallel = init_data_parallel(settings.data_parallel_size, str(settings.sae.device))
+    data_parallel, shards = init_parallel(
+        settings.data_parallel_size, settings.model_parallel_size, str(settings.sae.device)
+    )
     dump = settings.model_dump(mode="json")
     previous = finished_run(Path(settings.trainer.exp_result_path), dump)
     if previous is not None and settings.resume_from in (None, "auto"):
@@ -547,7 +559,10 @@ def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | Non
     _check_loss(cfg, preloaded, settings.trainer)
     stream = settings.open_stream([cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
-    return _fit(settings, model, stream, resume_from, dump, 0, data_parallel)
+    if shards is not None:
+        model.feature_axes()  # a kind that cannot be split by features says so before any step
+        shards.local_slice(torch.empty(model.cfg.d_sae, device="meta"), 0)  # and a width that does not split
+    return _fit(settings, model, stream, resume_from, dump, 0, data_parallel, shards)
 
 
 _END = object()

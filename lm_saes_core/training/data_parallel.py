@@ -8,7 +8,8 @@ Which latents fired is combined across ranks, so the dead-latent statistics (and
 alone writes checkpoints, the final weights, the run's record files and W&B logs; the logged metrics are the group's.
 
 BatchTopK's threshold is that of the whole distributed batch (`kth_largest`: two all-gathers of candidates per
-step). Model parallelism (`model_parallel_size > 1`) is not available.
+step). With `model_parallel_size > 1` the processes form a (data, model) mesh (`init_parallel`): each data rank's
+dictionary is split by features over `model` (models/feature_parallel.py), and these collectives run over `data`.
 """
 
 import os
@@ -17,20 +18,28 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
 
 from lm_saes_core.config import ConfigError
 from lm_saes_core.models import kernels
 from lm_saes_core.models.base import SparseDictionary
+from lm_saes_core.models.feature_parallel import FeatureShards
 
 
 @dataclass(frozen=True)
 class DataParallel:
+    """This process's place on the `data` axis: `rank` of `world_size` replicas. Under model parallelism the replicas
+    are feature shards (`group` spans the data ranks of one shard) and only global rank 0 is the main process."""
+
     rank: int
     world_size: int
+    group: object = None
+    """The data ranks' process group (None: every process)."""
+    global_rank: int | None = None
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        return (self.rank if self.global_rank is None else self.global_rank) == 0
 
     @property
     def shard_of_data(self) -> tuple[int, int]:
@@ -42,19 +51,19 @@ class DataParallel:
         tensor, all in flight at once: a dictionary has a handful of large tensors, so a flat copy would only double
         the memory of the gradients."""
         grads = [p.grad for p in parameters if p.grad is not None]
-        for work in [dist.all_reduce(grad, async_op=True) for grad in grads]:
+        for work in [dist.all_reduce(grad, group=self.group, async_op=True) for grad in grads]:
             work.wait()
         for grad in grads:
             grad.div_(self.world_size)
 
     def sum_(self, tensor: torch.Tensor) -> None:
         """In place: the sum of `tensor` over ranks."""
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, group=self.group)
 
     def any(self, flags: torch.Tensor) -> torch.Tensor:
         """Element-wise OR of a boolean tensor over ranks."""
         combined = flags.to(torch.int32)
-        dist.all_reduce(combined, op=dist.ReduceOp.MAX)
+        dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=self.group)
         return combined.bool()
 
     def kth_largest(self, values: torch.Tensor, n: int) -> torch.Tensor:
@@ -66,12 +75,12 @@ class DataParallel:
         padded = torch.full((total,), float("-inf"), dtype=flat.dtype, device=flat.device)
         padded[: top.numel()] = top
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded)
+        dist.all_gather(gathered, padded, group=self.group)
         return kernels.kth_largest(torch.cat(gathered), total)
 
     def broadcast_model(self, model: SparseDictionary) -> None:
-        """Rank 0's weights, buffers and dataset-wise input norms everywhere: the ranks initialised from their own
-        parts of the data, and the replicas must start identical."""
+        """Rank 0's weights, buffers and dataset-wise input norms on every process (of every data rank and shard):
+        the ranks initialised from their own parts of the data, and the replicas must start identical."""
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor.data, src=0)
         norms = [model.cfg.dataset_average_activation_norm]
@@ -83,22 +92,50 @@ class DataParallel:
         dist.barrier()
 
 
+def init_parallel(
+    data_parallel_size: int, model_parallel_size: int, device: str
+) -> tuple[DataParallel | None, FeatureShards | None]:
+    """This process's place in a `torchrun` launch of data_parallel_size x model_parallel_size processes: (its data
+    replica or None, its feature shard or None). The process count is checked before any work."""
+    if model_parallel_size == 1:
+        return init_data_parallel(data_parallel_size, device), None
+    _check_world(data_parallel_size * model_parallel_size,
+                 f"data_parallel_size={data_parallel_size} x model_parallel_size={model_parallel_size}")  # fmt: skip
+    cuda = _init_process_group(device)
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (data_parallel_size, model_parallel_size),
+                            mesh_dim_names=("data", "model"))  # fmt: skip
+    data_rank, model_rank = mesh.get_coordinate()
+    data = DataParallel(data_rank, data_parallel_size, mesh.get_group("data"), dist.get_rank())
+    shards = FeatureShards(model_rank, model_parallel_size, mesh.get_group("model"), None, data_parallel_size)
+    return data, shards
+
+
+def _check_world(processes: int, layout: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != processes:
+        raise ConfigError(
+            f"{layout} needs {processes} processes, this launch has {world}: run it with `torchrun "
+            f"--nproc-per-node {processes} -m lm_saes_core.cli train SETTINGS` (a pipeline item is launched that way "
+            "by itself)"
+        )
+
+
+def _init_process_group(device: str) -> bool:
+    """gloo on CPU, NCCL on CUDA (each rank on `cuda:LOCAL_RANK`); whether it is CUDA."""
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return cuda
+
+
 def init_data_parallel(data_parallel_size: int, device: str) -> DataParallel | None:
     """The process group of a `torchrun --nproc-per-node N` launch when `data_parallel_size` is N > 1, else None.
 
     gloo on CPU, NCCL on CUDA (each rank on `cuda:LOCAL_RANK`)."""
     if data_parallel_size == 1:
         return None
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world != data_parallel_size:
-        raise ConfigError(
-            f"data_parallel_size={data_parallel_size} needs as many processes, this launch has {world}: run it with "
-            f"`torchrun --nproc-per-node {data_parallel_size} -m lm_saes_core.cli train SETTINGS` (a pipeline item "
-            "is launched that way by itself)"
-        )
-    cuda = str(device).startswith("cuda")
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    _check_world(data_parallel_size, f"data_parallel_size={data_parallel_size}")
+    _init_process_group(device)
     return DataParallel(dist.get_rank(), dist.get_world_size())

@@ -84,9 +84,13 @@ class MetricWindow:
         device: torch.device | str,
         n_outputs: int = 1,
         group_statistics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+        shards: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
     ):
+        """`shards`, on one shard of a feature-parallel dictionary: (sum over the shards, a per-feature vector made
+        whole), so that what spans features (l0, frequencies, the mean activation) is the whole dictionary's."""
         self.n_features, self.device, self.n_outputs = n_features, device, n_outputs
         self.group_statistics = group_statistics
+        self.shards = shards
         self.reset()
 
     def reset(self) -> None:
@@ -95,6 +99,8 @@ class MetricWindow:
         self.maxima: dict[str, torch.Tensor] = {}
         self.active_counts = torch.zeros(self.n_features, device=self.device)
         self.tokens = torch.zeros((), device=self.device)
+        self.activity_sums: list[torch.Tensor] = []
+        """Sharded: per step (sum of activations, active entries) of this shard, summed over shards at the report."""
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().float()
@@ -125,7 +131,10 @@ class MetricWindow:
         if self.group_statistics is not None:
             for key, value in self.group_statistics(out.label, out.reconstructed, out.feature_acts).items():
                 self._add(key, value)
-        self._add("metrics/mean_feature_act", activity.total / activity.counts.sum().clamp(min=1))
+        if self.shards is None:
+            self._add("metrics/mean_feature_act", activity.total / activity.counts.sum().clamp(min=1))
+        else:
+            self.activity_sums.append(torch.stack([activity.total, activity.counts.sum()]))
         l2_error = error.sqrt().mean()
         self._add("metrics/l2_norm_error", l2_error)
         self._add("metrics/l2_norm_error_ratio", l2_error / y.norm(dim=-1).mean())
@@ -144,13 +153,23 @@ class MetricWindow:
             self.sums = dict(zip(keys, (stacked / world_size).unbind(), strict=True))
         all_reduce_sum(self.active_counts)
         all_reduce_sum(self.tokens)
+        if self.activity_sums:
+            stacked = torch.stack(self.activity_sums)
+            all_reduce_sum(stacked)
+            self.activity_sums = list(stacked)
 
     def report(self) -> dict[str, float]:
         if self.steps == 0:
             return {}
-        frequency = self.active_counts / self.tokens.clamp(min=1)
+        active_counts = self.active_counts
         values = {key: total / self.steps for key, total in self.sums.items()} | self.maxima
-        values["metrics/l0"] = self.active_counts.sum() / self.tokens.clamp(min=1)
+        if self.shards is not None:
+            sum_over_shards, whole = self.shards
+            active_counts = whole(active_counts)
+            sums = sum_over_shards(torch.stack(self.activity_sums))
+            values["metrics/mean_feature_act"] = (sums[:, 0] / sums[:, 1].clamp(min=1)).mean()
+        frequency = active_counts / self.tokens.clamp(min=1)
+        values["metrics/l0"] = active_counts.sum() / self.tokens.clamp(min=1)
         values |= frequency_counts(frequency)
         keys = list(values)
         numbers = torch.stack([values[key].reshape(()) for key in keys]).tolist()  # one device sync

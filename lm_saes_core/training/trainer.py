@@ -22,6 +22,16 @@ from tqdm.auto import tqdm
 
 from lm_saes_core.config import ConfigError
 from lm_saes_core.models import LossCoefficients, SparseDictionary, load_sparse_dictionary
+from lm_saes_core.models.feature_parallel import (
+    FeatureShards,
+    gather_features,
+    gather_model,
+    gather_optimizer_state,
+    optimizer_axes,
+    shard_features,
+    shard_model,
+    shard_optimizer_state,
+)
 from lm_saes_core.training.batches import Batch, Prefetched, count_tokens, to_device
 from lm_saes_core.training.checkpoint import (
     capture_rng_states,
@@ -34,7 +44,7 @@ from lm_saes_core.training.checkpoint import (
 from lm_saes_core.training.config import TrainerConfig
 from lm_saes_core.training.data_parallel import DataParallel
 from lm_saes_core.training.metrics import DeadLatentStatistics, FeatureActivity, MetricWindow
-from lm_saes_core.training.optim import build_optimizer, build_scheduler, clip_rms_grad_norm_
+from lm_saes_core.training.optim import GradShards, build_optimizer, build_scheduler, clip_rms_grad_norm_
 from lm_saes_core.training.schedules import annealed_k, checkpoint_steps, resolve_steps, warmup_factor
 
 logger = logging.getLogger(__name__)
@@ -71,13 +81,22 @@ class _Progress:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainerConfig, data_parallel: DataParallel | None = None, prefetch: int = 2):
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        data_parallel: DataParallel | None = None,
+        prefetch: int = 2,
+        feature_shards: FeatureShards | None = None,
+    ):
         """`data_parallel`: this process's place in a torchrun launch (see `training.data_parallel`); None alone.
         `prefetch`: batches a background thread reads ahead of the step (`batches.Prefetched`); 0 reads each batch
-        in the training thread when the step asks for it. The batches and their order are the same either way."""
+        in the training thread when the step asks for it. The batches and their order are the same either way.
+        `feature_shards`: this process's shard of a feature-parallel dictionary (`init_parallel`): `fit` is given
+        the whole dictionary on every process, trains this shard of it and leaves the whole trained one there."""
         self.cfg = cfg
         self.prefetch = prefetch
         self.dp = data_parallel
+        self.shards = feature_shards
         self.is_main = data_parallel is None or data_parallel.is_main
         self.world_size = 1 if data_parallel is None else data_parallel.world_size
         """Batches are this rank's part: a step trains on world_size times as many tokens."""
@@ -98,10 +117,18 @@ class Trainer:
         each item its own). `run_settings`: the run's settings, recorded in every checkpoint so that a later run can
         tell whether a checkpoint is its own."""
         cfg = self.cfg
+        whole = model
         model.check_loss(cfg.loss)
         if self.dp is not None:
             self.dp.broadcast_model(model)
             model.batch_kth = self.dp.kth_largest
+        if self.shards is not None:
+            if resume_from is not None:
+                _load_model_weights(whole, Path(resume_from))  # the whole weights, then this shard's part of them
+            model = shard_model(whole, self.shards)
+            model.batch_kth = self.shards.batch_kth
+            if hasattr(model.activation_function, "row_kth"):
+                model.activation_function.row_kth = self.shards.row_kth
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
         dead = DeadLatentStatistics(model.n_features, cfg.loss.dead_threshold, model.cfg.device)
         if resume_from is None:
@@ -111,7 +138,8 @@ class Trainer:
         T = progress.total_steps
         planned = checkpoint_steps(T, cfg.n_checkpoints, cfg.check_point_save_mode, cfg.checkpoint_every_steps)
         saves = [s for s in planned if s > progress.step]
-        window = MetricWindow(model.n_features, model.cfg.device, len(model.cfg.hooks_out), model.group_statistics)
+        window = MetricWindow(model.n_features, model.cfg.device, len(model.cfg.hooks_out), model.group_statistics,
+                              shards=self._window_shards(model))  # fmt: skip
         result = TrainResult(progress.step, T, progress.n_tokens, False, Path(cfg.exp_result_path))
         if resume_from is not None:
             result.resumed_from_step = progress.step
@@ -141,7 +169,7 @@ class Trainer:
                         window.combine_ranks(self.dp.sum_, self.world_size)
                     result.last_metrics = (
                         window.report()
-                        | model.log_statistics()
+                        | self._log_statistics(model)
                         | {
                             "details/current_learning_rate": lr,
                             "details/n_training_tokens": progress.n_tokens,
@@ -157,15 +185,19 @@ class Trainer:
                     saves.pop(0)
                 periodic = not planned_now and progress.step < T and self._periodic_due(last_save)
                 if planned_now or periodic:
+                    saved_model, state = self._state(model, progress, optimizer, scheduler, dead, wandb_run)
                     if self.is_main:
-                        state = self._state(progress, optimizer, scheduler, dead, wandb_run)
-                        path = save_checkpoint(cfg.exp_result_path, progress.step, model, state,
+                        path = save_checkpoint(cfg.exp_result_path, progress.step, saved_model, state,
                                                run_settings=run_settings, periodic=periodic)  # fmt: skip
                         result.checkpoints.append(path)
                     last_save = time.monotonic()
 
         result.steps, result.n_tokens = progress.step, progress.n_tokens
-        model.batch_kth = None  # the process group's search is for training steps only
+        model.batch_kth = whole.batch_kth = None  # the process group's search is for training steps only
+        if self.shards is not None:  # every process gets the whole trained dictionary
+            whole.load_state_dict(gather_model(model).state_dict())
+            whole.current_k = model.current_k
+            model = whole
         if self.is_main:
             save_final_dictionary(model, result.output_path, fold_activation_scale=self._fold_on_save(model))
             path, steps, tokens = result.output_path, result.steps, result.n_tokens
@@ -188,7 +220,8 @@ class Trainer:
         out.loss.backward()
         if self.dp is not None:
             self.dp.average_gradients(model.parameters())
-        grad_norm, clipped_norm = clip_rms_grad_norm_(model.clipped_parameters(), cfg.clip_grad_norm)
+        grad_norm, clipped_norm = clip_rms_grad_norm_(model.clipped_parameters(), cfg.clip_grad_norm,
+                                                      self._grad_shards(model))  # fmt: skip
         loss_value, grad_value = torch.stack([out.loss.detach().float(), grad_norm.float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
             what = f"loss {loss_value}" if not math.isfinite(loss_value) else f"gradient norm {grad_value}"
@@ -236,18 +269,52 @@ class Trainer:
         self._check_resumable(state, path)
         progress = _Progress(**state["progress"])
         scheduler = build_scheduler(self.cfg, optimizer, progress.total_steps)
-        _load_model_weights(model, path)
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer_state, dead_state = state["optimizer"], state["dead_latents"]
+        if self.shards is None:
+            _load_model_weights(model, path)
+        else:  # the weights were loaded whole before sharding; a checkpoint holds whole states, of any layout
+            optimizer_state = shard_optimizer_state(optimizer_state, optimizer_axes(model, optimizer), self.shards)
+            whole_shape = (*model.feature_shape[:-1], model.feature_shape[-1] * self.shards.size)
+            dead_state = {key: shard_features(value, whole_shape, self.shards) for key, value in dead_state.items()}
+        optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
-        dead.load_state_dict(state["dead_latents"])
+        dead.load_state_dict(dead_state)
         batches = _skip(batches, progress.batches_consumed)
         restore_rng_states(state["rng"])
         logger.info("resumed from %s at step %d of %d", path, progress.step, progress.total_steps)
         return batches, progress, scheduler
 
     def _periodic_due(self, last_save: float) -> bool:
+        """Whether a wall-clock checkpoint is due (rank 0's clock decides when the shards must gather together)."""
         minutes = self.cfg.checkpoint_every_minutes
-        return minutes is not None and time.monotonic() - last_save >= minutes * 60
+        due = minutes is not None and time.monotonic() - last_save >= minutes * 60
+        if minutes is not None and self.shards is not None:
+            flag = torch.tensor([due], dtype=torch.int32)
+            torch.distributed.broadcast(flag, src=0)
+            due = bool(flag.item())
+        return due
+
+    # ---------------------------------------------------------------- feature parallelism
+
+    def _grad_shards(self, model: SparseDictionary) -> GradShards | None:
+        if self.shards is None:
+            return None
+        axes = model.feature_axes()
+        return GradShards([p for name, p in model.named_parameters() if name in axes], self.shards.sum)
+
+    def _window_shards(self, model: SparseDictionary):
+        if self.shards is None:
+            return None
+        shards, shape = self.shards, model.feature_shape
+        return shards.sum, lambda values: gather_features(values, shape, shards)
+
+    def _log_statistics(self, model: SparseDictionary) -> dict[str, float]:
+        """The model's statistics; a shard's are means over its features, so the whole's are their mean."""
+        stats = model.log_statistics()
+        if self.shards is None or not stats:
+            return stats
+        means = self.shards.sum(torch.tensor(list(stats.values()), dtype=torch.float64)) / self.shards.size
+        return dict(zip(stats, means.tolist(), strict=True))
 
     def _warn_about_schedule_overlap(self, total_steps: int) -> None:
         cfg = self.cfg
@@ -292,12 +359,21 @@ class Trainer:
     def _fold_on_save(self, model: SparseDictionary) -> bool:
         return self.cfg.fold_activation_scale and model.cfg.norm_activation == "dataset-wise"
 
-    def _state(self, progress: _Progress, optimizer, scheduler, dead: DeadLatentStatistics, wandb_run) -> dict:
-        return {
+    def _state(self, model, progress: _Progress, optimizer, scheduler, dead: DeadLatentStatistics, wandb_run):
+        """(the dictionary to save, the trainer state): whole ones, gathered from every shard (a collective), under
+        feature parallelism, so that a checkpoint resumes under any layout."""
+        optimizer_state, dead_state = optimizer.state_dict(), dead.state_dict()
+        if self.shards is not None:
+            optimizer_state = gather_optimizer_state(optimizer_state, optimizer_axes(model, optimizer), self.shards)
+            shape, shards = model.feature_shape, self.shards
+            device = model.cfg.device
+            dead_state = {k: gather_features(v.to(device), shape, shards).cpu() for k, v in dead_state.items()}
+            model = gather_model(model)
+        return model, {
             "progress": asdict(progress),
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
-            "dead_latents": dead.state_dict(),
+            "dead_latents": dead_state,
             "rng": capture_rng_states(),
             "trainer_config": self.cfg.model_dump(mode="json"),
             "wandb_run_id": getattr(wandb_run, "id", None),

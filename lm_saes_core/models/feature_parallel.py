@@ -1,0 +1,185 @@
+"""Feature (model) parallelism: a dictionary's features split over the `model` ranks of a mesh.
+
+Each model rank holds an ordinary dictionary of its kind with d_sae / mp features (local tensors, explicit
+collectives: no DTensor). What crosses the shards is small and explicit:
+
+- the decode: every rank decodes its features into a partial reconstruction, summed once over `model`
+  (`reduce_partial`: all-reduce forward, identity backward, since every rank then computes the same loss from the
+  same sum, the gradient of a partial is the gradient of the sum);
+- the TopK selection: a token's k-th largest score over all shards (`row_kth`: each rank sends its k best per token);
+  BatchTopK's threshold over every shard and data rank (`batch_kth`); both exact, not a tolerance search;
+- counts that span features (Aux-K's number of dead latents, metrics over all features) and the gradient norm.
+
+Why local shards rather than DTensor: the sparse TopK kernels (embedding_bag, sparse matmuls, index_add) have no
+DTensor implementations, and a local shard of a kind is the kind itself, so every kernel, loss and test of the
+one-process code holds on a shard unchanged. A kind opts in by naming the feature axis of each tensor
+(`SparseDictionary.feature_axes`).
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lm_saes_core.models import kernels
+
+
+class _ReducePartial(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, partial: Tensor, group) -> Tensor:  # type: ignore[override]
+        total = partial.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad, None
+
+
+@dataclass(frozen=True)
+class FeatureShards:
+    """This process's place on the `model` axis of a mesh: `rank` of `size` shards of every feature axis.
+
+    `world` is the group of every process (data x model), which BatchTopK's threshold spans; `data_size` how many
+    data ranks share each step."""
+
+    rank: int
+    size: int
+    group: object
+    world: object
+    data_size: int = 1
+
+    # ---------------------------------------------------------------- collectives of a step
+
+    def reduce_partial(self, partial: Tensor) -> Tensor:
+        """The sum over shards of each shard's partial reconstruction (gradient: the sum's, unchanged)."""
+        return _ReducePartial.apply(partial, self.group)
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """A new tensor: `tensor` summed over the shards (no gradient)."""
+        total = tensor.detach().clone()
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def gather(self, tensor: Tensor, dim: int) -> Tensor:
+        """Every shard's `tensor` concatenated along `dim` (no gradient): a feature axis made whole."""
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor.detach().contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def row_kth(self, candidates: Tensor, k: int) -> Tensor:
+        """(N,): per row, the k-th largest of every shard's `candidates` (N, c) together; each shard sends its own
+        k largest scores of a row (or all it has), which hold every entry of the row's global top k."""
+        gathered = self.gather(candidates, dim=1)
+        return gathered.topk(min(k, gathered.shape[1]), dim=1, sorted=False).values.min(1).values
+
+    def batch_kth(self, values: Tensor, n: int) -> Tensor:
+        """BatchTopK's search over the whole mesh: `values` are this shard's candidates of this data rank's rows, `n`
+        is k x its rows; the threshold is the (n x data ranks)-th largest of every process's values (each sends
+        that many of its largest, which hold every entry of the global top), clamped at 0."""
+        total = n * self.data_size
+        flat = values.reshape(-1)
+        top = flat.topk(min(total, flat.numel()), sorted=False).values
+        padded = torch.full((total,), float("-inf"), dtype=flat.dtype, device=flat.device)
+        padded[: top.numel()] = top
+        world = dist.get_world_size(self.world)
+        gathered = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(gathered, padded, group=self.world)
+        return kernels.kth_largest(torch.cat(gathered), total)
+
+    # ---------------------------------------------------------------- shards of whole tensors
+
+    def local_slice(self, tensor: Tensor, dim: int) -> Tensor:
+        """This shard's part of a whole tensor along `dim` (which the shard count must divide)."""
+        width = tensor.shape[dim]
+        if width % self.size:
+            raise ValueError(f"a feature axis of {width} does not split into {self.size} equal shards")
+        step = width // self.size
+        return tensor.narrow(dim, self.rank * step, step)
+
+
+def shard_model(model, shards: FeatureShards):
+    """This shard's dictionary (d_sae / size features) of the whole `model`, which every rank holds identically:
+    the same kind, its tensors sliced along their feature axes (`model.feature_axes()`), the rest copied."""
+    cfg = model.cfg
+    local = type(model)(local_config(cfg, shards.size))
+    axes = model.feature_axes()
+    state = {
+        name: (shards.local_slice(tensor, axes[name]) if name in axes else tensor).clone()
+        for name, tensor in model.state_dict().items()
+    }
+    local.load_state_dict(state)
+    if cfg.dataset_average_activation_norm is not None:
+        local.set_dataset_average_activation_norm(cfg.dataset_average_activation_norm)
+    local.feature_shards = shards
+    local.whole_cfg = cfg.model_copy(deep=True)
+    local.current_k = model.current_k
+    local.train(model.training)
+    return local
+
+
+def gather_model(local):
+    """The whole dictionary (on every rank) of a feature-sharded one: each feature axis gathered over the shards."""
+    shards: FeatureShards = local.feature_shards
+    whole = type(local)(local.whole_cfg)
+    axes = local.feature_axes()
+    state = {
+        name: (shards.gather(tensor, axes[name]) if name in axes else tensor.detach().clone())
+        for name, tensor in local.state_dict().items()
+    }
+    whole.load_state_dict(state)
+    if local.cfg.dataset_average_activation_norm is not None:
+        whole.set_dataset_average_activation_norm(local.cfg.dataset_average_activation_norm)
+    whole.current_k = local.current_k
+    return whole
+
+
+def local_config(cfg, size: int):
+    """The config of one of `size` shards: d_sae / size features, nothing else changed."""
+    if cfg.d_sae % size:
+        raise ValueError(f"d_sae={cfg.d_sae} does not split into model_parallel_size={size} equal shards")
+    return cfg.model_copy(deep=True, update={"d_sae": cfg.d_sae // size, "expansion_factor": None})
+
+
+# ---------------------------------------------------------------- optimiser and per-feature state
+
+
+def optimizer_axes(local, optimizer: torch.optim.Optimizer) -> list[int | None]:
+    """The feature axis of each parameter in the optimiser's order (None: replicated)."""
+    names = {id(p): name for name, p in local.named_parameters()}
+    axes = local.feature_axes()
+    return [axes.get(names[id(p)]) for group in optimizer.param_groups for p in group["params"]]
+
+
+def _map_optimizer_state(state: dict, axes: list[int | None], change) -> dict:
+    """The optimiser state dict with `change(tensor, axis)` applied to every per-parameter tensor of a sharded
+    parameter (Adam's moments; a scalar step count has no feature axis)."""
+    mapped = {}
+    for index, entries in state["state"].items():
+        axis = axes[index]
+        mapped[index] = {
+            key: change(value, axis) if axis is not None and isinstance(value, Tensor) and value.ndim > 0 else value
+            for key, value in entries.items()
+        }
+    return {"state": mapped, "param_groups": state["param_groups"]}
+
+
+def gather_optimizer_state(state: dict, axes: list[int | None], shards: FeatureShards) -> dict:
+    """A shard's optimiser state made whole (collective: every shard calls it)."""
+    return _map_optimizer_state(state, axes, shards.gather)
+
+
+def shard_optimizer_state(state: dict, axes: list[int | None], shards: FeatureShards) -> dict:
+    """This shard's part of a whole optimiser state."""
+    return _map_optimizer_state(state, axes, lambda value, axis: shards.local_slice(value, axis).clone())
+
+
+def gather_features(values: Tensor, feature_shape: tuple[int, ...], shards: FeatureShards) -> Tensor:
+    """A per-feature vector (flattened over a shard's `feature_shape`) made whole, still flattened."""
+    return shards.gather(values.reshape(feature_shape), dim=-1).reshape(-1)
+
+
+def shard_features(values: Tensor, whole_shape: tuple[int, ...], shards: FeatureShards) -> Tensor:
+    """This shard's part of a whole per-feature vector (flattened over `whole_shape`)."""
+    return shards.local_slice(values.reshape(whole_shape), -1).reshape(-1).clone()

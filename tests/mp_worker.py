@@ -1,0 +1,43 @@
+"""Run by tests/test_model_parallel.py under `torchrun --nproc-per-node DP*MP`: train one dictionary with its features
+split over MP shards and its batches over DP data ranks (the trainer's own code path, no runner), then save what rank
+0 holds afterwards (the whole trained dictionary) and every rank's parameter + optimiser bytes."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+from lm_saes_core.models import SAEConfig, SparseAutoEncoder
+from lm_saes_core.training import TrainerConfig
+from lm_saes_core.training.data_parallel import init_parallel
+from lm_saes_core.training.trainer import Trainer
+
+
+class _Measured(Trainer):
+    """Records this shard's parameter and Adam-state bytes after the last step (the tensors, not an estimate)."""
+
+    def _step(self, model, batch, n_tokens, progress, optimizer, scheduler, dead, window):
+        result = super()._step(model, batch, n_tokens, progress, optimizer, scheduler, dead, window)
+        tensors = [*model.parameters(), *(v for s in optimizer.state.values() for v in s.values() if v.ndim > 0)]
+        self.bytes = sum(t.numel() * t.element_size() for t in tensors)
+        return result
+
+
+def main(batches_file: str, out: str, data_size: str, model_size: str, resume_from: str = "") -> None:
+    payload = torch.load(batches_file)
+    data, shards = init_parallel(int(data_size), int(model_size), "cpu")
+    rows = payload["batches"][0][payload["hook"]].shape[0] // data.world_size
+    part = slice(data.rank * rows, (data.rank + 1) * rows)
+    local = [{key: value[part] for key, value in batch.items()} for batch in payload["batches"]]
+    torch.manual_seed(torch.distributed.get_rank())  # different initialisations: rank 0's must reach every shard
+    model = SparseAutoEncoder.from_config(SAEConfig.model_validate(payload["sae"]))
+    model.set_dataset_average_activation_norm({payload["hook"]: payload["norm"]})
+    trainer = _Measured(TrainerConfig.model_validate(payload["trainer"]), data, feature_shards=shards)
+    result = trainer.fit(model, iter(local), resume_from=resume_from or None)
+    rank = torch.distributed.get_rank()
+    state = {"weights": model.state_dict(), "metrics": result.last_metrics, "bytes": trainer.bytes}
+    torch.save(state, Path(out) / f"rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

