@@ -3,6 +3,7 @@ batches over `data` ranks, equals the one-process run on the same batches; each 
 optimiser bytes; the checkpoint a 2-shard run writes resumes in one process and under another layout; misuse is a
 named error before any model loads. Real SmolLM2 activations (tests/real_activations.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from real_activations import smollm2_cache
 
 from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
-from lm_saes_core.models import SAEConfig, SparseAutoEncoder
+from lm_saes_core.models import SAEConfig, SparseAutoEncoder, load_sparse_dictionary
 from lm_saes_core.training import Trainer, TrainerConfig
 
 pytestmark = pytest.mark.slow
@@ -24,9 +25,13 @@ N_BATCHES, BATCH = 8, 256
 
 
 @pytest.fixture(scope="module")
-def batches(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+def cache(tmp_path_factory) -> Path:
     tokens = (N_BATCHES + 2) * BATCH  # windows hold some padding: more positions than the batches need
-    cache = smollm2_cache(tmp_path_factory.mktemp("mp-cache") / "cache", HOOK, "train[100:200]", tokens)
+    return smollm2_cache(tmp_path_factory.mktemp("mp-cache") / "cache", HOOK, "train[100:200]", tokens)
+
+
+@pytest.fixture(scope="module")
+def batches(cache) -> list[dict[str, torch.Tensor]]:
     source = {"type": "activations", "name": "c", "path": str(cache)}
     config = ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=[HOOK], batch_size=BATCH)
     stream = ActivationFactory(config).process()
@@ -46,8 +51,8 @@ def _trainer(out: Path, **overrides) -> dict:
             **overrides}  # fmt: skip
 
 
-def _launch(tmp_path: Path, payload: dict, data: int, model: int, resume_from: str = "") -> list[dict]:
-    out = tmp_path / f"dp{data}xmp{model}"
+def _launch(tmp_path: Path, payload: dict, data: int, model: int, resume_from: str = "", name: str = "") -> list[dict]:
+    out = tmp_path / (name or f"dp{data}xmp{model}")
     out.mkdir(exist_ok=True)
     torch.save(payload, out / "payload.pt")
     n = data * model
@@ -102,3 +107,60 @@ def test_each_shard_holds_half_the_parameter_and_optimiser_bytes(batches, tmp_pa
     whole = (d * f + f + f * d + d) * 4 * 3  # W_E, b_E, W_D, b_D; with Adam's two moments
     replicated = d * 4 * 3  # b_D on every shard
     assert [state["bytes"] for state in two] == [(whole - replicated) // 2 + replicated] * 2
+
+
+def test_a_checkpoint_of_two_shards_resumes_under_any_layout(batches, tmp_path):
+    """A 2-shard run checkpoints at step 4 (whole tensors: weights, Adam's moments, dead-latent counters); resumed
+    on the same layout it ends bitwise where the uninterrupted run ends, and resumed in one process or on two data
+    ranks it ends where the uninterrupted one-process run ends (to the tolerance of the first test)."""
+    norm = float(batches[0][HOOK].norm(dim=-1).mean())
+    payload = {"batches": batches, "hook": HOOK, "sae": _sae("topk"), "norm": norm,
+               "trainer": _trainer(tmp_path / "run", checkpoint_every_steps=4, dead_threshold=256)}  # fmt: skip
+    uninterrupted = _launch(tmp_path, payload, 1, 2)[0]["weights"]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
+    assert (checkpoint / "sae_weights.safetensors").is_file()
+    same = _launch(tmp_path, payload, 1, 2, resume_from=str(checkpoint), name="resumed-dp1xmp2")[0]["weights"]
+    assert all(torch.equal(same[name], uninterrupted[name]) for name in uninterrupted)
+    alone, _ = _alone(payload, batches, tmp_path / "alone")
+    data_ranks = _launch(tmp_path, payload, 2, 1, resume_from=str(checkpoint), name="resumed-dp2xmp1")[0]["weights"]
+    torch.manual_seed(0)
+    one = SparseAutoEncoder.from_config(SAEConfig.model_validate(payload["sae"]))
+    one.set_dataset_average_activation_norm({HOOK: norm})
+    cfg = TrainerConfig.model_validate(payload["trainer"])
+    Trainer(cfg).fit(one, iter(batches), resume_from=checkpoint)
+    for resumed in (data_ranks, one.state_dict()):
+        for name, value in alone.state_dict().items():
+            difference = (value - resumed[name]).abs()
+            assert difference.max() < 2e-4 and (difference > 1e-5).float().mean() < 1e-4, (name, difference.max())
+
+
+def test_lm_saes_train_under_torchrun_writes_one_ordinary_dictionary(cache, tmp_path):
+    """The runner end to end (`torchrun -m lm_saes_core.cli train` with model_parallel_size 2): initialised from the
+    data like one process, trained as two shards, saved as one file set that loads anywhere and equals the
+    one-process run of the same settings."""
+
+    def settings(out: Path, model_parallel_size: int) -> Path:
+        path = tmp_path / f"{out.name}.json"
+        path.write_text(json.dumps({
+            "sae": _sae("topk"), "sae_name": "mp", "model_parallel_size": model_parallel_size,
+            "activation_factory": {"sources": [{"type": "activations", "name": "c", "path": str(cache)}],
+                                   "target": "activations-1d", "hook_points": [HOOK], "batch_size": BATCH},
+            "initializer": {"bias_init_method": "mean", "grid_search_init_norm": True},
+            "trainer": _trainer(out),
+        }))  # fmt: skip
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, "-m", "lm_saes_core.cli", "train", str(settings(tmp_path / "two", 2))],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    alone = subprocess.run([str(Path(sys.executable).parent / "lm-saes"), "train", str(settings(tmp_path / "one", 1))],
+                           capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-4000:]
+    two, one = load_sparse_dictionary(tmp_path / "two"), load_sparse_dictionary(tmp_path / "one")
+    assert two.cfg.d_sae == D_SAE and json.loads((tmp_path / "two" / "train_result.json").read_text())["steps"] == 8
+    assert sorted(path.name for path in (tmp_path / "two").glob("*.safetensors")) == ["sae_weights.safetensors"]
+    for name, value in one.state_dict().items():
+        difference = (value - two.state_dict()[name]).abs()
+        assert difference.max() < 2e-4 and (difference > 1e-5).float().mean() < 1e-4, (name, difference.max())
