@@ -17,6 +17,7 @@ from lm_saes_core.config import BaseConfig, ConfigError, load_config, read_confi
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig
 from lm_saes_core.models import AnySAEConfig, SparseDictionaryConfig
+from lm_saes_core.models.feature_parallel import feature_parallel_problem
 from lm_saes_core.store import RecordStoreConfig
 from lm_saes_core.training import InitializerConfig, TrainerConfig
 
@@ -50,8 +51,9 @@ class DictionaryItem(BaseConfig):
     seed: int = 42
     data_parallel_size: int = Field(default=1, ge=1)
     """Processes (GPUs) training one replica each on a slice of every batch: the step runs under torchrun."""
-    model_parallel_size: int = Field(default=1, le=1, ge=1)
-    """Model parallelism is not available: 1."""
+    model_parallel_size: int = Field(default=1, ge=1)
+    """Processes (GPUs) holding a part of the dictionary's features each (SAEs and transcoders): with
+    data_parallel_size, the step runs under torchrun on data_parallel_size x model_parallel_size processes."""
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "DictionaryItem":
@@ -59,6 +61,9 @@ class DictionaryItem(BaseConfig):
             raise ValueError(
                 f"batch_size={self.batch_size} does not split evenly over data_parallel_size={self.data_parallel_size}"
             )
+        problem = feature_parallel_problem(self.sae, self.model_parallel_size)
+        if problem is not None:
+            raise ValueError(f"model_parallel_size={self.model_parallel_size}: {problem}")
         return self
 
     @property

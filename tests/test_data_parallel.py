@@ -206,7 +206,7 @@ def test_misuse_is_a_named_error(cache, tmp_path):
     with pytest.raises(ValueError, match="sae.d_sae=1152 does not split into 5 equal feature shards"):
         TrainSAESettings.model_validate({**settings(cache, tmp_path / "z"), "model_parallel_size": 5})
     item = {"sae": settings(cache, tmp_path)["sae"], "trainer": {"total_training_tokens": 1024}}
-    with pytest.raises(ValueError, match="model_parallel_size"):
-        DictionaryItem.model_validate({**item, "model_parallel_size": 2})
+    with pytest.raises(ValueError, match="model_parallel_size=5: sae.d_sae=1152 does not split into 5 equal"):
+        DictionaryItem.model_validate({**item, "model_parallel_size": 5})
     with pytest.raises(ValueError, match="batch_size=4097 does not split evenly over data_parallel_size=2"):
         DictionaryItem.model_validate({**item, "batch_size": 4097, "data_parallel_size": 2})

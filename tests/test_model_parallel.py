@@ -9,14 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dagster as dg
 import pytest
 import torch
 from real_activations import smollm2_cache
 
 from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.io import file_sha256
 from lm_saes_core.models import SAEConfig, SparseAutoEncoder, load_sparse_dictionary
+from lm_saes_core.runners.train import TrainSAESettings
 from lm_saes_core.training import Trainer, TrainerConfig
+from lm_saes_dagster.launch import HeavyStepLauncher
 
 pytestmark = pytest.mark.slow
 HOOK = "blocks.3.hook_resid_post"
@@ -164,3 +168,28 @@ def test_lm_saes_train_under_torchrun_writes_one_ordinary_dictionary(cache, tmp_
     for name, value in one.state_dict().items():
         difference = (value - two.state_dict()[name]).abs()
         assert difference.max() < 2e-4 and (difference > 1e-5).float().mean() < 1e-4, (name, difference.max())
+
+
+def test_a_pipeline_item_with_two_feature_shards_runs_through_pipes(cache, tmp_path, monkeypatch):
+    """What the pipeline's `dictionary` asset does for an item with model_parallel_size 2: its step under torchrun
+    on 2 processes through Dagster Pipes; rank 0 alone reports, and the data version is that of the one file set."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    settings = TrainSAESettings.model_validate({
+        "sae": _sae("topk"), "sae_name": "mp", "model_parallel_size": 2,
+        "activation_factory": {"sources": [{"type": "activations", "name": "c", "path": str(cache)}],
+                               "target": "activations-1d", "hook_points": [HOOK], "batch_size": BATCH},
+        "trainer": _trainer(tmp_path / "out"),
+    })  # fmt: skip
+
+    @dg.asset
+    def dictionary(context: dg.AssetExecutionContext, launcher: HeavyStepLauncher) -> dg.MaterializeResult:
+        return launcher.run(context, "train", settings, nproc=2, workdir=tmp_path / "work").get_materialize_result()
+
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([dictionary], instance=instance, resources={"launcher": HeavyStepLauncher()})
+    assert result.success
+    (event,) = result.get_asset_materialization_events()
+    assert event.materialization.metadata["steps"].value == 8
+    weights = tmp_path / "out" / "sae_weights.safetensors"
+    assert event.materialization.tags["dagster/data_version"] == file_sha256(weights)
+    assert load_sparse_dictionary(tmp_path / "out").cfg.d_sae == D_SAE

@@ -99,6 +99,21 @@ class FeatureShards:
         return tensor.narrow(dim, self.rank * step, step)
 
 
+FEATURE_PARALLEL_KINDS = ("sae",)
+"""The kinds whose features split over shards today: SAEs and transcoders."""
+
+
+def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
+    """Why a dictionary of config `cfg` cannot be split into `model_parallel_size` feature shards, or None."""
+    if model_parallel_size == 1:
+        return None
+    if cfg.sae_type not in FEATURE_PARALLEL_KINDS:
+        return f"feature parallelism is not available for sae_type {cfg.sae_type!r} yet (it is for 'sae')"
+    if cfg.d_sae % model_parallel_size:
+        return f"sae.d_sae={cfg.d_sae} does not split into {model_parallel_size} equal feature shards"
+    return None
+
+
 def shard_model(model, shards: FeatureShards):
     """This shard's dictionary (d_sae / size features) of the whole `model`, which every rank holds identically:
     the same kind, its tensors sliced along their feature axes (`model.feature_axes()`), the rest copied."""

@@ -65,6 +65,9 @@ class LorsaConfig(SparseDictionaryConfig):
     """Normalise each q and k head (QK-norm, as Qwen3), with `normalization_type` "RMS"."""
     normalization_type: Literal["LN", "RMS"] | None = None
     eps: float = Field(default=1e-6, gt=0)
+    qk_lr_factor: float = Field(default=1.0, ge=0)
+    """The QK circuit (W_Q, W_K, b_Q, b_K, QK-norm weights) learns at qk_lr_factor * lr (0: frozen, e.g. kept as the
+    host's heads it was initialised from)."""
 
     @model_validator(mode="after")
     def _heads(self) -> "LorsaConfig":
@@ -224,6 +227,21 @@ class LowRankSparseAttention(SparseDictionary):
         self.activation_function.init_parameters(
             **{k: v for k, v in kwargs.items() if k == "init_log_jumprelu_threshold_value"}
         )
+
+    def qk_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the attention patterns (W_Q, W_K, b_Q, b_K and the QK-norm weights)."""
+        norms = [norm.w for norm in (self.ln_q, self.ln_k) if norm is not None]
+        return [self.W_Q, self.W_K, self.b_Q, self.b_K, *norms]
+
+    def parameter_groups(self, lr: float, jumprelu_lr_factor: float = 1.0) -> list[dict]:
+        """The base's groups, the QK circuit split off into a group "qk" at `qk_lr_factor` * lr."""
+        groups = super().parameter_groups(lr, jumprelu_lr_factor)
+        if self.cfg.qk_lr_factor == 1.0:
+            return groups
+        qk = {id(p) for p in self.qk_parameters()}
+        others = groups[0]
+        groups[0] = {**others, "params": [p for p in others["params"] if id(p) not in qk]}
+        return [*groups, {"name": "qk", "params": self.qk_parameters(), "lr": lr * self.cfg.qk_lr_factor}]
 
     def decoder_norm(self) -> Tensor:
         return self.W_O.norm(dim=1)

@@ -33,7 +33,7 @@ from lm_saes_core.models import (
     tagged_dictionary_configs,
 )
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
-from lm_saes_core.models.feature_parallel import FeatureShards
+from lm_saes_core.models.feature_parallel import FeatureShards, feature_parallel_problem
 from lm_saes_core.models.losses import SparsityLossType
 from lm_saes_core.runners.common import (
     activation_epochs,
@@ -308,12 +308,9 @@ def _check_feature_parallel(sae: SparseDictionaryConfig, model_parallel_size: in
     shards, with a per-token activation (TopK, BatchTopK, ReLU, JumpReLU); what cannot be split is named here."""
     if model_parallel_size == 1 or isinstance(sae, PretrainedSAE):
         return  # saved weights are checked once loaded
-    if sae.sae_type != "sae":
-        what = f"feature parallelism is not available for sae_type {sae.sae_type!r} yet (it is for 'sae')"
-        raise field_error("model_parallel_size", what, model_parallel_size)
-    if sae.d_sae % model_parallel_size:
-        what = f"sae.d_sae={sae.d_sae} does not split into {model_parallel_size} equal feature shards"
-        raise field_error("model_parallel_size", what, model_parallel_size)
+    problem = feature_parallel_problem(sae, model_parallel_size)
+    if problem is not None:
+        raise field_error("model_parallel_size", problem, model_parallel_size)
 
 
 def _check_schedules(settings: _StreamSettings, trainers: list[TrainerConfig]) -> None:
