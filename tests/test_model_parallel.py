@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pytest
 import torch
 from real_activations import smollm2_cache
@@ -18,7 +19,9 @@ from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.io import file_sha256
 from lm_saes_core.models import SAEConfig, SparseAutoEncoder, load_sparse_dictionary
+from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
 from lm_saes_core.runners.train import TrainSAESettings
+from lm_saes_core.store.sqlite import SQLiteRecordStore
 from lm_saes_core.training import Trainer, TrainerConfig
 from lm_saes_dagster.launch import HeavyStepLauncher
 
@@ -193,3 +196,44 @@ def test_a_pipeline_item_with_two_feature_shards_runs_through_pipes(cache, tmp_p
     weights = tmp_path / "out" / "sae_weights.safetensors"
     assert event.materialization.tags["dagster/data_version"] == file_sha256(weights)
     assert load_sparse_dictionary(tmp_path / "out").cfg.d_sae == D_SAE
+
+
+def _analyses(store_path: Path, name: str) -> list:
+    with SQLiteRecordStore(store_path) as store:
+        return [feature.analysis() for feature in store.iter_features(name, "mp", with_samples=True)]
+
+
+def test_analysis_over_two_feature_shards_records_what_one_process_records(cache, tmp_path):
+    """`torchrun -m lm_saes_core.cli analyze` with model_parallel_size 2: each shard analyses its half of the
+    features (TopK over both shards per token), rank 0 records them all; the store holds exactly the records of the
+    one-process analysis (the same counts, maxima, histograms, sampled contexts and their activations)."""
+    torch.manual_seed(0)
+    sae = SparseAutoEncoder.from_config(SAEConfig.model_validate({**_sae("topk"), "norm_activation": "inference"}))
+    sae_dir = sae.save_pretrained(tmp_path / "sae")
+
+    def settings(name: str, model_parallel_size: int) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({
+            "sae": {"pretrained_name_or_path": str(sae_dir)}, "sae_name": name, "sae_series": "mp",
+            "activation_factory": {"sources": [{"type": "activations", "name": "c", "path": str(cache)}],
+                                   "target": "activations-2d", "hook_points": [HOOK], "batch_size": 4},
+            "analyzer": {"total_analyzing_tokens": 1024, "n_top": 4, "n_non_activating": 2},
+            "store": {"sqlite_path": str(tmp_path / f"{name}.sqlite")}, "model_parallel_size": model_parallel_size,
+        }))  # fmt: skip
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, "-m", "lm_saes_core.cli", "analyze", str(settings("two", 2))],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    analyze_sae(AnalyzeSAESettings.model_validate_json(settings("one", 1).read_text()))
+    two, one = _analyses(tmp_path / "two.sqlite", "two"), _analyses(tmp_path / "one.sqlite", "one")
+    assert len(two) == len(one) == D_SAE and sum(a.act_times for a in one) > 15 * one[0].n_analyzed_tokens
+    for index, (a, b) in enumerate(zip(one, two, strict=True)):
+        assert (a.act_times, a.n_analyzed_tokens) == (b.act_times, b.n_analyzed_tokens), index
+        assert a.max_feature_acts == pytest.approx(b.max_feature_acts, rel=1e-5), index
+        assert np.array_equal(a.histogram_counts, b.histogram_counts), index
+        assert [s.name for s in a.samples] == [s.name for s in b.samples], index
+        for x, y in zip(a.samples, b.samples, strict=True):
+            assert np.array_equal(x.tokens, y.tokens) and np.allclose(x.activations, y.activations, rtol=1e-5)

@@ -180,12 +180,13 @@ class ContextBatch:
         return ContextBatch(*(getattr(self, name)[:n_rows] for name in self.__dataclass_fields__))
 
 
-def context_priority(context_ids: Tensor, n_features: int, seed: int) -> Tensor:
+def context_priority(context_ids: Tensor, n_features: int, seed: int, first_feature: int = 0) -> Tensor:
     """(B, F) float32 in [0, 1): a fixed pseudo-random priority per (context, feature), so a draw depends on the
-    stream order and the seed, not on how the stream was batched. lowbias32-style mixing on 32-bit values held in
+    stream order and the seed, not on how the stream was batched (nor on how the features are split into shards:
+    a shard's features are `first_feature` ...). lowbias32-style mixing on 32-bit values held in
     int64 (products may wrap; only their low 32 bits are kept, and those are exact)."""
     mask32 = 0xFFFFFFFF
-    features = torch.arange(n_features, device=context_ids.device, dtype=torch.int64)
+    features = torch.arange(first_feature, first_feature + n_features, device=context_ids.device, dtype=torch.int64)
     x = (context_ids[:, None] & mask32) * 0x9E3779B1 + features[None, :] * 0x85EBCA77 + (seed & mask32) * 0xC2B2AE3D
     x = x & mask32
     for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
@@ -393,9 +394,18 @@ class ContextStore:
 class FeatureAnalysisState:
     """Running statistics and pools of F features; `update` takes one batch of feature activations."""
 
-    def __init__(self, cfg: FeatureAnalyzerConfig, n_features: int, context_size: int, device: torch.device):
+    def __init__(
+        self,
+        cfg: FeatureAnalyzerConfig,
+        n_features: int,
+        context_size: int,
+        device: torch.device,
+        first_feature: int = 0,
+    ):
+        """`first_feature`: the index of the first of these features in the dictionary (a shard's are a slice)."""
         self.cfg = cfg
         self.n_features = n_features
+        self.first_feature = first_feature
         self.device = device
         self.act_times = torch.zeros(n_features, dtype=torch.int64, device=device)
         self.sum_acts = torch.zeros(n_features, dtype=torch.float64, device=device)
@@ -449,7 +459,7 @@ class FeatureAnalysisState:
             [NON_ACTIVATING_POOL] if self.pools[NON_ACTIVATING_POOL].capacity else []
         )
         if random_pools:
-            draw = context_priority(context_ids, self.n_features, self.cfg.seed)  # (B, F)
+            draw = context_priority(context_ids, self.n_features, self.cfg.seed, self.first_feature)  # (B, F)
         for name in random_pools:
             pool = self.pools[name]
             if name == NON_ACTIVATING_POOL:
@@ -555,6 +565,7 @@ class FeatureAnalyzer:
         mode (BatchTopK uses its inference threshold), on the raw activations scaled as the dictionary expects."""
         was_training = sae.training
         sae.eval()
+        shards = sae.feature_shards
         try:
             analyses = self.analyze_features(
                 stream,
@@ -564,9 +575,14 @@ class FeatureAnalyzer:
                 analysis_name=analysis_name,
                 progress=progress,
                 z_patterns=z_pattern_recorder(sae),  # a Lorsa's top contexts: see analysis/z_patterns.py
+                first_feature=0 if shards is None else shards.rank * sae.n_analysed_features,
             )
         finally:
             sae.train(was_training)
+        if shards is not None:  # every shard analysed its own features: the whole list, in feature order, everywhere
+            parts = [None] * shards.size
+            torch.distributed.all_gather_object(parts, analyses, group=shards.group)
+            analyses = [analysis for part in parts for analysis in part]
         locations = decoder_locations(sae, self.cfg.location_threshold)
         if locations is not None:
             for analysis, location in zip(analyses, locations, strict=True):
@@ -584,6 +600,7 @@ class FeatureAnalyzer:
         analysis_name: str = "default",
         progress: bool = True,
         z_patterns: ZPatternRecorder | None = None,
+        first_feature: int = 0,
     ) -> list[FeatureAnalysis]:
         """The analysis of any dictionary: `encode` maps a 2-D item (restricted to the contexts being analysed) to
         feature activations (B, S, F); the rest (budget, masks, statistics, pools) is shared. `z_patterns` (a Lorsa)
@@ -603,7 +620,8 @@ class FeatureAnalyzer:
                     item = {key: value[:n_rows] for key, value in item.items()}
                 feature_acts = encode(item)
                 if state is None:
-                    state = FeatureAnalysisState(self.cfg, n_features, batch.tokens.shape[1], feature_acts.device)
+                    state = FeatureAnalysisState(self.cfg, n_features, batch.tokens.shape[1], feature_acts.device,
+                                                 first_feature)  # fmt: skip
                 before = state.n_analyzed_tokens
                 state.update(feature_acts, _to_device(batch, feature_acts.device))
                 if z_patterns is not None:  # the batch's contexts are ids n_contexts - len(batch) ... n_contexts - 1

@@ -131,6 +131,8 @@ def shard_model(model, shards: FeatureShards):
     local.whole_cfg = cfg.model_copy(deep=True)
     local.current_k = model.current_k
     local.train(model.training)
+    if hasattr(local.activation_function, "row_kth"):  # TopK: a token's top k over every shard
+        local.activation_function.row_kth = shards.row_kth
     return local
 
 

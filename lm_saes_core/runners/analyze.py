@@ -1,6 +1,7 @@
 """`analyze_sae`: every feature of a saved dictionary analysed over an activation stream (statistics and sample
 contexts), stored in the record store and optionally exported to a file."""
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ from lm_saes_core.config import BaseConfig, ConfigError
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.log import setup_logging
 from lm_saes_core.models import PretrainedSAE, SparseDictionary, SparseDictionaryConfig
+from lm_saes_core.models.feature_parallel import feature_parallel_problem, shard_model
 from lm_saes_core.runners.common import (
     check_dictionary_fits,
     check_model_config,
@@ -32,6 +34,7 @@ from lm_saes_core.runners.head_groups import (
 )
 from lm_saes_core.store import DictionaryRecord, FeatureAnalysis, RecordStoreConfig, open_store
 from lm_saes_core.store.export import analysis_export_path, write_analysis_export
+from lm_saes_core.training.data_parallel import init_parallel
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,9 @@ class _AnalyzeSettings(BaseConfig):
     store: RecordStoreConfig = Field(default_factory=RecordStoreConfig)
     output_dir: str | None = None
     """Also write the analyses to `<output_dir>/<series>/<name>/<analysis>_analysis_<n>_features.npz`."""
+    model_parallel_size: int = Field(default=1, ge=1)
+    """Processes (torchrun) that each analyse a slice of the features (SAEs and transcoders): the language model
+    runs on each, the dictionary is split by features, rank 0 records the whole analysis."""
 
 
 class AnalyzeSAESettings(_AnalyzeSettings):
@@ -88,6 +94,7 @@ def analyze_sae(settings: AnalyzeSAESettings) -> list[FeatureAnalysis]:
     sae_cfg, saved_cfg = read_sae_config(settings.sae)
     check_dictionary_fits(sae_cfg, factory_cfg)
     check_sources_configured(factory_cfg, settings.model, settings.datasets)
+    _check_feature_parallel(sae_cfg, settings.model_parallel_size)
 
     def open_stream(sae: SparseDictionary) -> tuple[Iterator, str | None]:
         check_model_config(factory_cfg, settings.model, [sae.cfg])
@@ -110,6 +117,7 @@ def analyze_crosscoder(settings: AnalyzeCrossCoderSettings) -> list[FeatureAnaly
     _check_target(factories[0], "activation_factories[0]")
     sae_cfg, saved_cfg = read_sae_config(settings.sae)
     check_dictionary_fits_groups(sae_cfg, factories)
+    _check_feature_parallel(sae_cfg, settings.model_parallel_size)
 
     def open_stream(sae: SparseDictionary) -> tuple[Iterator, str | None]:
         check_model_configs(factories, settings.model, [sae.cfg])
@@ -118,6 +126,12 @@ def analyze_crosscoder(settings: AnalyzeCrossCoderSettings) -> list[FeatureAnaly
         return merged_stream(groups, epochs=False), groups[0].model_name
 
     return _analyze(settings, saved_cfg, [source.name for source in factories[0].sources], open_stream)
+
+
+def _check_feature_parallel(sae_cfg: SparseDictionaryConfig, model_parallel_size: int) -> None:
+    problem = feature_parallel_problem(sae_cfg, model_parallel_size)
+    if problem is not None:
+        raise ConfigError(f"model_parallel_size: {problem}")
 
 
 def _check_target(factory_cfg: ActivationFactoryConfig, field: str) -> None:
@@ -137,15 +151,21 @@ def _analyze(
     """Open the store, load the dictionary, stream, analyse, and record the dictionary and its analyses."""
     if settings.output_dir is not None:
         analysis_export_path(settings.output_dir, settings.sae_name, settings.sae_series, settings.analysis_name, 0)
-    with open_store(settings.store) as store:
+    _, shards = init_parallel(1, settings.model_parallel_size, settings.sae.device or "cpu")
+    main = shards is None or torch.distributed.get_rank() == 0
+    with open_store(settings.store) if main else contextlib.nullcontext() as store:
         sae = settings.sae.load()
         stream, model_name = open_stream(sae)
+        if shards is not None:
+            sae = shard_model(sae, shards)
 
         started = time.perf_counter()
         analyses = FeatureAnalyzer(settings.analyzer).analyze(
-            sae, stream, source_names=source_names, analysis_name=settings.analysis_name
+            sae, stream, source_names=source_names, analysis_name=settings.analysis_name, progress=main
         )
         elapsed = time.perf_counter() - started
+        if not main:
+            return analyses
         n_tokens = analyses[0].n_analyzed_tokens
         alive = sum(analysis.act_times > 0 for analysis in analyses)
         logger.info(

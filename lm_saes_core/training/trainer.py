@@ -127,8 +127,6 @@ class Trainer:
                 _load_model_weights(whole, Path(resume_from))  # the whole weights, then this shard's part of them
             model = shard_model(whole, self.shards)
             model.batch_kth = self.shards.batch_kth
-            if hasattr(model.activation_function, "row_kth"):
-                model.activation_function.row_kth = self.shards.row_kth
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
         dead = DeadLatentStatistics(model.n_features, cfg.loss.dead_threshold, model.cfg.device)
         if resume_from is None:
