@@ -20,6 +20,7 @@ from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.io import file_sha256
 from lm_saes_core.models import SAEConfig, SparseAutoEncoder, load_sparse_dictionary
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
+from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.train import TrainSAESettings
 from lm_saes_core.store.sqlite import SQLiteRecordStore
 from lm_saes_core.training import Trainer, TrainerConfig
@@ -237,3 +238,35 @@ def test_analysis_over_two_feature_shards_records_what_one_process_records(cache
         assert [s.name for s in a.samples] == [s.name for s in b.samples], index
         for x, y in zip(a.samples, b.samples, strict=True):
             assert np.array_equal(x.tokens, y.tokens) and np.allclose(x.activations, y.activations, rtol=1e-5)
+
+
+def test_evaluation_over_two_feature_shards_reports_what_one_process_reports(cache, tmp_path):
+    """`torchrun -m lm_saes_core.cli evaluate` with model_parallel_size 2, the downstream metrics included (the
+    language model runs on each process with the sharded dictionary spliced in): rank 0 writes the metrics of the
+    whole dictionary, those of the one-process evaluation."""
+    torch.manual_seed(0)
+    sae = SparseAutoEncoder.from_config(SAEConfig.model_validate({**_sae("topk"), "norm_activation": "inference"}))
+    sae_dir = sae.save_pretrained(tmp_path / "sae")
+
+    def settings(name: str, model_parallel_size: int) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({
+            "sae": {"pretrained_name_or_path": str(sae_dir)}, "sae_name": name, "model": {"model_name": "smollm2-135m"},
+            "activation_factory": {"sources": [{"type": "activations", "name": "c", "path": str(cache)}],
+                                   "target": "activations-2d", "hook_points": [HOOK], "batch_size": 4},
+            "eval": {"total_eval_tokens": 512, "compute_downstream": True},
+            "output_path": str(tmp_path / f"{name}.json.out"), "model_parallel_size": model_parallel_size,
+        }))  # fmt: skip
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, "-m", "lm_saes_core.cli", "evaluate", str(settings("two", 2))],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    one = evaluate_sae(EvaluateSAESettings.model_validate_json(settings("one", 1).read_text())).metrics
+    two = json.loads((tmp_path / "two.json.out").read_text())["metrics"]
+    assert one["metrics/l0"] == pytest.approx(16, abs=0.5) and "metrics/ce_loss_recovered" in one
+    assert set(two) == set(one)
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key

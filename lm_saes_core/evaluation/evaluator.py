@@ -21,6 +21,7 @@ from lm_saes_core.backend.base import LanguageModel, Replacement
 from lm_saes_core.config import BaseConfig
 from lm_saes_core.evaluation.frequency import FrequencyHistogram, frequency_counts, frequency_histogram
 from lm_saes_core.models.base import SparseDictionary
+from lm_saes_core.models.feature_parallel import gather_features
 
 
 class EvalConfig(BaseConfig):
@@ -226,9 +227,13 @@ class Evaluator:
 
         totals.n_tokens += n
         totals.normalised_sq_error += (out.reconstructed - out.label).double().pow(2).sum().item()
-        totals.n_active += active.sum().item()
-        totals.sum_abs_acts += acts.abs().sum().item()
-        totals.sum_acts += acts.sum().item()
+        sums = torch.stack([active.sum().double(), acts.abs().sum(), acts.sum()])
+        if model.feature_shards is not None:  # a shard's features are a part of the whole's
+            sums = model.feature_shards.sum(sums)
+        n_active, sum_abs_acts, sum_acts = sums.tolist()
+        totals.n_active += n_active
+        totals.sum_abs_acts += sum_abs_acts
+        totals.sum_acts += sum_acts
         counts = active.sum(0)
         totals.feature_counts = counts if totals.feature_counts is None else totals.feature_counts + counts
         for key, value in model.group_statistics(out.label, out.reconstructed, out.feature_acts).items():
@@ -282,7 +287,11 @@ class Evaluator:
     # ---- reduction ----
     def _reduce(self, model: SparseDictionary, totals: _Totals, downstream: bool) -> EvalResult:
         n, hooks = totals.n_tokens, totals.hooks
-        frequency = totals.feature_counts.double() / n
+        counts, statistics, shards = totals.feature_counts, model.log_statistics(), model.feature_shards
+        if shards is not None:  # the whole dictionary's frequencies and statistics on every shard
+            counts = gather_features(counts, model.feature_shape, shards)
+            statistics = shards.mean_statistics(statistics)
+        frequency = counts.double() / n
         metrics = {
             "losses/mse_loss": totals.normalised_sq_error / (n * len(hooks)),
             **_reconstruction_metrics(list(hooks.values()), n),
@@ -292,7 +301,7 @@ class Evaluator:
             "metrics/dead_fraction": (frequency == 0).double().mean().item(),
             "metrics/dense_fraction": (frequency > self.cfg.dense_threshold).double().mean().item(),
             **{key: float(count) for key, count in frequency_counts(frequency).items()},
-            **model.log_statistics(),
+            **statistics,
             "details/n_tokens": float(n),
         }
         metrics |= {key: total / n for key, total in totals.group_sums.items()}

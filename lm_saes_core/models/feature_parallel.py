@@ -88,6 +88,14 @@ class FeatureShards:
         dist.all_gather(gathered, padded, group=self.world)
         return kernels.kth_largest(torch.cat(gathered), total)
 
+    def mean_statistics(self, stats: dict[str, float]) -> dict[str, float]:
+        """Statistics that are means over a shard's features (norms, thresholds) or the same on every shard, made
+        the whole dictionary's: their mean over the (equal) shards."""
+        if not stats:
+            return stats
+        means = self.sum(torch.tensor(list(stats.values()), dtype=torch.float64)) / self.size
+        return dict(zip(stats, means.tolist(), strict=True))
+
     # ---------------------------------------------------------------- shards of whole tensors
 
     def local_slice(self, tensor: Tensor, dim: int) -> Tensor:

@@ -5,6 +5,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from pydantic import Field, model_validator
 
 from lm_saes_core.activation.config import (
@@ -20,6 +21,7 @@ from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig, EvalResult, Evaluator
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
+from lm_saes_core.models.feature_parallel import feature_parallel_problem, shard_model
 from lm_saes_core.models.pretrained import PretrainedSAE
 from lm_saes_core.plots import density_svg
 from lm_saes_core.runners.common import check_dictionary_fits, check_model_config, load_language_model_and_datasets
@@ -31,6 +33,7 @@ from lm_saes_core.runners.head_groups import (
     load_head_groups,
     merged_stream,
 )
+from lm_saes_core.training.data_parallel import init_parallel
 from lm_saes_core.wandb_logging import WandbConfig, start_wandb_run
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,9 @@ class _EvaluateSettings(BaseConfig):
     """Write the metrics (and the frequency histogram) here as JSON."""
     wandb: WandbConfig | None = None
     """Log the metrics once to a W&B run (`exp_name` defaults to `sae_name`)."""
+    model_parallel_size: int = Field(default=1, ge=1)
+    """Processes (torchrun) that each hold a slice of the features (SAEs and transcoders): the language model runs
+    on each, rank 0 reports the whole dictionary's metrics."""
 
 
 class EvaluateSAESettings(_EvaluateSettings):
@@ -80,6 +86,8 @@ def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
             f"activation_factory.target is {factory_cfg.target.value!r}, but the downstream metrics run the "
             "language model on whole sequences: use activations-2d, or set eval.compute_downstream=false"
         )
+    _check_feature_parallel(settings)
+    _, shards = init_parallel(1, settings.model_parallel_size, settings.sae.device or "cpu")
     sae = settings.sae.load()  # folds the dataset-wise scale when settings.sae.fold_activation_scale is set
     check_dictionary_fits(sae.cfg, factory_cfg)
     check_model_config(factory_cfg, settings.model, [sae.cfg])
@@ -95,8 +103,20 @@ def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
     model_name = settings.model_name or (settings.model.model_name if settings.model else None)
     stream = factory.process(model=language_model, model_name=model_name, datasets=datasets)
 
+    if shards is not None:
+        sae = shard_model(sae, shards)
     result = Evaluator(settings.eval).run(sae, stream, language_model if downstream else None)
+    if shards is not None and torch.distributed.get_rank() != 0:
+        return result  # the same metrics; rank 0 reports them
     return _report(settings, result, model_name)
+
+
+def _check_feature_parallel(settings: _EvaluateSettings) -> None:
+    if settings.model_parallel_size == 1:
+        return
+    problem = feature_parallel_problem(settings.sae.read_config()[0], settings.model_parallel_size)
+    if problem is not None:
+        raise ConfigError(f"model_parallel_size: {problem}")
 
 
 def evaluate_crosscoder(settings: EvaluateCrossCoderSettings) -> EvalResult:
@@ -118,6 +138,7 @@ def evaluate_crosscoder(settings: EvaluateCrossCoderSettings) -> EvalResult:
             f"activation_factories[0].target is {factories[0].target.value!r}, but the downstream metrics run the "
             "language model on whole sequences: use activations-2d, or set eval.compute_downstream=false"
         )
+    _check_feature_parallel(settings)
     sae = settings.sae.load()
     check_dictionary_fits_groups(sae.cfg, factories)
     check_model_configs(factories, settings.model, [sae.cfg])

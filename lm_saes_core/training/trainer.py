@@ -309,10 +309,7 @@ class Trainer:
     def _log_statistics(self, model: SparseDictionary) -> dict[str, float]:
         """The model's statistics; a shard's are means over its features, so the whole's are their mean."""
         stats = model.log_statistics()
-        if self.shards is None or not stats:
-            return stats
-        means = self.shards.sum(torch.tensor(list(stats.values()), dtype=torch.float64)) / self.shards.size
-        return dict(zip(stats, means.tolist(), strict=True))
+        return stats if self.shards is None else self.shards.mean_statistics(stats)
 
     def _warn_about_schedule_overlap(self, total_steps: int) -> None:
         cfg = self.cfg
