@@ -23,6 +23,14 @@ from dagster._core.pipes.client import PipesClientCompletedInvocation
 from lm_saes_core.config import BaseConfig
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.pipes_entry import EXIT_USER_ERROR, RUNNERS, error_file
+from lm_saes_dagster.multinode import (
+    master_labels,
+    node_command,
+    object_name,
+    rendezvous_service,
+    worker_job,
+    workers_running,
+)
 
 ENTRYPOINT = "lm_saes_core.pipes_entry"
 DSHM_VOLUME = "dshm"
@@ -182,12 +190,17 @@ class HeavyStepLauncher(dg.ConfigurableResource):
         settings: BaseConfig,
         *,
         nproc: int = 1,
+        nnodes: int = 1,
         workdir: str | Path,
         asset_key: str | None = None,
     ) -> PipesClientCompletedInvocation:
-        """Run the step and wait. `asset_key` (user string, e.g. "pipe/dictionary") picks which asset the child
-        reports when the step materializes several."""
+        """Run the step on `nproc` processes over `nnodes` nodes (k8s: one pod each) and wait. `asset_key` (user
+        string, e.g. "pipe/dictionary") picks which asset the child reports when the step materializes several."""
         extras = {"asset_key": asset_key} if asset_key else None
+        if nnodes > 1 and (self.backend != "k8s" or nproc % nnodes):
+            why = "needs the k8s backend (LM_SAES_LAUNCHER=k8s)" if self.backend != "k8s" else (
+                f"needs the {nproc} processes to split evenly over the nodes")  # fmt: skip
+            raise ValueError(f"a step on n_nodes={nnodes} {why}")
         if self.backend == "subprocess":
             settings_path = self.write_settings(runner, settings, workdir)
             error_file(settings_path).unlink(missing_ok=True)  # an earlier attempt's cause is not this one's
@@ -202,6 +215,8 @@ class HeavyStepLauncher(dg.ConfigurableResource):
             raise ValueError("image: the k8s backend needs the heavy step's image (set LM_SAES_K8S_IMAGE)")
         from dagster_k8s import PipesK8sClient
 
+        if nnodes > 1:
+            return self._run_on_nodes(context, runner, settings, nproc // nnodes, nnodes, workdir, extras)
         pod_spec = self.pod_spec(nproc)
         command = torchrun_command(runner, self.write_settings(runner, settings, workdir), nproc, python="python")
         return PipesK8sClient().run(
@@ -212,6 +227,34 @@ class HeavyStepLauncher(dg.ConfigurableResource):
             base_pod_spec=pod_spec,
             extras=extras,
         )
+
+    def _run_on_nodes(self, context, runner, settings, per_node: int, nnodes: int, workdir, extras):
+        """Node 0 as the Pipes pod, nodes 1 .. N-1 as an indexed Job, joined through a headless Service (see
+        `lm_saes_dagster.multinode`)."""
+        from dagster_k8s import PipesK8sClient
+
+        name = object_name(context.run_id, _step_name(context))
+        entrypoint = ["-m", ENTRYPOINT, runner, str(self.write_settings(runner, settings, workdir))]
+        pod_spec = self.pod_spec(per_node)
+        namespace = self.namespace or _current_namespace()
+        workers = worker_job(name, self.image, node_command(entrypoint, nnodes, per_node, name, None), pod_spec,
+                             nnodes - 1)  # fmt: skip
+        with workers_running(rendezvous_service(name), workers, namespace):
+            return PipesK8sClient().run(
+                context=context,
+                image=self.image,
+                command=node_command(entrypoint, nnodes, per_node, name, 0),
+                namespace=namespace,
+                base_pod_meta={"labels": master_labels(name)},
+                base_pod_spec=pod_spec,
+                extras=extras,
+            )
+
+
+def _current_namespace() -> str:
+    """The namespace this process runs in (in a cluster), else "default"."""
+    path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+    return path.read_text().strip() if path.is_file() else "default"
 
 
 def settings_dump(settings: BaseConfig) -> dict[str, Any]:

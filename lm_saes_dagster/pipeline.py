@@ -249,8 +249,10 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
 
         def train_alone(key: str) -> dg.MaterializeResult:
             settings = train_settings(cfg, key, selected[key], cache, outputs[key])
-            nproc = selected[key].n_processes  # torchrun for a data-parallel item
-            return launcher.run(context, "train", settings, nproc=nproc, workdir=outputs[key]).get_materialize_result()
+            item = selected[key]  # torchrun for a data- or model-parallel item, over n_nodes pods on k8s
+            run = launcher.run(context, "train", settings, nproc=item.n_processes, nnodes=item.n_nodes,
+                               workdir=outputs[key])  # fmt: skip
+            return run.get_materialize_result()
 
         if len(selected) == 1:
             (key,) = selected

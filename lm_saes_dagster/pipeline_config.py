@@ -55,11 +55,19 @@ class DictionaryItem(BaseConfig):
     """Processes (GPUs) holding a part of the dictionary's features each (SAEs and transcoders): with
     data_parallel_size, the step runs under torchrun on data_parallel_size x model_parallel_size processes."""
 
+    n_nodes: int = Field(default=1, ge=1)
+    """Nodes (Kubernetes pods) the data_parallel_size x model_parallel_size processes spread over, evenly; more than
+    one needs the k8s launcher (see lm_saes_dagster/multinode.py)."""
+
     @model_validator(mode="after")
     def _batch_splits(self) -> "DictionaryItem":
         if self.batch_size % self.data_parallel_size:
             raise ValueError(
                 f"batch_size={self.batch_size} does not split evenly over data_parallel_size={self.data_parallel_size}"
+            )
+        if self.n_processes % self.n_nodes:
+            raise ValueError(
+                f"n_nodes={self.n_nodes} does not divide data_parallel_size x model_parallel_size = {self.n_processes}"
             )
         problem = feature_parallel_problem(self.sae, self.model_parallel_size)
         if problem is not None:

@@ -265,6 +265,7 @@ def test_k8s_run_launcher_from_deploy_yaml_turns_run_tags_into_a_gpu_job(tmp_pat
 def test_instance_yaml_passes_dagsters_instance_schema(name, monkeypatch):
     for var in ("DAGSTER_PG_HOST", "DAGSTER_PG_USER", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB", "LM_SAES_IMAGE"):
         monkeypatch.setenv(var, "x")
+    monkeypatch.setenv("DAGSTER_PG_PORT", "5432")
     config, _ = dagster_instance_config(str(DEPLOY / name))
     assert config["concurrency"]["pools"]["default_limit"] >= 1
     assert config["run_monitoring"]["enabled"] is True
@@ -483,3 +484,107 @@ def test_the_written_settings_keep_which_initializer_steps_were_asked_for(tmp_pa
     child = TrainSAESettings.model_validate_json(written.read_text())
     assert child.initializer.model_fields_set == {"grid_search_init_norm"}
     assert child.model_dump() == settings.model_dump()
+
+
+# ---------------------------------------------------------------- several nodes (spec-tested: no cluster here)
+
+
+def test_a_two_node_step_is_a_pipes_pod_an_indexed_job_and_a_headless_service():
+    """2 nodes x 4 GPUs: node 0 (the Pipes pod, global rank 0, which reports) and an indexed Job of one worker whose
+    node rank is 1 + its completion index, all joined at the Service's DNS name on the rendezvous port."""
+    import kubernetes
+    from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
+
+    def model(cls, manifest):  # the manifest (camelCase, as applied to a cluster) read as the client's model
+        return k8s_model_from_dict(cls, k8s_snake_case_dict(cls, manifest))
+
+    from lm_saes_dagster.multinode import (
+        RENDEZVOUS_PORT,
+        master_labels,
+        node_command,
+        object_name,
+        rendezvous_service,
+        worker_job,
+    )
+
+    name = object_name("0f3c9a7e-1234-4bcd", "pipe__dictionary[TopK_k32]")
+    assert name == "lm-saes-0f3c9a7e-pipe-dictionary-topk-k32" and len(object_name("a" * 36, "x" * 99)) <= 52
+    launcher = HeavyStepLauncher(backend="k8s", image="reg/lm-saes:1", shared_volume_claim="lm-saes-data")
+    pod_spec = launcher.pod_spec(4)
+    entrypoint = ["-m", "lm_saes_core.pipes_entry", "train", "/data/w/train.pipes-settings.json"]
+    service = model(kubernetes.client.V1Service, rendezvous_service(name))
+    assert service.spec.cluster_ip == "None" and service.spec.publish_not_ready_addresses
+    assert service.spec.selector == master_labels(name) and service.spec.ports[0].port == RENDEZVOUS_PORT
+    job = model(
+        kubernetes.client.V1Job,
+        worker_job(name, launcher.image, node_command(entrypoint, 2, 4, name, None), pod_spec, 1),
+    )
+    assert (job.spec.completion_mode, job.spec.completions, job.spec.parallelism) == ("Indexed", 1, 1)
+    assert job.spec.backoff_limit == 0 and job.spec.template.spec.restart_policy == "Never"
+    worker = job.spec.template.spec.containers[0]
+    assert worker.image == "reg/lm-saes:1" and worker.resources.limits == {"nvidia.com/gpu": "4"}
+    assert worker.command[:2] == ["sh", "-c"] and worker.command[2].startswith("exec torchrun --nnodes=2 ")
+    assert f"--master-addr={name} --master-port={RENDEZVOUS_PORT}" in worker.command[2]
+    assert '--node-rank="$((JOB_COMPLETION_INDEX + 1))" -m lm_saes_core.pipes_entry train' in worker.command[2]
+    # the selector finds node 0 and not the workers
+    assert not set(master_labels(name).items()) <= set(job.spec.template.metadata.labels.items())
+    master = build_pod_body(pod_name="dagster-abc", image=launcher.image,
+                            command=node_command(entrypoint, 2, 4, name, 0), env_vars={},
+                            base_pod_meta={"labels": master_labels(name)}, base_pod_spec=pod_spec)  # fmt: skip
+    assert set(master_labels(name).items()) <= set(master.metadata.labels.items())
+    assert master.spec.containers[0].command == [
+        "torchrun", "--nnodes=2", "--nproc-per-node=4", f"--master-addr={name}", f"--master-port={RENDEZVOUS_PORT}",
+        "--node-rank=0", *entrypoint,
+    ]  # fmt: skip
+
+
+def test_the_workers_and_service_exist_only_while_node_0_runs(monkeypatch, tmp_path):
+    """The lifecycle, against a fake Kubernetes API (named so: no cluster can run here) and a node 0 that fails: the
+    Service and the Job are created before node 0 starts and deleted after it ends, failed or not."""
+    import kubernetes
+    from dagster_k8s import PipesK8sClient
+
+    calls = []
+
+    class FakeKubernetesApi:  # stands in for CoreV1Api and BatchV1Api
+        def __getattr__(self, method):
+            return lambda *args, **kwargs: calls.append((method, args[0] if "delete" in method else args[1]["kind"]))
+
+    def node_0_fails(self, **kwargs):
+        calls.append(("pipes pod", kwargs["command"][-5]))
+        raise RuntimeError("node 0 failed")
+
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(kubernetes.client, "CoreV1Api", FakeKubernetesApi)
+    monkeypatch.setattr(kubernetes.client, "BatchV1Api", FakeKubernetesApi)
+    monkeypatch.setattr(PipesK8sClient, "run", node_0_fails)
+    launcher = HeavyStepLauncher(backend="k8s", image="reg/lm-saes:1", namespace="ml")
+    context = MagicMock(run_id="0f3c9a7e-1234", has_partition_key=False)
+    context.op_execution_context.op_def.name = "dictionary"
+    settings = EvaluateSAESettings.model_validate(
+        {"sae": {"pretrained_name_or_path": str(tmp_path)}, "sae_name": "x",
+         "activation_factory": {"sources": [{"type": "activations", "name": "c", "path": str(tmp_path)}],
+                                "target": "activations-2d", "hook_points": ["h"], "batch_size": 4}}
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="node 0 failed"):
+        launcher.run(context, "evaluate", settings, nproc=8, nnodes=2, workdir=tmp_path)
+    name = "lm-saes-0f3c9a7e-dictionary"
+    assert calls == [
+        ("create_namespaced_service", "Service"), ("create_namespaced_job", "Job"), ("pipes pod", "--node-rank=0"),
+        ("delete_namespaced_job", f"{name}-workers"), ("delete_namespaced_service", name),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="a step on n_nodes=2 needs the k8s backend"):
+        HeavyStepLauncher().run(context, "evaluate", settings, nproc=8, nnodes=2, workdir=tmp_path)
+    with pytest.raises(ValueError, match="needs the 9 processes to split evenly over the nodes"):
+        launcher.run(context, "evaluate", settings, nproc=9, nnodes=2, workdir=tmp_path)
+
+
+def test_a_pipeline_item_spreads_its_processes_evenly_over_its_nodes():
+    from lm_saes_dagster.pipeline_config import DictionaryItem
+
+    item = {"sae": {"sae_type": "sae", "d_model": 8, "d_sae": 32, "hook_point_in": "h", "hook_point_out": "h",
+                    "act_fn": "topk", "top_k": 4}, "trainer": {"total_training_tokens": 1024}}  # fmt: skip
+    spread = DictionaryItem.model_validate({**item, "data_parallel_size": 4, "model_parallel_size": 2, "n_nodes": 2})
+    assert (spread.n_processes, spread.n_nodes) == (8, 2)
+    with pytest.raises(ValueError, match=r"n_nodes=3 does not divide data_parallel_size x model_parallel_size = 8"):
+        DictionaryItem.model_validate({**item, "data_parallel_size": 4, "model_parallel_size": 2, "n_nodes": 3})
