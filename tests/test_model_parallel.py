@@ -19,6 +19,7 @@ from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.io import file_sha256
 from lm_saes_core.models import SAEConfig, SparseAutoEncoder, load_sparse_dictionary
+from lm_saes_core.models.feature_parallel import FeatureShards
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.train import TrainSAESettings
@@ -270,3 +271,26 @@ def test_evaluation_over_two_feature_shards_reports_what_one_process_reports(cac
     assert set(two) == set(one)
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def test_a_shard_loads_only_its_slices_of_the_saved_file(tmp_path):
+    """Each shard of a saved (dataset-wise, folded on load) JumpReLU SAE is its slice of the whole loaded dictionary,
+    read from the file as that slice alone (its tensors own storage of the slice's size, not views of the whole)."""
+    torch.manual_seed(0)
+    cfg = SAEConfig.model_validate({**_sae("jumprelu"), "norm_activation": "dataset-wise"})
+    saved = SparseAutoEncoder.from_config(cfg)
+    saved.set_dataset_average_activation_norm({HOOK: 37.0})
+    path = saved.save_pretrained(tmp_path / "sae")
+    whole = SparseAutoEncoder.from_pretrained(path, fold_activation_scale=True)
+    axes = whole.feature_axes()
+    for rank in range(2):
+        shards = FeatureShards(rank, 2, group=None, world=None)
+        shard = SparseAutoEncoder.from_pretrained(path, fold_activation_scale=True, shards=shards)
+        assert shard.cfg.d_sae == D_SAE // 2 and shard.whole_cfg.d_sae == D_SAE
+        assert shard.whole_cfg.norm_activation == shard.cfg.norm_activation == "inference"  # folded, as the whole
+        for name, tensor in shard.state_dict().items():
+            expected = whole.state_dict()[name]
+            if name in axes:
+                expected = expected.narrow(axes[name], rank * D_SAE // 2, D_SAE // 2)
+            assert torch.equal(tensor, expected), name
+            assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name

@@ -569,19 +569,32 @@ class SparseDictionary(nn.Module):
         dtype: torch.dtype | str | None = None,
         fold_activation_scale: bool = False,
         strict_loading: bool = True,
+        shards: "FeatureShards | None" = None,
     ) -> "SparseDictionary":
         """The saved dictionary (of the kind its config names, when called on the base class), in eval mode: ready
-        for inference, as transformers' `from_pretrained` returns it (BatchTopK applies its learned threshold)."""
+        for inference, as transformers' `from_pretrained` returns it (BatchTopK applies its learned threshold).
+        With `shards`, this process's shard of it, reading only its slices of the feature axes from the file."""
         config_file, weights_file = locate_pretrained(path)
         cfg = read_dictionary_config(config_file, device=device, dtype=dtype, expected=cls)
-        model = cls.from_config(cfg)
-        state = read_weights(weights_file, config_file, model, strict_loading)
+        if shards is None:
+            model = cls.from_config(cfg)
+            state = read_weights(weights_file, config_file, model, strict_loading)
+        else:
+            from lm_saes_core.models.feature_parallel import local_config
+
+            kind = cls.kind(cfg.sae_type) if cls is SparseDictionary else cls
+            model = kind(local_config(cfg, shards.size))  # its weights come from the file
+            state = read_weights(weights_file, config_file, model, strict_loading, shards)
         model.load_state_dict(state, strict=strict_loading)
         if fold_activation_scale and model.cfg.norm_activation == "dataset-wise":
             if model.can_fold:
                 model.fold_activation_scale()
             else:  # it normalises raw inputs itself, so it is used as it is
                 logger.info("%s: sae_type %r cannot fold its activation scale; loaded as saved", path, cfg.sae_type)
+        if shards is not None:
+            from lm_saes_core.models.feature_parallel import attach_shards
+
+            attach_shards(model, shards, cfg.model_copy(update={"norm_activation": model.cfg.norm_activation}))
         return model.eval()
 
 
@@ -637,10 +650,15 @@ def read_dictionary_config(
         raise ConfigError(format_validation_error(exc, str(config_file))) from None
 
 
-def read_weights(weights_file: Path, config_file: Path, model: SparseDictionary, strict: bool) -> dict[str, Tensor]:
+def read_weights(
+    weights_file: Path, config_file: Path, model: SparseDictionary, strict: bool, shards: "FeatureShards | None" = None
+) -> dict[str, Tensor]:
     """The saved tensors (earlier versions' names renamed), after checking that their names and shapes are the
-    ones the config describes."""
+    ones the config describes; with `shards`, `model` is one shard and only its slices are read."""
     expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    axes = model.feature_axes() if shards is not None else {}
+    for name, axis in axes.items():  # the file holds the whole dictionary
+        expected[name] = tuple(n * shards.size if d == axis else n for d, n in enumerate(expected[name]))
     renamed = model.legacy_tensor_names
     with safe_open(str(weights_file), framework="pt") as handle:
         stored = {renamed.get(n, n): tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}  # noqa: SIM118
@@ -656,6 +674,12 @@ def read_weights(weights_file: Path, config_file: Path, model: SparseDictionary,
         raise ValueError(
             f"{weights_file} does not match {config_file}: missing tensors {missing}, unexpected tensors {unexpected}"
         )
+    if shards is not None:
+        from lm_saes_core.models.feature_parallel import read_shard
+
+        with safe_open(str(weights_file), framework="pt", device=str(model.device)) as handle:
+            return {renamed.get(n, n): read_shard(handle, n, axes.get(renamed.get(n, n)), shards)
+                    for n in handle.keys() if renamed.get(n, n) in expected}  # noqa: SIM118  # fmt: skip
     tensors = load_file(str(weights_file), device=str(model.device))
     tensors = {renamed.get(name, name): tensor for name, tensor in tensors.items()}
     return {name: tensor for name, tensor in tensors.items() if name in expected}

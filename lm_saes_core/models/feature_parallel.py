@@ -135,13 +135,32 @@ def shard_model(model, shards: FeatureShards):
     local.load_state_dict(state)
     if cfg.dataset_average_activation_norm is not None:
         local.set_dataset_average_activation_norm(cfg.dataset_average_activation_norm)
-    local.feature_shards = shards
-    local.whole_cfg = cfg.model_copy(deep=True)
     local.current_k = model.current_k
     local.train(model.training)
+    return attach_shards(local, shards, cfg)
+
+
+def attach_shards(local, shards: FeatureShards, whole_cfg):
+    """Make `local` (a dictionary of d_sae / size features holding this shard's weights) shard `shards.rank` of the
+    dictionary of config `whole_cfg`."""
+    local.feature_shards = shards
+    local.whole_cfg = whole_cfg.model_copy(deep=True)
     if hasattr(local.activation_function, "row_kth"):  # TopK: a token's top k over every shard
         local.activation_function.row_kth = shards.row_kth
     return local
+
+
+def read_shard(handle, name: str, axis: int | None, shards: FeatureShards) -> Tensor:
+    """Tensor `name` of an open safetensors file: this shard's slice along `axis` (read alone, not the whole
+    tensor), or the whole tensor when it has no feature axis."""
+    if axis is None:
+        return handle.get_tensor(name)
+    view = handle.get_slice(name)
+    shape = view.get_shape()
+    width = shape[axis] // shards.size
+    index = tuple(slice(shards.rank * width, (shards.rank + 1) * width) if d == axis else slice(None)
+                  for d in range(len(shape)))  # fmt: skip
+    return view[index]
 
 
 def gather_model(local):

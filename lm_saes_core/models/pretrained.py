@@ -9,7 +9,7 @@ hookpoint; the layout is told by its files (`interop/layouts.py`) and a peer's d
 
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from pydantic import field_validator
@@ -18,6 +18,9 @@ from lm_saes_core.config import BaseModelConfig, ConfigError
 from lm_saes_core.models.base import SparseDictionary
 from lm_saes_core.models.config import SparseDictionaryConfig
 from lm_saes_core.models.hub import FORM, HubReference, is_hub_name
+
+if TYPE_CHECKING:
+    from lm_saes_core.models.feature_parallel import FeatureShards
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
@@ -122,14 +125,30 @@ class PretrainedSAE(BaseModelConfig):
     def locate(self) -> SavedDictionary:
         return locate_dictionary(self.pretrained_name_or_path)
 
-    def load(self) -> SparseDictionary:
-        return load_sparse_dictionary(
+    def load(self, shards: "FeatureShards | None" = None) -> SparseDictionary:
+        """The dictionary; with `shards`, this process's feature shard of it (from our layout, only its slices are
+        read)."""
+        if shards is not None and self.locate().layout == "lm-saes":
+            return SparseDictionary.from_pretrained(
+                self.locate().path,
+                device=self.device,
+                dtype=self.dtype,
+                fold_activation_scale=self.fold_activation_scale,
+                strict_loading=self.strict_loading,
+                shards=shards,
+            )
+        model = load_sparse_dictionary(
             self.pretrained_name_or_path,
             device=self.device,
             dtype=self.dtype,
             fold_activation_scale=self.fold_activation_scale,
             strict_loading=self.strict_loading,
         )
+        if shards is None:
+            return model
+        from lm_saes_core.models.feature_parallel import shard_model
+
+        return shard_model(model, shards)
 
     def read_config(self) -> tuple[SparseDictionaryConfig, dict]:
         """(the validated config, the config as a record stores it), without loading the weights."""

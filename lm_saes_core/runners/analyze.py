@@ -17,7 +17,7 @@ from lm_saes_core.config import BaseConfig, ConfigError
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.log import setup_logging
 from lm_saes_core.models import PretrainedSAE, SparseDictionary, SparseDictionaryConfig
-from lm_saes_core.models.feature_parallel import feature_parallel_problem, shard_model
+from lm_saes_core.models.feature_parallel import feature_parallel_problem
 from lm_saes_core.runners.common import (
     check_dictionary_fits,
     check_model_config,
@@ -154,10 +154,8 @@ def _analyze(
     _, shards = init_parallel(1, settings.model_parallel_size, settings.sae.device or "cpu")
     main = shards is None or torch.distributed.get_rank() == 0
     with open_store(settings.store) if main else contextlib.nullcontext() as store:
-        sae = settings.sae.load()
+        sae = settings.sae.load(shards)  # a shard reads only its slices of the file
         stream, model_name = open_stream(sae)
-        if shards is not None:
-            sae = shard_model(sae, shards)
 
         started = time.perf_counter()
         analyses = FeatureAnalyzer(settings.analyzer).analyze(

@@ -21,7 +21,7 @@ from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig, EvalResult, Evaluator
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models.feature_parallel import feature_parallel_problem, shard_model
+from lm_saes_core.models.feature_parallel import feature_parallel_problem
 from lm_saes_core.models.pretrained import PretrainedSAE
 from lm_saes_core.plots import density_svg
 from lm_saes_core.runners.common import check_dictionary_fits, check_model_config, load_language_model_and_datasets
@@ -88,7 +88,7 @@ def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
         )
     _check_feature_parallel(settings)
     _, shards = init_parallel(1, settings.model_parallel_size, settings.sae.device or "cpu")
-    sae = settings.sae.load()  # folds the dataset-wise scale when settings.sae.fold_activation_scale is set
+    sae = settings.sae.load(shards)  # folds the dataset-wise scale when settings.sae.fold_activation_scale is set
     check_dictionary_fits(sae.cfg, factory_cfg)
     check_model_config(factory_cfg, settings.model, [sae.cfg])
     language_model, datasets = load_language_model_and_datasets(factory_cfg, settings.model, settings.datasets)
@@ -103,8 +103,6 @@ def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
     model_name = settings.model_name or (settings.model.model_name if settings.model else None)
     stream = factory.process(model=language_model, model_name=model_name, datasets=datasets)
 
-    if shards is not None:
-        sae = shard_model(sae, shards)
     result = Evaluator(settings.eval).run(sae, stream, language_model if downstream else None)
     if shards is not None and torch.distributed.get_rank() != 0:
         return result  # the same metrics; rank 0 reports them
