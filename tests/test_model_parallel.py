@@ -294,3 +294,34 @@ def test_a_shard_loads_only_its_slices_of_the_saved_file(tmp_path):
                 expected = expected.narrow(axes[name], rank * D_SAE // 2, D_SAE // 2)
             assert torch.equal(tensor, expected), name
             assert tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size(), name
+
+
+def test_activations_made_on_the_fly_feed_the_shards(tmp_path):
+    """No cache: under model_parallel_size 2 each process runs the language model on the same documents (the data
+    ranks' part; one data rank here) and trains its shard on what it makes; the result is the one-process run's."""
+
+    def settings(out: Path, model_parallel_size: int) -> Path:
+        path = tmp_path / f"{out.name}.json"
+        path.write_text(json.dumps({
+            "sae": _sae("batchtopk"), "sae_name": "fly", "model_parallel_size": model_parallel_size,
+            "model": {"model_name": "smollm2-135m"},
+            "datasets": {"docs": {"dataset_name_or_path": "python-docs", "split": "train[:24]"}},
+            "activation_factory": {"sources": [{"type": "dataset", "name": "docs"}], "target": "activations-1d",
+                                   "hook_points": [HOOK], "context_size": 64, "batch_size": 128, "buffer_size": 512},
+            "trainer": _trainer(out, total_training_tokens=128 * 6),
+        }))  # fmt: skip
+        return path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, "-m", "lm_saes_core.cli", "train", str(settings(tmp_path / "two", 2))],
+                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    alone = subprocess.run([str(Path(sys.executable).parent / "lm-saes"), "train", str(settings(tmp_path / "one", 1))],
+                           capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert alone.returncode == 0, alone.stderr[-4000:]
+    two, one = load_sparse_dictionary(tmp_path / "two"), load_sparse_dictionary(tmp_path / "one")
+    assert json.loads((tmp_path / "two" / "train_result.json").read_text())["n_tokens"] == 128 * 6
+    for name, value in one.state_dict().items():
+        difference = (value - two.state_dict()[name]).abs()
+        assert difference.max() < 2e-4 and (difference > 1e-5).float().mean() < 1e-4, (name, difference.max())
