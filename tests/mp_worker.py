@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from lm_saes_core.models import SAEConfig, SparseAutoEncoder
+from lm_saes_core.models import SparseDictionary
 from lm_saes_core.training import TrainerConfig
 from lm_saes_core.training.data_parallel import init_parallel
 from lm_saes_core.training.trainer import Trainer
@@ -30,8 +30,9 @@ def main(batches_file: str, out: str, data_size: str, model_size: str, resume_fr
     part = slice(data.rank * rows, (data.rank + 1) * rows)
     local = [{key: value[part] for key, value in batch.items()} for batch in payload["batches"]]
     torch.manual_seed(torch.distributed.get_rank())  # different initialisations: rank 0's must reach every shard
-    model = SparseAutoEncoder.from_config(SAEConfig.model_validate(payload["sae"]))
-    model.set_dataset_average_activation_norm({payload["hook"]: payload["norm"]})
+    kind = SparseDictionary.kind(payload["sae"]["sae_type"])
+    model = kind.from_config(kind.config_class.model_validate(payload["sae"]))
+    model.set_dataset_average_activation_norm(payload.get("norms") or {payload["hook"]: payload["norm"]})
     trainer = _Measured(TrainerConfig.model_validate(payload["trainer"]), data, feature_shards=shards)
     result = trainer.fit(model, iter(local), resume_from=resume_from or None)
     rank = torch.distributed.get_rank()

@@ -579,14 +579,14 @@ class FeatureAnalyzer:
             )
         finally:
             sae.train(was_training)
-        if shards is not None:  # every shard analysed its own features: the whole list, in feature order, everywhere
-            parts = [None] * shards.size
-            torch.distributed.all_gather_object(parts, analyses, group=shards.group)
-            analyses = [analysis for part in parts for analysis in part]
         locations = decoder_locations(sae, self.cfg.location_threshold)
         if locations is not None:
             for analysis, location in zip(analyses, locations, strict=True):
                 analysis.decoder_norms, analysis.decoder_cosines, analysis.location = location
+        if shards is not None:  # every shard analysed its own features: the whole list, in feature order, everywhere
+            parts = [None] * shards.size
+            torch.distributed.all_gather_object(parts, analyses, group=shards.group)
+            analyses = [analysis for part in parts for analysis in part]
         return analyses
 
     @torch.no_grad()

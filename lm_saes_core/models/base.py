@@ -123,8 +123,9 @@ class SparseDictionary(nn.Module):
     def feature_axes(self) -> dict[str, int]:
         """The feature (d_sae) axis of every state tensor that has one, by state-dict name; the others are
         replicated on every shard. A kind that cannot be split by features says so here."""
-        raise ConfigError(f"model_parallel_size > 1: feature parallelism is not available for sae_type "
-                          f"{self.cfg.sae_type!r} yet (it is for 'sae': SAEs and transcoders)")  # fmt: skip
+        from lm_saes_core.models.feature_parallel import feature_parallel_problem
+
+        raise ConfigError(f"model_parallel_size > 1: {feature_parallel_problem(self.cfg, 2)}")
 
     def reduce_features(self, partial: Tensor) -> Tensor:
         """The features' contribution to the output: a shard's partial sum summed over the shards (as is, alone)."""
@@ -256,6 +257,8 @@ class SparseDictionary(nn.Module):
             stats[self.group_metric_key(g, "l_rec")] = error[g]
         if self.groups_own_features():
             l0 = self.group_l0(feature_acts)
+            if self.feature_shards is not None:
+                l0 = self.feature_shards.sum(l0)
             for g in range(len(groups)):
                 stats[self.group_metric_key(g, "l0")] = l0[g]
         return stats

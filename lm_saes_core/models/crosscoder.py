@@ -121,14 +121,23 @@ class CrossCoder(SparseCoder):
         copy of a feature: up to H times as many)."""
         stats = super().group_statistics(label, reconstructed, feature_acts)
         active = (feature_acts.reshape(-1, *self.feature_shape) > 0).any(1)  # (N, F)
-        stats["crosscoder_metrics/l0_features"] = active.sum(-1).float().mean()
         firing = active.sum(0).float()  # (F,)
         norms = self.decoder_norm().float()  # (H, F)
         share = norms / norms.sum(0).clamp(min=1e-12)
-        per_head = share @ firing / firing.sum().clamp(min=1)
+        sums = torch.cat([share @ firing, firing.sum()[None]])  # (H + 1,): sums over features
+        if self.feature_shards is not None:
+            sums = self.feature_shards.sum(sums)
+        stats["crosscoder_metrics/l0_features"] = sums[-1] / active.shape[0]
+        per_head = sums[:-1] / sums[-1].clamp(min=1)
         for h in range(self.cfg.n_heads):
             stats[self.group_metric_key(h, "decoder_norm_share")] = per_head[h]
         return stats
+
+    def feature_axes(self) -> dict[str, int]:
+        axes = {"W_E": 2, "b_E": 1, "W_D": 1}
+        if self.cfg.act_fn == "jumprelu":
+            axes["activation_function.log_jumprelu_threshold"] = 1
+        return axes
 
     def decoder_inner_products(self) -> Tensor:
         """(F, H, H): <W_D[i, f], W_D[j, f]> for every feature and pair of heads."""
@@ -187,6 +196,7 @@ class CrossCoder(SparseCoder):
             y = torch.stack([kernels.sparse_decode(s, v, self.W_D[h]) for h, (s, v) in enumerate(sparse)], dim=1)
         else:
             y = torch.einsum("...hf,hfd->...hd", f, self.W_D)
+        y = self.reduce_features(y)
         return y + self.b_D if not features_only and self.b_D is not None else y
 
     def decode(self, feature_acts: Tensor) -> Tensor:

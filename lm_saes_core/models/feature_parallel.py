@@ -107,8 +107,8 @@ class FeatureShards:
         return tensor.narrow(dim, self.rank * step, step)
 
 
-FEATURE_PARALLEL_KINDS = ("sae",)
-"""The kinds whose features split over shards today: SAEs and transcoders."""
+FEATURE_PARALLEL_KINDS = ("sae", "crosscoder")
+"""The kinds whose features split over shards today: SAEs, transcoders and crosscoders."""
 
 
 def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
@@ -116,7 +116,8 @@ def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
     if model_parallel_size == 1:
         return None
     if cfg.sae_type not in FEATURE_PARALLEL_KINDS:
-        return f"feature parallelism is not available for sae_type {cfg.sae_type!r} yet (it is for 'sae')"
+        return (f"feature parallelism is not available for sae_type {cfg.sae_type!r} yet (it is for "
+                f"{', '.join(map(repr, FEATURE_PARALLEL_KINDS))})")  # fmt: skip
     if cfg.d_sae % model_parallel_size:
         return f"sae.d_sae={cfg.d_sae} does not split into {model_parallel_size} equal feature shards"
     return None

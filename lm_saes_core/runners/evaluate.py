@@ -137,7 +137,8 @@ def evaluate_crosscoder(settings: EvaluateCrossCoderSettings) -> EvalResult:
             "language model on whole sequences: use activations-2d, or set eval.compute_downstream=false"
         )
     _check_feature_parallel(settings)
-    sae = settings.sae.load()
+    _, shards = init_parallel(1, settings.model_parallel_size, settings.sae.device or "cpu")
+    sae = settings.sae.load(shards)
     check_dictionary_fits_groups(sae.cfg, factories)
     check_model_configs(factories, settings.model, [sae.cfg])
     groups = load_head_groups(factories, settings.model, settings.model_name, settings.datasets)
@@ -150,6 +151,8 @@ def evaluate_crosscoder(settings: EvaluateCrossCoderSettings) -> EvalResult:
 
             language_model = load_model(settings.model)
     result = Evaluator(settings.eval).run(sae, merged_stream(groups, epochs=False), language_model)
+    if shards is not None and torch.distributed.get_rank() != 0:
+        return result  # the same metrics; rank 0 reports them
     return _report(settings, result, groups[0].model_name)
 
 
