@@ -19,7 +19,15 @@ from lm_saes_core import DatasetConfig, GenerateActivationsSettings, LanguageMod
 from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.io import file_sha256
-from lm_saes_core.models import CrossCoder, CrossCoderConfig, SAEConfig, SparseAutoEncoder, load_sparse_dictionary
+from lm_saes_core.models import (
+    CLTConfig,
+    CrossCoder,
+    CrossCoderConfig,
+    CrossLayerTranscoder,
+    SAEConfig,
+    SparseAutoEncoder,
+    load_sparse_dictionary,
+)
 from lm_saes_core.models.feature_parallel import FeatureShards
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
@@ -365,4 +373,26 @@ def test_a_feature_parallel_crosscoder_equals_the_one_process_run(head_batches, 
     for name in ("metrics/l0", "losses/mse_loss", "crosscoder_metrics/l0_features",
                  f"crosscoder_metrics/{HEADS[1]}/l0", f"crosscoder_metrics/{HEADS[0]}/decoder_norm_share",
                  f"crosscoder_metrics/{HEADS[1]}/explained_variance"):  # fmt: skip
+        assert ranks[0]["metrics"][name] == pytest.approx(metrics[name], rel=1e-4), name
+
+
+@pytest.mark.parametrize("act_fn", ["layertopk", "batchlayertopk", "jumprelu"])
+def test_a_feature_parallel_clt_equals_the_one_process_run(head_batches, tmp_path, act_fn):
+    """A CLT over two layers (each reading one hook and writing to it and the next), its features split over 2
+    shards: the ranking across layers (per token or per batch) is over every shard; the same steps as one process."""
+    sae = {"sae_type": "clt", "d_model": 576, "d_sae": 1152, "hook_points_in": HEADS, "hook_points_out": HEADS,
+           "act_fn": act_fn, "top_k": 16}  # fmt: skip
+    norms = {hook: float(head_batches[0][hook].norm(dim=-1).mean()) for hook in HEADS}
+    loss = {"sparsity_loss_type": "tanh", "l1_coefficient": 1e-3} if act_fn == "jumprelu" else {}
+    payload = {"batches": head_batches, "hook": HEADS[0], "sae": sae, "norms": norms,
+               "trainer": _trainer(tmp_path / "run", **loss)}  # fmt: skip
+    ranks = _launch(tmp_path, payload, 1, 2)
+    torch.manual_seed(0)
+    alone = CrossLayerTranscoder.from_config(CLTConfig.model_validate(sae))
+    alone.set_dataset_average_activation_norm(norms)
+    cfg = TrainerConfig.model_validate({**payload["trainer"], "exp_result_path": str(tmp_path / "alone")})
+    metrics = Trainer(cfg).fit(alone, iter(head_batches)).last_metrics
+    _assert_same_training(alone.state_dict(), ranks[0]["weights"])
+    penalty = ["losses/sparsity_loss", "metrics/mean_jumprelu_threshold"] if act_fn == "jumprelu" else []
+    for name in ("metrics/l0", "losses/mse_loss", "metrics/l0_layer1", "metrics/explained_variance_L0", *penalty):
         assert ranks[0]["metrics"][name] == pytest.approx(metrics[name], rel=1e-4), name

@@ -318,11 +318,21 @@ class LayerTopK(TopK):
 
     def forward(self, hidden_pre: Tensor, norm: Tensor | None, k: int, update_state: bool = True) -> Tensor:
         scores = hidden_pre * norm if norm is not None else hidden_pre
-        acts = topk(scores.flatten(1), k).reshape(scores.shape)
+        flat = scores.flatten(1)
+        if self.row_kth is not None:
+            with torch.no_grad():
+                candidates = flat.detach().topk(min(k, flat.shape[1]), dim=-1, sorted=False).values
+                kth = self.row_kth(candidates, k)[:, None]
+            acts = threshold_activation(flat, kth, inclusive=True).reshape(scores.shape)
+        else:
+            acts = topk(flat, k).reshape(scores.shape)
         return acts / _nonzero(norm) if norm is not None else acts
 
     def select(self, scores: Tensor, k: int, update_state: bool = True) -> Selected:
         grouped = _groups(scores)
+        if self.row_kth is not None:
+            selection = kernels.select_topk_of_shards(grouped.flatten(1), k, self.row_kth)
+            return _split(selection, None, grouped.shape[1], grouped.shape[2])
         return _split(*kernels.select_topk(grouped.flatten(1), k), grouped.shape[1], grouped.shape[2])
 
 

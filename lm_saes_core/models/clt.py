@@ -132,6 +132,12 @@ class CrossLayerTranscoder(SparseCoder):
     def encoder_norm(self) -> Tensor:
         return self.W_E.norm(dim=1)  # (L, F)
 
+    def feature_axes(self) -> dict[str, int]:
+        axes = {"W_E": 2, "b_E": 1, **{f"W_D.{t}": 1 for t in range(self.cfg.n_layers)}}
+        if self.cfg.act_fn == "jumprelu":
+            axes["activation_function.log_jumprelu_threshold"] = 1
+        return axes
+
     def group_metric_key(self, group: int, metric: str) -> str:
         """Layer l of the CLT (0-based, in `hook_points_out` order): `metrics/explained_variance_L{l}`,
         `metrics/l0_layer{l}` (its own features' L0) and `metrics/l_rec_L{l}`, the reference system's names."""
@@ -193,8 +199,9 @@ class CrossLayerTranscoder(SparseCoder):
                         enumerate(sparse[: t + 1]))  # fmt: skip
             else:
                 y = torch.einsum("...sf,sfd->...d", f[..., : t + 1, :], decoder)
-            outputs.append(y + self.b_D[t] if not features_only and self.b_D is not None else y)
-        return torch.stack(outputs, dim=-2)
+            outputs.append(y)
+        y = self.reduce_features(torch.stack(outputs, dim=-2))  # one sum over feature shards for every layer
+        return y + torch.stack(list(self.b_D)) if not features_only and self.b_D is not None else y
 
     def decode(self, feature_acts: Tensor) -> Tensor:
         """Outputs (..., L, D_out): y_hat_t = sum_{s <= t} f_s @ W_D[t][s] + b_D[t]."""

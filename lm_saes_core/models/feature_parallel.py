@@ -107,8 +107,8 @@ class FeatureShards:
         return tensor.narrow(dim, self.rank * step, step)
 
 
-FEATURE_PARALLEL_KINDS = ("sae", "crosscoder")
-"""The kinds whose features split over shards today: SAEs, transcoders and crosscoders."""
+FEATURE_PARALLEL_KINDS = ("sae", "crosscoder", "clt")
+"""The kinds whose features split over shards today: SAEs, transcoders, crosscoders and CLTs."""
 
 
 def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
