@@ -93,6 +93,16 @@ def _launch(tmp_path: Path, payload: dict, data: int, model: int, resume_from: s
     return [torch.load(out / f"rank{rank}.pt") for rank in range(n)]
 
 
+def _cli(command: str, settings: Path, processes: int = 1) -> None:
+    """`lm-saes COMMAND SETTINGS`, under `torchrun --nproc-per-node PROCESSES` for several (one thread each)."""
+    bin_dir = Path(sys.executable).parent
+    torchrun = [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", str(processes), "-m", "lm_saes_core.cli"]
+    launch = [str(bin_dir / "lm-saes")] if processes == 1 else torchrun
+    done = subprocess.run([*launch, command, str(settings)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 def _alone(payload: dict, batches, out: Path) -> tuple[SparseAutoEncoder, dict]:
     torch.manual_seed(0)  # rank 0's initialisation
     model = SparseAutoEncoder.from_config(SAEConfig.model_validate(payload["sae"]))
@@ -171,14 +181,8 @@ def test_lm_saes_train_under_torchrun_writes_one_ordinary_dictionary(cache, tmp_
         }))  # fmt: skip
         return path
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run([*torchrun, "-m", "lm_saes_core.cli", "train", str(settings(tmp_path / "two", 2))],
-                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    alone = subprocess.run([str(Path(sys.executable).parent / "lm-saes"), "train", str(settings(tmp_path / "one", 1))],
-                           capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
-    assert alone.returncode == 0, alone.stderr[-4000:]
+    _cli("train", settings(tmp_path / "two", 2), processes=2)
+    _cli("train", settings(tmp_path / "one", 1))
     two, one = load_sparse_dictionary(tmp_path / "two"), load_sparse_dictionary(tmp_path / "one")
     assert two.cfg.d_sae == D_SAE and json.loads((tmp_path / "two" / "train_result.json").read_text())["steps"] == 8
     assert sorted(path.name for path in (tmp_path / "two").glob("*.safetensors")) == ["sae_weights.safetensors"]
@@ -234,11 +238,7 @@ def test_analysis_over_two_feature_shards_records_what_one_process_records(cache
         }))  # fmt: skip
         return path
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run([*torchrun, "-m", "lm_saes_core.cli", "analyze", str(settings("two", 2))],
-                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+    _cli("analyze", settings("two", 2), processes=2)
     analyze_sae(AnalyzeSAESettings.model_validate_json(settings("one", 1).read_text()))
     two, one = _analyses(tmp_path / "two.sqlite", "two"), _analyses(tmp_path / "one.sqlite", "one")
     assert len(two) == len(one) == D_SAE and sum(a.act_times for a in one) > 15 * one[0].n_analyzed_tokens
@@ -270,11 +270,7 @@ def test_evaluation_over_two_feature_shards_reports_what_one_process_reports(cac
         }))  # fmt: skip
         return path
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run([*torchrun, "-m", "lm_saes_core.cli", "evaluate", str(settings("two", 2))],
-                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
+    _cli("evaluate", settings("two", 2), processes=2)
     one = evaluate_sae(EvaluateSAESettings.model_validate_json(settings("one", 1).read_text())).metrics
     two = json.loads((tmp_path / "two.json.out").read_text())["metrics"]
     assert one["metrics/l0"] == pytest.approx(16, abs=0.5) and "metrics/ce_loss_recovered" in one
@@ -322,14 +318,8 @@ def test_activations_made_on_the_fly_feed_the_shards(tmp_path):
         }))  # fmt: skip
         return path
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run([*torchrun, "-m", "lm_saes_core.cli", "train", str(settings(tmp_path / "two", 2))],
-                          capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-4000:]
-    alone = subprocess.run([str(Path(sys.executable).parent / "lm-saes"), "train", str(settings(tmp_path / "one", 1))],
-                           capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
-    assert alone.returncode == 0, alone.stderr[-4000:]
+    _cli("train", settings(tmp_path / "two", 2), processes=2)
+    _cli("train", settings(tmp_path / "one", 1))
     two, one = load_sparse_dictionary(tmp_path / "two"), load_sparse_dictionary(tmp_path / "one")
     assert json.loads((tmp_path / "two" / "train_result.json").read_text())["n_tokens"] == 128 * 6
     _assert_same_training(one.state_dict(), two.state_dict())
