@@ -5,7 +5,7 @@ PIP := .venv/bin/pip
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: setup quickstart pipeline test lint bench ui ui-deps clean
-.PHONY: docker-daemon base-image wheelhouse image docker-deps docker-test
+.PHONY: docker-daemon base-image wheelhouse image docker-deps docker-test deploy-docker deploy-docker-down
 
 setup: .venv/.installed
 
@@ -48,6 +48,7 @@ ui-deps:
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium)
 
 clean:
+	@test ! -f $(DEPLOY_DIR)/state.json || { echo "the Docker deployment is up: make deploy-docker-down first"; exit 1; }
 	rm -rf .lm_saes .pytest_cache
 
 # ---- The Docker deployment (deploy/docker): Postgres storage, each Dagster run a container of the project image.
@@ -98,6 +99,26 @@ docker-deps: setup
 	$(PY) -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["deploy"]))' > build/docker/deploy-requirements.txt
 	$(PIP) install -q -r build/docker/deploy-requirements.txt
 
-# A real run of a small pipeline through the DockerRunLauncher (tests/test_docker_deployment.py).
+# The deployment run for real (tests/test_docker_deployment.py): runs of a small pipeline through the DockerRunLauncher,
+# a killed run container retried, a missing image, `make deploy-docker` and `make deploy-docker-down` themselves.
 docker-test: docker-deps docker-daemon
 	LM_SAES_TEST_IMAGE=$(IMAGE) HF_HUB_OFFLINE=1 $(PY) -m pytest -q -ra tests/test_docker_deployment.py
+
+# The deployment itself on this machine (deploy/docker/deploy.py): dockerd if none answers, `make image`, Postgres on
+# a free loopback port, the code server container, dagster-daemon and the webserver on 127.0.0.1:$(DEPLOY_PORT). The
+# CPU profile (dagster.cpu.yaml) without nvidia-smi or with DAGSTER_PROFILE=cpu. What it started is listed in
+# $(DEPLOY_DIR)/state.json (logs beside it); `make deploy-docker-down` stops exactly that and keeps the data volume
+# (DEPLOY_DATA: a volume or an absolute directory), the image and the Postgres cluster ($(DEPLOY_DIR)/postgres).
+DEPLOY_DIR ?= .lm_saes/deploy-docker
+DEPLOY_PORT ?= 3000
+DEPLOY_NETWORK ?= lm-saes
+DEPLOY_DATA ?= lm-saes-data
+DEPLOY_PG_DIR ?= $(DEPLOY_DIR)/postgres
+DEPLOY_ARGS ?=
+
+deploy-docker: docker-deps
+	$(PY) deploy/docker/deploy.py up --state $(DEPLOY_DIR) --image $(IMAGE) --port $(DEPLOY_PORT) \
+		--network $(DEPLOY_NETWORK) --data $(DEPLOY_DATA) --pg-dir $(DEPLOY_PG_DIR) $(DEPLOY_ARGS)
+
+deploy-docker-down:
+	$(PY) deploy/docker/deploy.py down --state $(DEPLOY_DIR)

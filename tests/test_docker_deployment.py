@@ -1,19 +1,18 @@
-"""The Docker deployment (deploy/docker) run for real on this machine: Dagster's storage in a throw-away Postgres
-cluster (deploy/docker/postgres.sh), the project image's code server in a container, the Dagster daemon and webserver
-on the host, and every run launched by the DockerRunLauncher as a container of the image, all of them mounting one
-data directory at /data. Three runs of a small pipeline, each reading what the one before wrote there.
+"""The Docker deployment (deploy/docker) run for real on this machine, started and stopped by `make deploy-docker` and
+`make deploy-docker-down` (deploy/docker/deploy.py): Dagster's storage in a Postgres cluster (postgres.sh), the project
+image's code server in a container, the Dagster daemon and webserver on the host, and every run launched by the
+DockerRunLauncher as a container of the image, all of them mounting one data directory at /data.
 
-The end-to-end test needs a Docker daemon (`make docker-daemon`), the image (`make image`; LM_SAES_TEST_IMAGE names
-another), Postgres server binaries (Debian's `postgresql`) and dagster-postgres in .venv (`make docker-deps`); it is
-skipped, saying which is missing, otherwise. About 6-8 minutes on 2 busy CPU cores, most of it containers starting
-and loading the code location. The spec tests above it need none of these."""
+The slow tests need a Docker daemon (`make docker-daemon`), the image (`make image`; LM_SAES_TEST_IMAGE names
+another), Postgres server binaries (Debian's `postgresql`) and dagster-postgres in .venv (`make docker-deps`); they are
+skipped, saying which is missing, otherwise. About 4.5 minutes on 2 shared CPU cores with the image built, most of
+it containers starting and loading the code location. The spec tests above them need none of these."""
 
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,7 +20,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
@@ -34,7 +33,6 @@ from pipeline_fixtures import HOOK, small_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "docker"
-VENV_BIN = ROOT / ".venv" / "bin"
 IMAGE = os.environ.get("LM_SAES_TEST_IMAGE", "lm-saes:latest")
 NAME = "small"
 ITEM = "topk"
@@ -45,6 +43,8 @@ PIPELINE = small_pipeline(NAME, cached_tokens=64 * 16, training_tokens=512 * 8, 
 PIPELINE["quality"] = {"min_explained_variance": -1.0, "max_dead_fraction": 1.0, "min_l0": 0.0, "max_l0": 1e9}
 PIPELINE["analysis"] = {"min_analysed_fraction": 0.0}
 RUN_TIMEOUT = 600.0
+TEST_INSTANCE = {"run_monitoring": {"poll_interval_seconds": 2}}
+"""Over the shipped profile: a dead run container is noticed in seconds (the profile polls every minute)."""
 
 
 # ---------------------------------------------------------------- the deploy files (no Docker needed)
@@ -118,18 +118,78 @@ def test_the_builds_pip_settings_keep_network_indexes_and_the_ca_and_drop_local_
         _pip_build_config().build_config({"cert": str(tmp_path / "nowhere.crt")}, tmp_path)
 
 
+def _deploy():
+    spec = importlib.util.spec_from_file_location("deploy", DEPLOY / "deploy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+deploy = _deploy()
+
+
+def test_deploy_writes_the_shipped_profile_changing_only_what_it_is_told(monkeypatch):
+    for profile in ("gpu", "cpu"):
+        assert deploy.instance_config(profile) == _load(deploy.profile_file(profile))  # `make deploy-docker`
+    shipped = _load(DEPLOY / "dagster.cpu.yaml")
+    config = deploy.instance_config("cpu", "net-1", "/srv/data", TEST_INSTANCE)
+    launcher = config["run_launcher"]["config"]
+    assert launcher.pop("network") == "net-1" and shipped["run_launcher"]["config"].pop("network") == deploy.NETWORK
+    assert launcher["container_kwargs"].pop("volumes") == {"/srv/data": {"bind": "/data", "mode": "rw"}}
+    shipped["run_launcher"]["config"]["container_kwargs"].pop("volumes")
+    assert config.pop("run_monitoring") == {**shipped.pop("run_monitoring"), "poll_interval_seconds": 2}
+    assert config == shipped
+    assert shipped["storage"]["postgres"]["postgres_db"]["port"] == {"env": "DAGSTER_PG_PORT"}  # postgres.sh's port
+
+    monkeypatch.delenv("DAGSTER_PROFILE", raising=False)
+    monkeypatch.setattr(deploy.shutil, "which", lambda name: None)
+    assert deploy.choose_profile(None)[0] == "cpu"
+    monkeypatch.setattr(deploy.shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert deploy.choose_profile(None)[0] == "gpu"
+    monkeypatch.setenv("DAGSTER_PROFILE", "cpu")
+    assert deploy.choose_profile(None) == ("cpu", "DAGSTER_PROFILE=cpu")
+    monkeypatch.setenv("DAGSTER_PROFILE", "tpu")
+    with pytest.raises(deploy.DeployError, match="DAGSTER_PROFILE='tpu'"):
+        deploy.choose_profile(None)
+
+
+def test_down_stops_exactly_the_processes_its_state_lists(tmp_path):
+    def process(name: str) -> subprocess.Popen:  # a `sleep` that shows as `name` in /proc/PID/cmdline
+        return subprocess.Popen(["bash", "-c", f"exec -a {name} sleep 300"], start_new_session=True)
+
+    daemon, webserver, bystander = process("dagster-daemon"), process("dagster-webserver"), process("dagster-daemon")
+    impostor = subprocess.Popen(["sleep", "300"])  # the webserver's pid reused by something else
+    try:
+        listed = {"dagster-daemon": daemon.pid, "dagster-webserver": webserver.pid}
+        wait_until(lambda: all(deploy.alive(pid, name) for name, pid in listed.items()), "the processes", 10)
+        (tmp_path / "state.json").write_text(json.dumps(listed))
+        assert deploy.is_up(deploy.read_state(tmp_path)) is False  # no code server container: not up
+        messages = []
+        deploy.down(tmp_path, messages.append)
+        assert daemon.poll() is not None and webserver.poll() is not None
+        assert bystander.poll() is None  # the same program, not listed: left alone
+        assert not (tmp_path / "state.json").exists()
+        (tmp_path / "state.json").write_text(json.dumps({"dagster-webserver": impostor.pid}))
+        deploy.down(tmp_path, messages.append)
+        assert impostor.poll() is None
+        deploy.down(tmp_path, messages.append)
+        assert messages[-1] == f"nothing to stop: no {tmp_path / 'state.json'}"
+    finally:
+        for leftover in (daemon, webserver, bystander, impostor):
+            leftover.kill()
+            leftover.wait()
+
+
 # ---------------------------------------------------------------- the deployment, for real
 
 
 def _missing_for_a_real_deployment() -> str | None:
-    """Why the end-to-end test cannot run here, or None."""
-    try:
-        import docker
+    """Why the end-to-end tests cannot run here, or None."""
+    client = deploy.docker_client()
+    if client is None:
+        return "no Docker daemon answers; start one with `make docker-daemon`"
+    import docker
 
-        client = docker.from_env()
-        client.ping()
-    except Exception as exc:  # the SDK raises several kinds; any of them means no usable daemon
-        return f"no Docker daemon answers ({type(exc).__name__}); start one with `make docker-daemon`"
     try:
         client.images.get(IMAGE)
     except docker.errors.ImageNotFound:
@@ -140,12 +200,6 @@ def _missing_for_a_real_deployment() -> str | None:
     if not list(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")) and not os.environ.get("PG_BIN"):
         return "no Postgres server binaries (apt-get install postgresql, or set PG_BIN)"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def graphql(url: str, query: str, variables: dict | None = None) -> dict:
@@ -170,29 +224,6 @@ def wait_until(ready, what: str, timeout: float, log: Path | None = None, interv
     pytest.fail(f"{what} not ready within {timeout:.0f}s\n{tail}")
 
 
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/server_info", timeout=5) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
-
-
-def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
-    """Terminate the process group we started, then kill what is left of it."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=timeout)
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @dataclass
 class Deployment:
     url: str
@@ -202,105 +233,38 @@ class Deployment:
     client: object
     instance: dg.DagsterInstance
     logs: Path
-    code_server: object
-    started: list[subprocess.Popen] = field(default_factory=list)
 
 
-def instance_config_for_test(cpu_profile: dict, data: Path, network: str, pg_port: int) -> dict:
-    """The CPU profile with the three settings that say *where* (and would clash with a real deployment on this
-    machine) pointed at this test's own: its data directory instead of the `lm-saes-data` volume, its network instead
-    of `lm-saes`, its Postgres port. Everything else is the shipped file."""
-    config = json.loads(json.dumps(cpu_profile))
-    launcher = config["run_launcher"]["config"]
-    launcher["network"] = network
-    launcher["container_kwargs"]["volumes"] = {str(data): {"bind": "/data", "mode": "rw"}}
-    config["storage"]["postgres"]["postgres_db"]["port"] = pg_port
-    return config
-
-
-def start(command: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    with open(log, "wb") as handle:
-        return subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
+def remove_run_containers(client, network: str) -> None:
+    """The containers the launcher started for runs on `network` (it labels them with their run)."""
+    for container in client.containers.list(all=True, filters={"label": "dagster/run_id"}):
+        if container.attrs["HostConfig"].get("NetworkMode") == network:
+            container.remove(force=True)
 
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory) -> Iterator[Deployment]:
+    """`make deploy-docker`'s own `up`, on this test's network, data directory, Postgres directory and free ports, with
+    run monitoring polling every 2 s; stopped by its `down`."""
     missing = _missing_for_a_real_deployment()
     if missing:
         pytest.skip(missing)
-    import docker
-
-    client = docker.from_env()
-    suffix = uuid.uuid4().hex[:8]
+    client = deploy.docker_client()
     root = tmp_path_factory.mktemp("docker-deployment")
-    logs = root / "logs"
-    logs.mkdir()
     data = root / "data"  # /data in every container: the artefact root, the caches, the pipeline files
     (data / "pipelines").mkdir(parents=True)
     (data / "pipelines" / f"{NAME}.yaml").write_text(yaml.safe_dump(PIPELINE))
     # The Postgres cluster runs as the `postgres` user, which cannot enter pytest's private temp directory.
     pg_dir = Path(tempfile.mkdtemp(prefix="lm-saes-test-pg-", dir="/var/tmp"))
-    network = client.networks.create(f"lm-saes-test-{suffix}", driver="bridge")
-    started: list[subprocess.Popen] = []
-    code_server = None
+    network = f"lm-saes-test-{uuid.uuid4().hex[:8]}"
+    options = deploy.Options(
+        state=root / "deploy", image=IMAGE, profile="cpu", port=0, network=network, data=str(data), pg_dir=pg_dir,
+        env={"LM_SAES_PIPELINES": "/data/pipelines", "HF_HUB_OFFLINE": "1"}, instance=TEST_INSTANCE, build=False,
+    )  # fmt: skip
     try:
-        network.reload()
-        gateway = network.attrs["IPAM"]["Config"][0]["Gateway"]  # the host, as the containers on it see it
-        pg_port = free_port()
-        exports = subprocess.run(
-            [str(DEPLOY / "postgres.sh"), "start", str(pg_dir), str(pg_port), f"127.0.0.1,{gateway}"],
-            check=True, capture_output=True, text=True,
-        ).stdout  # fmt: skip
-        pg = dict(line.removeprefix("export ").split("=", 1) for line in exports.splitlines())
-        assert pg["DAGSTER_PG_HOST"] == gateway
-
-        home = root / "dagster_home"
-        home.mkdir()
-        instance_yaml = instance_config_for_test(_load(DEPLOY / "dagster.cpu.yaml"), data, network.name, pg_port)
-        (home / "dagster.yaml").write_text(yaml.safe_dump(instance_yaml))
-        code_port = free_port()
-        workspace = root / "workspace.yaml"
-        workspace.write_text(yaml.safe_dump(
-            {"load_from": [{"grpc_server": {"host": "127.0.0.1", "port": code_port, "location_name": LOCATION}}]}
-        ))  # fmt: skip
-        # The image's own command (the code server on :3030), told which image and settings its runs get. It shares
-        # the deployment's instance (sensors run here and open it) and data directory.
-        command = json.loads((ROOT / "Dockerfile").read_text().split("\nCMD ", 1)[1].strip())
-        run_context = {"docker": {"env_vars": ["LM_SAES_PIPELINES=/data/pipelines", "HF_HUB_OFFLINE=1"]}}
-        code_server = client.containers.run(
-            IMAGE,
-            command=[*command, "--container-image", IMAGE, "--container-context", json.dumps(run_context)],
-            name=f"lm-saes-test-code-{suffix}",
-            detach=True,
-            network=network.name,
-            ports={"3030/tcp": ("127.0.0.1", code_port)},
-            volumes={
-                str(data): {"bind": "/data", "mode": "rw"},
-                str(home / "dagster.yaml"): {"bind": "/opt/dagster/dagster_home/dagster.yaml", "mode": "ro"},
-            },
-            environment={**pg, "LM_SAES_IMAGE": IMAGE, "LM_SAES_PIPELINES": "/data/pipelines", "HF_HUB_OFFLINE": "1"},
-        )
-
-        def code_server_answers() -> bool:
-            code_server.reload()
-            if code_server.status == "exited":
-                pytest.fail(f"the code server exited:\n{code_server.logs().decode()[-4000:]}")
-            health = [str(VENV_BIN / "dagster"), "api", "grpc-health-check", "-p", str(code_port), "-h", "127.0.0.1"]
-            return subprocess.run(health, capture_output=True).returncode == 0
-
-        wait_until(code_server_answers, "the code server container", 120, interval=2.0)
-        env = {**pg, "DAGSTER_HOME": str(home), "LM_SAES_IMAGE": IMAGE, "HF_HUB_OFFLINE": "1"}
-        process_env = {**os.environ, **env}
-        started.append(start([str(VENV_BIN / "dagster-daemon"), "run", "-w", str(workspace)], process_env,
-                             logs / "daemon.log"))  # fmt: skip
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        webserver_log = logs / "webserver.log"
-        started.append(start([str(VENV_BIN / "dagster-webserver"), "-w", str(workspace), "-h", "127.0.0.1", "-p",
-                              str(port)], process_env, webserver_log))  # fmt: skip
-        wait_until(lambda: answers(url), "dagster-webserver", 120, webserver_log)
+        state = deploy.up(options)
+        assert state["pg"]["DAGSTER_PG_HOST"] != "127.0.0.1"  # the network's gateway: the runs reach it there
+        url = state["url"]
 
         def location_loaded() -> bool:
             (entry,) = graphql(url, LOCATIONS_QUERY)["workspaceOrError"]["locationEntries"]
@@ -312,20 +276,13 @@ def deployment(tmp_path_factory) -> Iterator[Deployment]:
         # The code server's proxy answers at once and loads the definitions behind it (the webserver shows LOADING);
         # the first load converts the bundled model into /data/cache, once for every later container.
         wait_until(location_loaded, "the code location (the code server container)", 600, interval=3.0)
-        with mock.patch.dict(os.environ, env):
+        home = options.state / "dagster_home"
+        with mock.patch.dict(os.environ, {**state["pg"], "DAGSTER_HOME": str(home), "LM_SAES_IMAGE": IMAGE}):
             with dg.DagsterInstance.from_config(str(home)) as instance:
-                yield Deployment(url, data, pg, network.name, client, instance, logs, code_server, started)
+                yield Deployment(url, data, state["pg"], network, client, instance, options.state / "logs")
     finally:
-        for process in reversed(started):
-            stop(process)
-        # Every container of this test: the code server and the runs' (the launcher labels them with their run).
-        for container in client.containers.list(all=True, filters={"label": "dagster/run_id"}):
-            if container.attrs["HostConfig"].get("NetworkMode") == network.name:
-                container.remove(force=True)
-        if code_server is not None:
-            code_server.remove(force=True)
-        network.remove()
-        subprocess.run([str(DEPLOY / "postgres.sh"), "stop", str(pg_dir)], check=False)
+        remove_run_containers(client, network)  # before `down`, which removes the network they are attached to
+        deploy.down(options.state)
         shutil.rmtree(pg_dir, ignore_errors=True)
 
 
@@ -350,7 +307,7 @@ query($runId: ID!) { runOrError(runId: $runId) { __typename ... on Run { status 
 RUN_LOGS_QUERY = """
 query($runId: ID!) { logsForRun(runId: $runId, limit: 1000) { __typename
     ... on EventConnection { events { __typename ... on MessageEvent { message stepKey }
-        ... on ErrorEvent { error { message } } } } } }
+        ... on ErrorEvent { error { message errorChain { error { message } } } } } } } }
 """
 SENSOR_QUERY = """
 query($selector: SensorSelector!) { sensorOrError(sensorSelector: $selector) { __typename
@@ -363,16 +320,17 @@ mutation($id: String!) { stopSensor(id: $id) { __typename
 
 
 def stop_automation(url: str) -> None:
-    """The automation sensor would evaluate and analyse each new dictionary in runs of its own; this test launches its
-    runs itself, so that the daemon starts nothing else."""
+    """The automation sensor would evaluate and analyse each new dictionary in runs of its own; these tests launch
+    their runs themselves, so that the daemon starts nothing else."""
     selector = {
         "repositoryLocationName": LOCATION,
         "repositoryName": "__repository__",
         "sensorName": "lm_saes_automation",
     }
     state = graphql(url, SENSOR_QUERY, {"selector": selector})["sensorOrError"]["sensorState"]
-    stopped = graphql(url, STOP_SENSOR_MUTATION, {"id": state["id"]})["stopSensor"]
-    assert stopped["instigationState"]["status"] == "STOPPED", stopped
+    if state["status"] != "STOPPED":
+        stopped = graphql(url, STOP_SENSOR_MUTATION, {"id": state["id"]})["stopSensor"]
+        assert stopped["instigationState"]["status"] == "STOPPED", stopped
 
 
 def launch(deployment: Deployment, assets: list[str], partition: str | None = None) -> str:
@@ -393,27 +351,143 @@ def launch(deployment: Deployment, assets: list[str], partition: str | None = No
     return launched["run"]["runId"]
 
 
-def wait_for_success(deployment: Deployment, run_id: str) -> None:
+def run_status(deployment: Deployment, run_id: str) -> str:
+    return graphql(deployment.url, RUN_QUERY, {"runId": run_id})["runOrError"]["status"]
+
+
+def run_messages(deployment: Deployment, run_id: str) -> list[str]:
+    """Every message the UI shows for the run: each event's, and each error's along its chain."""
+    events = graphql(deployment.url, RUN_LOGS_QUERY, {"runId": run_id})["logsForRun"].get("events", [])
+    messages = []
+    for event in events:
+        messages.append(f"{event['__typename']} {event.get('stepKey')}: {event.get('message')}")
+        error = event.get("error") or {}
+        messages += [error.get("message", "")] + [link["error"]["message"] for link in error.get("errorChain", [])]
+    return messages
+
+
+def wait_for_status(deployment: Deployment, run_id: str, expected: str = "SUCCESS", timeout: float = RUN_TIMEOUT):
     status = None
 
     def finished() -> bool:
         nonlocal status
-        status = graphql(deployment.url, RUN_QUERY, {"runId": run_id})["runOrError"]["status"]
+        status = run_status(deployment, run_id)
         return status in ("SUCCESS", "FAILURE", "CANCELED")
 
-    wait_until(finished, f"run {run_id}", RUN_TIMEOUT, deployment.logs / "daemon.log", interval=2.0)
-    if status != "SUCCESS":
-        events = graphql(deployment.url, RUN_LOGS_QUERY, {"runId": run_id})["logsForRun"].get("events", [])
-        messages = "\n".join(
-            f"{e.get('stepKey')}: {e.get('message')} {(e.get('error') or {}).get('message', '')}" for e in events
-        )
+    wait_until(finished, f"run {run_id}", timeout, deployment.logs / "daemon.log", interval=2.0)
+    if status != expected:
+        messages = "\n".join(run_messages(deployment, run_id))
         daemon = (deployment.logs / "daemon.log").read_text()[-3000:]
-        pytest.fail(f"run {run_id} ended {status}:\n{messages[-8000:]}\ndaemon log:\n{daemon}")
+        pytest.fail(f"run {run_id} ended {status}, not {expected}:\n{messages[-8000:]}\ndaemon log:\n{daemon}")
+
+
+def latest(instance: dg.DagsterInstance, asset: str, partition: str | None = None):
+    partitions = [partition] if partition else None
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey([NAME, asset]), asset_partitions=partitions), limit=1
+    ).records
+    return records[0]
+
+
+def data_version(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> str:
+    return latest(instance, asset, partition).asset_materialization.tags["dagster/data_version"]
+
+
+def local_run(root: Path, cache: Path) -> dict[str, str]:
+    """The same pipeline's corpus, tokens and activations materialised in this process on a throw-away instance,
+    with artefacts under `root` (heavy steps in subprocesses, as in the containers): their data versions.
+
+    The corpus and model cache is the deployment's (`cache`): the bundled corpus is the running interpreter's stdlib
+    prose, built once per Python minor version, and the image's Python (Debian's 3.11.2 in lm-saes-base:bookworm) is
+    not this one, so a corpus built here would hold other documents and every version would differ for that alone."""
+    from lm_saes_dagster.definitions import build_definitions
+
+    (root / "pipelines").mkdir(parents=True)
+    (root / "pipelines" / f"{NAME}.yaml").write_text(yaml.safe_dump(PIPELINE))
+    defs, errors = build_definitions(root / "pipelines", root / "lm_saes")
+    assert errors == {}
+    graph = defs.resolve_asset_graph()
+    assets = [graph.assets_def_for_key(dg.AssetKey([NAME, name])) for name in ("corpus", "tokens", "activations")]
+    with dg.instance_for_test() as instance, mock.patch.dict(os.environ, {"LM_SAES_CACHE": str(cache)}):
+        assert dg.materialize(assets[:2], instance=instance).success
+        assert dg.materialize(assets[2:], partition_key=HOOK, instance=instance).success
+        return {"corpus": data_version(instance, "corpus"), "tokens": data_version(instance, "tokens"),
+                "activations": data_version(instance, "activations", HOOK)}  # fmt: skip
 
 
 @pytest.mark.slow
-def test_runs_are_containers_of_the_image_sharing_postgres_and_the_data_volume(deployment):
+def test_make_deploy_docker_starts_it_once_and_down_stops_only_what_it_started(tmp_path):
+    """The make targets themselves, as a user runs them (with this test's state, data, network and port, and an image
+    tag of its own, built by `make image` from the cached layers and untagged at the end)."""
+    missing = _missing_for_a_real_deployment()
+    if missing:
+        pytest.skip(missing)
+    import docker
+
+    client = deploy.docker_client()
+    suffix = uuid.uuid4().hex[:8]
+    image, network, port = f"lm-saes:deploy-test-{suffix}", f"lm-saes-test-{suffix}", deploy.free_port()
+    state, data = tmp_path / "state", tmp_path / "data"
+    data.mkdir()
+    (data / "mine.txt").write_text("the user's data")
+    pg_dir = Path(tempfile.mkdtemp(prefix="lm-saes-test-pg-", dir="/var/tmp"))
+    # The base `make image` needs here: Docker Hub's python:3.11-slim where it is present, else the bootstrapped one.
+    base = next((b for b in ("python:3.11-slim", "lm-saes-base:bookworm") if client.images.list(name=b)), None)
+    variables = [f"IMAGE={image}", f"DEPLOY_DIR={state}", f"DEPLOY_PORT={port}", f"DEPLOY_NETWORK={network}",
+                 f"DEPLOY_DATA={data}", f"DEPLOY_PG_DIR={pg_dir}"]  # fmt: skip
+    variables += [f"BASE_IMAGE={base}"] if base else []
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "DAGSTER_PROFILE": ""}
+
+    def make(target: str) -> str:
+        done = subprocess.run(["make", "--no-print-directory", target, *variables], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert done.returncode == 0, f"make {target}:\n{done.stdout[-6000:]}\n{done.stderr[-6000:]}"
+        return done.stdout
+
+    record = None
+    try:
+        output = make("deploy-docker")
+        url = f"http://127.0.0.1:{port}"
+        assert f"The Dagster UI: {url}" in output
+        profile = "cpu" if shutil.which("nvidia-smi") is None else "gpu"
+        assert f"profile: {profile} (" in output
+        assert deploy.answers(url)
+        record = json.loads((state / "state.json").read_text())
+        assert record["url"] == url and record["image"] == image and "dockerd" not in record  # one answered already
+        assert client.containers.get(record["code_server"]["id"]).status == "running"
+        assert client.networks.get(record["network"]["id"]).name == network
+
+        again = make("deploy-docker")
+        assert f"already up: {url}" in again
+        assert json.loads((state / "state.json").read_text()) == record  # nothing started twice
+
+        down = make("deploy-docker-down")
+        assert "stopped dagster-webserver" in down and "stopped Postgres" in down
+        for program in ("dagster-daemon", "dagster-webserver"):
+            assert not deploy.alive(record[program], program)
+        with pytest.raises(docker.errors.NotFound):
+            client.containers.get(record["code_server"]["id"])
+        with pytest.raises(docker.errors.NotFound):
+            client.networks.get(record["network"]["id"])
+        assert not (pg_dir / "data" / "postmaster.pid").exists() and (pg_dir / "data" / "PG_VERSION").exists()
+        assert not deploy.answers(url) and not (state / "state.json").exists()
+        assert (data / "mine.txt").read_text() == "the user's data"  # the data stays, and so do
+        client.images.get(image)  # the image
+        client.ping()  # and the Docker daemon, which it did not start
+        record = None
+    finally:
+        if record is not None:  # a failed assertion above: stop what it started all the same
+            deploy.down(state)
+        if client.images.list(name=image):
+            client.images.remove(image)  # the tag only: its layers are lm-saes:latest's
+        shutil.rmtree(pg_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_runs_are_containers_of_the_image_sharing_postgres_and_the_data_volume(deployment, tmp_path):
     import psycopg2
+    import torch
+    from safetensors.torch import load_file
 
     from lm_saes_core.store import RecordStoreConfig, open_store
 
@@ -423,7 +497,7 @@ def test_runs_are_containers_of_the_image_sharing_postgres_and_the_data_volume(d
     for assets, partition in ((["corpus", "tokens"], None), (["activations"], HOOK),
                               (["dictionary", "evaluation", "feature_analyses"], ITEM)):  # fmt: skip
         run_id = launch(deployment, assets, partition)
-        wait_for_success(deployment, run_id)
+        wait_for_status(deployment, run_id)
         runs[assets[-1]] = run_id
 
     # Each run was its own container of the image, on the deployment's network, with the data volume at /data.
@@ -462,18 +536,9 @@ def test_runs_are_containers_of_the_image_sharing_postgres_and_the_data_volume(d
     assert materializations == {runs["tokens"]: 2, runs["activations"]: 1, runs["feature_analyses"]: 3}
 
     # Each run read the one before's materialisations from the shared volume.
-    def latest(asset: str, partition: str | None = None):
-        records = instance.fetch_materializations(
-            dg.AssetRecordsFilter(
-                asset_key=dg.AssetKey([NAME, asset]), asset_partitions=[partition] if partition else None
-            ),
-            limit=1,
-        ).records
-        return records[0]
-
-    assert latest("tokens").run_id == runs["tokens"]
-    assert latest("activations", HOOK).run_id == runs["activations"]
-    dictionary = latest("dictionary", ITEM)
+    assert latest(instance, "tokens").run_id == runs["tokens"]
+    assert latest(instance, "activations", HOOK).run_id == runs["activations"]
+    dictionary = latest(instance, "dictionary", ITEM)
     assert dictionary.run_id == runs["feature_analyses"]
     assert str(dictionary.asset_materialization.metadata["path"].value).startswith("/data/lm_saes/pipelines/small/")
 
@@ -485,3 +550,89 @@ def test_runs_are_containers_of_the_image_sharing_postgres_and_the_data_volume(d
     with open_store(RecordStoreConfig(sqlite_path=str(pipeline_root / "records.sqlite"))) as store:
         assert store.get_dictionary(ITEM, NAME) is not None
         assert store.count_features_with_analysis(ITEM, NAME) > 0
+
+    # The same settings run locally give the same data versions: the corpus record and the tokens are the same bytes.
+    local = local_run(tmp_path, deployment.data / "cache")
+    docker_versions = {"corpus": data_version(instance, "corpus"), "tokens": data_version(instance, "tokens"),
+                       "activations": data_version(instance, "activations", HOOK)}  # fmt: skip
+    assert local["corpus"] == docker_versions["corpus"] and local["tokens"] == docker_versions["tokens"]
+    # The activations' version is the hash of the cache's manifest, whose provenance records the generation settings,
+    # output_dir included: the same cache in another place has another version. With the path swapped for the
+    # container's, the local manifest hashes to the container's version, so the path is the only difference.
+    cache = Path("activations") / "all-hooks"
+    local_manifest = (tmp_path / "lm_saes" / "pipelines" / NAME / cache / "manifest.json").read_text()
+    moved = local_manifest.replace(str(tmp_path / "lm_saes"), "/data/lm_saes")
+    assert moved != local_manifest and local["activations"] != docker_versions["activations"]
+    assert hashlib.sha256(moved.encode()).hexdigest()[:16] == docker_versions["activations"]
+    # ... and the activations themselves agree (the same torch wheel on the same CPU).
+    for chunk in sorted((pipeline_root / cache / HOOK).glob("*.safetensors")):
+        ours = load_file(tmp_path / "lm_saes" / "pipelines" / NAME / cache / HOOK / chunk.name)
+        torch.testing.assert_close(ours, load_file(chunk))  # bitwise equal on this machine
+
+
+@pytest.mark.slow
+def test_a_run_whose_container_is_killed_is_failed_by_run_monitoring_and_retried(deployment):
+    stop_automation(deployment.url)
+    run_id = launch(deployment, ["corpus", "tokens"])
+    container_id = None
+
+    def started() -> bool:
+        nonlocal container_id
+        container_id = deployment.instance.get_run_by_id(run_id).tags.get("docker/container_id")
+        status = run_status(deployment, run_id)
+        assert status in ("QUEUED", "STARTING", "STARTED"), f"run {run_id} ended {status} before it could be killed"
+        return status == "STARTED" and container_id is not None
+
+    wait_until(started, f"run {run_id} in its container", 300, deployment.logs / "daemon.log", interval=0.5)
+    deployment.client.containers.get(container_id).kill()  # SIGKILL: the run worker dies without a word
+
+    wait_for_status(deployment, run_id, "FAILURE", timeout=120)
+    failure = [m for m in run_messages(deployment, run_id) if m.startswith("RunFailureEvent")]
+    assert failure and "Container status is exited" in failure[-1], failure  # run monitoring's verdict
+    retries = []
+
+    def retried() -> bool:
+        retries[:] = deployment.instance.get_runs(dg.RunsFilter(tags={"dagster/parent_run_id": run_id}))
+        return bool(retries)
+
+    wait_until(retried, f"a retry of run {run_id}", 120, deployment.logs / "daemon.log")
+    (retry,) = retries
+    assert retry.tags["dagster/retry_number"] == "1" and retry.tags["dagster/root_run_id"] == run_id
+    wait_for_status(deployment, retry.run_id)
+    retry = deployment.instance.get_run_by_id(retry.run_id)
+    assert retry.tags["docker/container_id"] != container_id  # a new container of the same image
+    assert retry.tags["dagster/image"] == IMAGE
+
+
+@pytest.mark.slow
+def test_a_run_whose_image_is_missing_fails_naming_the_image(deployment):
+    """A code location that names an image the daemon cannot find or pull (a typo in --container-image, an image
+    removed or never pushed): the launch fails, and the run's failure says which image."""
+    from dagster._core.storage.dagster_run import DagsterRunStatus
+    from dagster._core.utils import make_new_run_id
+    from dagster._record import copy
+
+    stop_automation(deployment.url)
+    instance = deployment.instance
+    template = next(iter(instance.get_runs(limit=1)), None)
+    if template is None:  # this test alone: one run through the code location to copy
+        template = instance.get_run_by_id(launch(deployment, ["corpus"]))
+        wait_for_status(deployment, template.run_id)
+    missing = f"lm-saes-missing-{uuid.uuid4().hex[:8]}:nope"
+    origin = template.job_code_origin
+    origin = origin._replace(repository_origin=origin.repository_origin._replace(container_image=missing))
+    tags = {k: v for k, v in template.tags.items() if not k.startswith(("docker/", "dagster/image", "dagster/retry"))}
+    run = copy(
+        template, run_id=make_new_run_id(), status=DagsterRunStatus.NOT_STARTED, job_code_origin=origin,
+        parent_run_id=None, root_run_id=None, tags={**tags, "dagster/max_retries": "0"},  # no retry of this one
+    )  # fmt: skip
+    instance.add_run(run)
+    instance.submit_run(run.run_id, workspace=None)  # queued, like a launch from the UI; the daemon launches it
+
+    wait_for_status(deployment, run.run_id, "FAILURE", timeout=120)
+    messages = run_messages(deployment, run.run_id)
+    # Dagster's engine event says only "Caught an unrecoverable error while dequeuing the run"; its error (the UI's
+    # error dialog) is the failed pull, whose chain holds docker's "No such image: NAME:TAG".
+    assert any(m.startswith("EngineEvent") and "error while dequeuing the run" in m for m in messages), messages
+    assert any(f"No such image: {missing}" in message for message in messages), messages
+    assert not deployment.client.containers.list(all=True, filters={"label": f"dagster/run_id={run.run_id}"})

@@ -5,7 +5,9 @@
 #   deploy/docker/postgres.sh stop DIR
 # ADDRESSES (default 127.0.0.1): where it listens, comma-separated; add a Docker network's gateway (e.g. that of
 # `lm-saes`) so that run containers on that network reach it; password logins are allowed from 127.0.0.1 and from
-# the /16 around each address. DAGSTER_PG_HOST is the last address. Run as root, it runs the server as `postgres`.
+# the /16 around each address (added on each start: a network made again may get another subnet). DAGSTER_PG_HOST is
+# the last address. A stopped cluster starts again with its data. PG_FSYNC (default off: throw-away clusters) turns
+# fsync on for one that must survive a crash. Run as root, it runs the server as `postgres`.
 set -eu
 PG_BIN=${PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)}
 [ -x "$PG_BIN/pg_ctl" ] || { echo "no Postgres server binaries (apt-get install postgresql, or set PG_BIN)" >&2; exit 1; }
@@ -25,15 +27,17 @@ start)
         as_owner sh -c "umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' > '$dir/password'"
         as_owner "$PG_BIN/initdb" -D "$dir/data" -U dagster --pwfile="$dir/password" --auth-local=trust \
             --auth-host=scram-sha-256 -E UTF8 >"$dir/initdb.log"
-        for address in $(echo "$addresses" | tr ',' ' '); do
-            case "$address" in
-            127.0.0.1|localhost) ;;
-            *) echo "host all all $(echo "$address" | cut -d. -f1-2).0.0/16 scram-sha-256" >>"$dir/data/pg_hba.conf" ;;
-            esac
-        done
     fi
+    # On every start: a network made again since the last one may have another subnet.
+    for address in $(echo "$addresses" | tr ',' ' '); do
+        case "$address" in
+        127.0.0.1|localhost) ;;
+        *) line="host all all $(echo "$address" | cut -d. -f1-2).0.0/16 scram-sha-256"
+           grep -qxF "$line" "$dir/data/pg_hba.conf" || echo "$line" >>"$dir/data/pg_hba.conf" ;;
+        esac
+    done
     as_owner "$PG_BIN/pg_ctl" -D "$dir/data" -l "$dir/postgres.log" -w -t 60 \
-        -o "-p $port -k $dir -c listen_addresses=$addresses -c fsync=off" start >/dev/null
+        -o "-p $port -k $dir -c listen_addresses=$addresses -c fsync=${PG_FSYNC:-off}" start >/dev/null
     as_owner "$PG_BIN/psql" -h "$dir" -p "$port" -U dagster -d postgres -tAc \
         "SELECT 1 FROM pg_database WHERE datname = 'dagster'" | grep -q 1 \
         || as_owner "$PG_BIN/createdb" -h "$dir" -p "$port" -U dagster dagster
