@@ -203,7 +203,7 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
                 "n_chunks": manifest["n_chunks"],
                 **{k: v for k, v in reported.get_materialize_result().metadata.items() if k in ("bytes", "reused")},
             },
-            data_version=dg.DataVersion(file_sha256(output / "manifest.json")[:16]),
+            data_version=dg.DataVersion(cache_version(manifest)),
             check_results=[
                 dg.AssetCheckResult(
                     check_name="tokens_consistent_across_hooks",
@@ -436,3 +436,14 @@ def _group_id(group: list[str]) -> str:
     """A sweep's working directory name (its settings file): readable for a few items, a hash beyond."""
     joined = "+".join(group)
     return joined if len(joined) <= 80 else hashlib.sha256(joined.encode()).hexdigest()[:16]
+
+
+def cache_version(manifest: dict) -> str:
+    """The data version of an activation cache: a hash of its manifest (what was cached, from what, in which chunks)
+    without the directory it was written to, so the same cache has the same version wherever it lies (a local run,
+    a container's /data volume)."""
+    provenance = manifest.get("provenance") or {}
+    located = {key: {k: v for k, v in (provenance.get(key) or {}).items() if k != "output_dir"}
+               for key in ("settings", "settings_key")}  # fmt: skip
+    canonical = json.dumps({**manifest, "provenance": {**provenance, **located}}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]

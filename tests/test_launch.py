@@ -3,6 +3,7 @@ YAMLs against their classes' config schemas, a real Pipes subprocess run of the 
 to a real Dagster instance, and the entrypoint as a plain command. No cluster or Docker daemon here: the only fakes
 are the Kubernetes API objects handed to the real K8sRunLauncher."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -283,10 +284,12 @@ def test_local_instance_boots_on_sqlite(tmp_path):
 
 def test_docker_launcher_yaml_requests_gpus_and_shared_memory():
     launcher_yaml = _load(DEPLOY / "docker" / "dagster.yaml")["run_launcher"]
-    processed = process_config(DockerRunLauncher.config_type(), {**launcher_yaml["config"], "image": "reg/lm-saes:1"})
+    launcher_class = getattr(importlib.import_module(launcher_yaml["module"]), launcher_yaml["class"])
+    assert issubclass(launcher_class, DockerRunLauncher)  # ours: it names the image when a container cannot start
+    processed = process_config(launcher_class.config_type(), {**launcher_yaml["config"], "image": "reg/lm-saes:1"})
     assert processed.success, processed.errors
     kwargs = processed.value["container_kwargs"]
-    launcher = DockerRunLauncher(**processed.value)  # builds without a daemon
+    launcher = launcher_class(**processed.value)  # builds without a daemon
     assert launcher.image == "reg/lm-saes:1"
     from docker.models.containers import _create_container_args  # what docker-py does with container_kwargs
 
