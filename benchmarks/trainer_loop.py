@@ -14,14 +14,16 @@ thread (the prefetching reader) gets a larger share of a busy machine and its wa
 OMP_WAIT_POLICY=PASSIVE there, so that OpenMP threads waiting for a descheduled peer sleep instead of spinning (whose
 cost otherwise depends on how many thread teams the process runs).
 
-    python benchmarks/trainer_loop.py [--kinds sae crosscoder clt] [--steps 60] [--rounds 3] [--batch 4096]
+    python benchmarks/trainer_loop.py [--kinds sae crosscoder clt molt lorsa] [--steps 60] [--rounds 3] [--batch 4096]
         [--without-prefetch]
     python benchmarks/trainer_loop.py --kinds sae --profile      # where the loop's time goes (cProfile, by tottime)
     python benchmarks/trainer_loop.py --kinds synthetic --d-model 768 --d-sae 6144 --k 50 --device cuda
 
 The SAE reads `.lm_saes/quickstart/activations` (`lm-saes quickstart` writes it); the crosscoder (residual stream of
 layers 4-6) and the CLT (layers 3-6) read `.lm_saes/quality/circuits/activations`
-(`configs/quality/circuits/generate.yaml`). A kind whose cache is missing is skipped, with the command to make it.
+(`configs/quality/circuits/generate.yaml`); MOLT (layer 3's MLP) and Lorsa (layer 3's attention, whole contexts)
+read `.lm_saes/quality/lorsa_molt/activations` (`configs/quality/lorsa_molt/generate.yaml`). A kind whose cache is
+missing is skipped, with the command to make it.
 `synthetic` writes a cache of any width (`--d-model`) to a temporary directory with the project's writer first.
 """
 
@@ -46,15 +48,17 @@ from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.activation.reader import CachedActivations
 from lm_saes_core.activation.writer import ActivationWriter, ActivationWriterConfig
-from lm_saes_core.models import CLTConfig, CrossCoderConfig, SAEConfig, SparseDictionary
+from lm_saes_core.models import CLTConfig, CrossCoderConfig, LorsaConfig, MOLTConfig, SAEConfig, SparseDictionary
 from lm_saes_core.models.config import SparseDictionaryConfig
 from lm_saes_core.models.losses import LossConfig
+from lm_saes_core.training.batches import count_tokens
 from lm_saes_core.training.config import TrainerConfig
 from lm_saes_core.training.metrics import DeadLatentStatistics, FeatureActivity
 from lm_saes_core.training.trainer import Trainer
 
 QUICKSTART_CACHE = Path(".lm_saes/quickstart/activations")
 CIRCUITS_CACHE = Path(".lm_saes/quality/circuits/activations")
+LORSA_MOLT_CACHE = Path(".lm_saes/quality/lorsa_molt/activations")
 LOSS = LossConfig(auxk_coefficient=1 / 32, k_aux=256, dead_threshold=200_000)  # configs/quickstart/train.yaml
 SYNTHETIC_HOOK = "blocks.0.hook_resid_post"
 
@@ -65,6 +69,9 @@ class Kind:
     cache: Path
     make_cache: str
     config: Callable[[str], SparseDictionaryConfig]  # device -> config
+    context: int = 0
+    """Positions per context for a kind that reads whole contexts (Lorsa; batches of batch / context contexts);
+    0: token rows."""
 
     def hooks(self) -> list[str]:
         return self.config("cpu").hook_points
@@ -89,13 +96,40 @@ def clt_config(device: str) -> CLTConfig:
                      norm_activation="dataset-wise", device=device)  # fmt: skip
 
 
+def molt_config(device: str) -> MOLTConfig:
+    """configs/quality/lorsa_molt/sweep.yaml's MOLT: 1740 transforms of ranks 1-8 (the parameters of a 576 x 4608
+    transcoder)."""
+    return MOLTConfig(d_model=576, rank_counts={1: 928, 2: 464, 4: 232, 8: 116}, act_fn="topk", top_k=32,
+                      hook_point_in="blocks.3.ln2.hook_normalized", hook_point_out="blocks.3.hook_mlp_out",
+                      norm_activation="dataset-wise", device=device)  # fmt: skip
+
+
+def lorsa_config(device: str) -> LorsaConfig:
+    """configs/quality/lorsa_molt/lorsa.yaml's Lorsa: 4608 rank-1 OV heads on 18 QK heads, TopK k 32."""
+    return LorsaConfig(d_model=576, d_sae=4608, n_ctx=128, hook_point_in="blocks.3.ln1.hook_normalized",
+                       hook_point_out="blocks.3.hook_attn_out", act_fn="topk", top_k=32, n_qk_heads=18, d_qk_head=64,
+                       attn_scale=8.0, rotary_base=100000.0, rotary_adjacent_pairs=False,
+                       norm_activation="dataset-wise", device=device)  # fmt: skip
+
+
 MAKE_CIRCUITS = "lm-saes generate configs/quality/circuits/generate.yaml"
+MAKE_LORSA_MOLT = "lm-saes generate configs/quality/lorsa_molt/generate.yaml"
 KINDS = {
     "sae": Kind("SAE 576 x 4608, TopK k 32", QUICKSTART_CACHE, "lm-saes quickstart", sae_config),
     "crosscoder": Kind(
         "crosscoder, 3 heads (resid 4-6) x 4608, TopK k 32", CIRCUITS_CACHE, MAKE_CIRCUITS, crosscoder_config
     ),  # fmt: skip
     "clt": Kind("CLT, 4 layers (3-6) x 2304, TopK k 16 per layer", CIRCUITS_CACHE, MAKE_CIRCUITS, clt_config),
+    "molt": Kind(
+        "MOLT, layer 3 MLP, 1740 transforms (ranks 1-8), TopK k 32", LORSA_MOLT_CACHE, MAKE_LORSA_MOLT, molt_config
+    ),  # fmt: skip
+    "lorsa": Kind(
+        "Lorsa, layer 3 attention, 4608 OV / 18 QK heads, TopK k 32 (contexts of 128)",
+        LORSA_MOLT_CACHE,
+        MAKE_LORSA_MOLT,
+        lorsa_config,
+        context=128,
+    ),  # fmt: skip
 }
 
 
@@ -133,6 +167,10 @@ def factory_config(kind: Kind, batch: int, device: str) -> ActivationFactoryConf
     """As configs/quickstart/train.yaml reads its cache: chunks shuffled, 1-D tokens, a 32,768-row shuffle buffer;
     the chunks go to the training device as they are read, so flattening and shuffling run there."""
     source = {"type": "activations", "name": "cache", "path": str(kind.cache), "shuffle_chunks": True, "device": device}
+    if kind.context:  # whole contexts: batch and buffer count contexts
+        return ActivationFactoryConfig(sources=[source], target="activations-2d", hook_points=kind.hooks(),
+                                       batch_size=batch // kind.context, buffer_size=256,
+                                       buffer_shuffle={"perm_seed": 0})  # fmt: skip
     return ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=kind.hooks(),
                                    batch_size=batch, buffer_size=32768, buffer_shuffle={"perm_seed": 0})  # fmt: skip
 
@@ -171,12 +209,13 @@ def trainer_config(steps: int, batch: int, out: str) -> TrainerConfig:
 
 
 def run_trainer(
-    kind: Kind, norms: dict[str, float], steps: int, batch: int, device: str, prefetch: int = 2
+    kind: Kind, norms: dict[str, float], steps: int, batch: int, device: str, prefetch: int = 2, first: int = 0
 ) -> tuple[float, SparseDictionary]:
-    """Seconds of one `Trainer.fit` over `steps` batches read from the cache (model built beforehand)."""
+    """Seconds of one `Trainer.fit` over `steps` batches read from the cache (model built beforehand). `first`: the
+    valid tokens of the first batch, which size a run of whole contexts (default: `batch`)."""
     model = new_model(kind, norms, device)
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(trainer_config(steps, batch, out), prefetch=prefetch)
+        trainer = Trainer(trainer_config(steps, first or batch, out), prefetch=prefetch)
         synchronize(device)
         started = time.perf_counter()
         result = trainer.fit(model, stream(kind, batch, device), progress_bar=("trainer loop", 0))
@@ -235,16 +274,17 @@ def compare(kind: Kind, args: argparse.Namespace, console: Console) -> None:
     batches = [b for b, _ in zip(stream(kind, args.batch, args.device), range(args.steps), strict=False)]
     assert len(batches) == args.steps, f"the cache holds only {len(batches)} batches of {args.batch}"
     batches = [{key: value.to(args.device) for key, value in batch.items()} for batch in batches]
+    first = count_tokens(batches[0])
     contenders: dict[str, Callable[[], tuple[float, SparseDictionary]]] = {
         "bare": lambda: run_bare(kind, norms, batches, args.device),
-        "trainer": lambda: run_trainer(kind, norms, args.steps, args.batch, args.device),
+        "trainer": lambda: run_trainer(kind, norms, args.steps, args.batch, args.device, first=first),
     }
     labels = {"bare": "bare step, batches in memory", "trainer": "Trainer.fit from the cache"}
     if args.without_prefetch:
-        contenders["plain"] = lambda: run_trainer(kind, norms, args.steps, args.batch, args.device, prefetch=0)
+        contenders["plain"] = lambda: run_trainer(kind, norms, args.steps, args.batch, args.device, 0, first)
         labels["plain"] = "Trainer.fit, prefetch=0"
     run_bare(kind, norms, batches[:2], args.device)  # warm-up
-    run_trainer(kind, norms, 2, args.batch, args.device)
+    run_trainer(kind, norms, 2, args.batch, args.device, first=first)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
     cpu: dict[str, list[float]] = {name: [] for name in contenders}
     drift = 0.0
@@ -258,7 +298,7 @@ def compare(kind: Kind, args: argparse.Namespace, console: Console) -> None:
             cpu[name].append(process_cpu_seconds() - cpu_before)
             seconds[name].append(elapsed)
         drift = max(drift, same_weights(models["bare"], models["trainer"]))
-    tokens = args.steps * args.batch
+    tokens = sum(count_tokens(batch) for batch in batches)  # the valid ones (whole contexts hold masked BOS)
     rates = {name: tokens / statistics.median(values) for name, values in seconds.items()}
     where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"{torch.get_num_threads()} threads"
     table = Table(
