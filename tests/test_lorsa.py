@@ -313,6 +313,23 @@ def test_trainer_metrics_count_the_valid_positions_only(tmp_path):
     assert recorder.rows[0]["metrics/l0"] <= 2.0
 
 
+@pytest.mark.parametrize("factor", [0.0, 0.25])
+def test_the_qk_circuit_learns_at_its_own_rate(tmp_path, factor):
+    """qk_lr_factor puts W_Q, W_K, b_Q, b_K in an optimiser group of their own at factor * lr; 0 freezes them while
+    the OV heads learn."""
+    model, stream = initialized(qk_lr_factor=factor)
+    groups = {g["name"]: g for g in model.parameter_groups(lr=1e-3)}
+    assert groups["qk"]["lr"] == pytest.approx(factor * 1e-3)
+    assert {id(p) for p in groups["qk"]["params"]} == {id(p) for p in (model.W_Q, model.W_K, model.b_Q, model.b_K)}
+    assert not {id(p) for p in groups["qk"]["params"]} & {id(p) for p in groups["others"]["params"]}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    Trainer(train_config(tmp_path, 3)).fit(model, stream)
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), before[name])}
+    assert {"W_V", "W_O"} <= moved
+    assert ({"W_Q", "W_K"} <= moved) == (factor > 0)
+    assert [g["name"] for g in randomised(lorsa_config()).parameter_groups(lr=1.0)] == ["others"]
+
+
 def test_checkpoint_and_resume_reproduce_the_uninterrupted_run_bitwise(tmp_path):
     whole, part = tmp_path / "whole", tmp_path / "part"
     model, stream = initialized(act_fn="batchtopk")
