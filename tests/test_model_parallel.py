@@ -24,11 +24,14 @@ from lm_saes_core.models import (
     CrossCoder,
     CrossCoderConfig,
     CrossLayerTranscoder,
+    LorsaConfig,
+    LowRankSparseAttention,
+    MOLTConfig,
     SAEConfig,
     SparseAutoEncoder,
     load_sparse_dictionary,
 )
-from lm_saes_core.models.feature_parallel import FeatureShards
+from lm_saes_core.models.feature_parallel import FeatureShards, feature_parallel_problem
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.train import TrainSAESettings
@@ -386,3 +389,60 @@ def test_a_feature_parallel_clt_equals_the_one_process_run(head_batches, tmp_pat
     penalty = ["losses/sparsity_loss", "metrics/mean_jumprelu_threshold"] if act_fn == "jumprelu" else []
     for name in ("metrics/l0", "losses/mse_loss", "metrics/l0_layer1", "metrics/explained_variance_L0", *penalty):
         assert ranks[0]["metrics"][name] == pytest.approx(metrics[name], rel=1e-4), name
+
+
+LORSA_HOOKS = ["blocks.3.ln1.hook_normalized", "blocks.3.hook_attn_out"]
+
+
+@pytest.fixture(scope="module")
+def context_batches(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
+    """Whole contexts (2-D, with their masks) of layer 3's attention input and output, 4 contexts of 128 a batch."""
+    out = tmp_path_factory.mktemp("mp-contexts") / "cache"
+    settings = GenerateActivationsSettings(
+        model=LanguageModelConfig(model_name="smollm2-135m"),
+        dataset=DatasetConfig(dataset_name_or_path="python-docs", split="train[100:200]"),
+        hook_points=LORSA_HOOKS, output_dir=str(out), context_size=128, model_batch_size=16, batch_size=16,
+        total_tokens=32 * 128,
+    )  # fmt: skip
+    cache = generate_activations(settings).output_dir
+    source = {"type": "activations", "name": "c", "path": str(cache)}
+    config = ActivationFactoryConfig(sources=[source], target="activations-2d", hook_points=LORSA_HOOKS, batch_size=4)
+    stream = ActivationFactory(config).process()
+    return [next(stream) for _ in range(6)]
+
+
+def test_a_feature_parallel_lorsa_equals_the_one_process_run(context_batches, tmp_path):
+    """A Lorsa with its QK heads (and their OV heads) split over 2 shards: attention runs per shard on its own
+    heads, the TopK over all OV heads of a position spans both; the same steps as one process."""
+    sae = {"sae_type": "lorsa", "d_model": 576, "d_sae": 256, "n_qk_heads": 4, "d_qk_head": 16, "n_ctx": 128,
+           "hook_point_in": LORSA_HOOKS[0], "hook_point_out": LORSA_HOOKS[1], "act_fn": "topk", "top_k": 8}  # fmt: skip
+    first = context_batches[0]
+    norms = {hook: float(first[hook][first["mask"].bool()].norm(dim=-1).mean()) for hook in LORSA_HOOKS}
+    tokens = int(first["mask"].sum()) * len(context_batches)  # the run is sized by the first batch's tokens
+    payload = {"batches": context_batches, "hook": LORSA_HOOKS[0], "sae": sae, "norms": norms,
+               "trainer": _trainer(tmp_path / "run", total_training_tokens=tokens, dead_threshold=1024)}  # fmt: skip
+    ranks = _launch(tmp_path, payload, 1, 2)
+    torch.manual_seed(0)
+    alone = LowRankSparseAttention.from_config(LorsaConfig.model_validate(sae))
+    alone.set_dataset_average_activation_norm(norms)
+    cfg = TrainerConfig.model_validate({**payload["trainer"], "exp_result_path": str(tmp_path / "alone")})
+    result = Trainer(cfg).fit(alone, iter(context_batches))
+    assert result.steps == len(context_batches)
+    _assert_same_training(alone.state_dict(), ranks[0]["weights"])
+    for name in ("metrics/l0", "losses/mse_loss", "metrics/explained_variance"):
+        assert ranks[0]["metrics"][name] == pytest.approx(result.last_metrics[name], rel=1e-4), name
+
+
+def test_what_cannot_be_split_is_named_before_anything_loads():
+    lorsa = {"sae_type": "lorsa", "d_model": 8, "d_sae": 12, "n_qk_heads": 3, "d_qk_head": 4, "n_ctx": 16,
+             "hook_point_in": "a", "hook_point_out": "b", "act_fn": "topk", "top_k": 2}  # fmt: skip
+    assert feature_parallel_problem(LorsaConfig.model_validate(lorsa), 2) == (
+        "sae.n_qk_heads=3 does not split into 2 equal shards of QK heads"
+    )
+    assert feature_parallel_problem(LorsaConfig.model_validate({**lorsa, "d_sae": 12, "n_qk_heads": 6}), 2) is None
+    molt = MOLTConfig(
+        d_model=8, rank_counts={1: 4, 2: 4}, hook_point_in="a", hook_point_out="b", act_fn="topk", top_k=2
+    )
+    assert "not available for sae_type 'molt'" in feature_parallel_problem(molt, 2)
+    sae = SAEConfig.model_validate({**_sae("topk"), "d_sae": 1000})
+    assert feature_parallel_problem(sae, 3) == "sae.d_sae=1000 does not split into 3 equal feature shards"

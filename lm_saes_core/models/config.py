@@ -52,6 +52,10 @@ class SparseDictionaryConfig(BaseModelConfig):
             raise ValueError(f"top_k ({self.top_k}) cannot exceed d_sae ({self.d_sae})")
         return self
 
+    def shard_fields(self, size: int) -> dict:
+        """Fields besides d_sae that a feature shard's config divides by the shard count `size` (none here)."""
+        return {}
+
     @property
     def hooks_in(self) -> list[str]:
         """Hook points the dictionary reads."""

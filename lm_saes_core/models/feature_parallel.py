@@ -107,8 +107,9 @@ class FeatureShards:
         return tensor.narrow(dim, self.rank * step, step)
 
 
-FEATURE_PARALLEL_KINDS = ("sae", "crosscoder", "clt")
-"""The kinds whose features split over shards today: SAEs, transcoders, crosscoders and CLTs."""
+FEATURE_PARALLEL_KINDS = ("sae", "crosscoder", "clt", "lorsa")
+"""The kinds whose features split over shards today: SAEs, transcoders, crosscoders, CLTs and Lorsa (MOLT numbers
+its features by rank, so a shard's would not be one slice of every tensor)."""
 
 
 def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
@@ -120,6 +121,8 @@ def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
                 f"{', '.join(map(repr, FEATURE_PARALLEL_KINDS))})")  # fmt: skip
     if cfg.d_sae % model_parallel_size:
         return f"sae.d_sae={cfg.d_sae} does not split into {model_parallel_size} equal feature shards"
+    if getattr(cfg, "n_qk_heads", 0) % model_parallel_size:
+        return f"sae.n_qk_heads={cfg.n_qk_heads} does not split into {model_parallel_size} equal shards of QK heads"
     return None
 
 
@@ -184,7 +187,8 @@ def local_config(cfg, size: int):
     """The config of one of `size` shards: d_sae / size features, nothing else changed."""
     if cfg.d_sae % size:
         raise ValueError(f"d_sae={cfg.d_sae} does not split into model_parallel_size={size} equal shards")
-    return cfg.model_copy(deep=True, update={"d_sae": cfg.d_sae // size, "expansion_factor": None})
+    update = {"d_sae": cfg.d_sae // size, "expansion_factor": None, **cfg.shard_fields(size)}
+    return cfg.model_copy(deep=True, update=update)
 
 
 # ---------------------------------------------------------------- optimiser and per-feature state

@@ -100,6 +100,10 @@ class LorsaConfig(SparseDictionaryConfig):
             object.__setattr__(self, "attn_scale", math.sqrt(self.d_qk_head))
         return self
 
+    def shard_fields(self, size: int) -> dict:
+        """A feature shard's config holds 1/size of the QK heads too (each with its OV heads)."""
+        return {"n_qk_heads": self.n_qk_heads // size}
+
     @property
     def n_ov_heads(self) -> int:
         return self.d_sae
@@ -242,6 +246,14 @@ class LowRankSparseAttention(SparseDictionary):
         others = groups[0]
         groups[0] = {**others, "params": [p for p in others["params"] if id(p) not in qk]}
         return [*groups, {"name": "qk", "params": self.qk_parameters(), "lr": lr * self.cfg.qk_lr_factor}]
+
+    def feature_axes(self) -> dict[str, int]:
+        """QK heads and their OV heads split together (a shard holds whole QK heads with their groups)."""
+        names = ["W_Q", "W_K", "b_Q", "b_K", "W_V", "b_V", "W_O"]
+        names += [f"{norm}.w" for norm in ("ln_q", "ln_k") if getattr(self, norm) is not None]
+        if self.cfg.act_fn == "jumprelu":
+            names.append("activation_function.log_jumprelu_threshold")
+        return dict.fromkeys(names, 0)
 
     def decoder_norm(self) -> Tensor:
         return self.W_O.norm(dim=1)
@@ -466,7 +478,7 @@ class LowRankSparseAttention(SparseDictionary):
         return self._activate(h), h, pattern
 
     def decode(self, feature_acts: Tensor) -> Tensor:
-        y = feature_acts.to(self.W_O.dtype) @ self.W_O
+        y = self.reduce_features(feature_acts.to(self.W_O.dtype) @ self.W_O)
         return y + self.b_D if self.b_D is not None else y
 
     def _use_sparse_decode(self) -> bool:
@@ -487,13 +499,14 @@ class LowRankSparseAttention(SparseDictionary):
             ((selection, keep),) = self.activation_function.select(scores, self.current_k)
         # act(h * n) / n == h on kept entries; TopK selects k per row in row order, so a gather reads them
         k = self.current_k
-        if self.activation_function.name == "topk" and selection.cols.numel() == flat.shape[0] * k:
+        exactly_k = self.activation_function.name == "topk" and self.feature_shards is None  # a shard keeps any number
+        if exactly_k and selection.cols.numel() == flat.shape[0] * k:
             values = flat.gather(1, selection.cols.view(-1, k)).reshape(-1)
         else:
             values = flat[selection.rows, selection.cols]
         if keep is not None:
             values = values * keep
-        y = kernels.sparse_decode(selection, values, self.W_O)
+        y = self.reduce_features(kernels.sparse_decode(selection, values, self.W_O))
         if self.b_D is not None:
             y = y + self.b_D
         f = kernels.densify(selection, values, flat.shape[0], self.cfg.d_sae)
@@ -501,13 +514,17 @@ class LowRankSparseAttention(SparseDictionary):
 
     def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
         """Aux-K: how well the top k_aux dead heads (by the model's own activation) reconstruct the residual."""
-        n_dead = int(dead_latents.sum())
+        n_dead = dead_latents.sum()
+        if self.feature_shards is not None:  # the whole dictionary's, so that every shard takes the same path
+            n_dead = self.feature_shards.sum(n_dead)
+        n_dead = int(n_dead)
         if n_dead == 0:
             return residual.new_zeros(())
-        k = min(k_aux, n_dead, self.cfg.d_sae)
+        k = min(k_aux, n_dead, (self.whole_cfg or self.cfg).d_sae)
         h = hidden_pre.reshape(-1, self.cfg.d_sae)
         f_dead = self.activation_function(h * dead_latents.to(h.dtype), self.gating_norm(), k, update_state=False)
-        return (residual.reshape(h.shape[0], -1) - f_dead @ self.W_O).pow(2).sum(-1).mean()
+        residual_hat = self.reduce_features(f_dead @ self.W_O)
+        return (residual.reshape(h.shape[0], -1) - residual_hat).pow(2).sum(-1).mean()
 
     # ---------------------------------------------------------------- splicing whole contexts
 

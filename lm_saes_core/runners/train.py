@@ -556,9 +556,9 @@ def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | Non
     _check_loss(cfg, preloaded, settings.trainer)
     stream = settings.open_stream([cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
-    if shards is not None:
-        model.feature_axes()  # a kind that cannot be split by features says so before any step
-        shards.local_slice(torch.empty(model.cfg.d_sae, device="meta"), 0)  # and a width that does not split
+    problem = feature_parallel_problem(model.cfg, settings.model_parallel_size)  # saved weights are known by now
+    if problem is not None:
+        raise ConfigError(f"model_parallel_size: {problem}")
     return _fit(settings, model, stream, resume_from, dump, 0, data_parallel, shards)
 
 
