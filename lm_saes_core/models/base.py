@@ -127,6 +127,17 @@ class SparseDictionary(nn.Module):
 
         raise ConfigError(f"model_parallel_size > 1: {feature_parallel_problem(self.cfg, 2)}")
 
+    @property
+    def whole_d_sae(self) -> int:
+        """d_sae of the whole dictionary (a shard's `cfg.d_sae` is its part)."""
+        return (self.whole_cfg or self.cfg).d_sae
+
+    def whole_count(self, flags: Tensor) -> int:
+        """How many of `flags` (per feature) are set in the whole dictionary: summed over the shards of a sharded
+        one, so that every shard takes the same path after it."""
+        count = flags.sum()
+        return int(count if self.feature_shards is None else self.feature_shards.sum(count))
+
     def reduce_features(self, partial: Tensor) -> Tensor:
         """The features' contribution to the output: a shard's partial sum summed over the shards (as is, alone)."""
         return partial if self.feature_shards is None else self.feature_shards.reduce_partial(partial)
@@ -160,8 +171,8 @@ class SparseDictionary(nn.Module):
         if self.activation_function.spans_groups:  # k counts features of every group (layer) together
             if not 0 < k <= self.n_features:
                 raise ValueError(f"current_k must lie in [1, n_features={self.n_features}], got {k}")
-        elif not 0 < k <= (self.whole_cfg or self.cfg).d_sae:
-            raise ValueError(f"current_k must lie in [1, d_sae={(self.whole_cfg or self.cfg).d_sae}], got {k}")
+        elif not 0 < k <= self.whole_d_sae:
+            raise ValueError(f"current_k must lie in [1, d_sae={self.whole_d_sae}], got {k}")
         self._current_k = int(k)
 
     @property
@@ -182,6 +193,21 @@ class SparseDictionary(nn.Module):
     def decoder_norm(self) -> Tensor:
         """Per-feature norm of what a unit activation adds to the reconstruction, (*feature_shape)."""
         raise NotImplementedError
+
+    def fixed_norm_scale(self, value: float, force_exact: bool) -> Tensor:
+        """(*feature_shape): the factor that gives every feature's decoder norm `value` (exact), or shrinks the
+        longer ones to it; what `set_decoder_to_fixed_norm` multiplies each kind's decoder by."""
+        norm = self.decoder_norm()
+        return value / (norm if force_exact else norm.clamp(min=value))
+
+    @torch.no_grad()
+    def init_decoder_bias(self, center: Tensor) -> None:
+        """b_D = a centre of the normalised label (its mean or geometric median over a batch; one row per output
+        hook for a kind with several, as its b_D holds them)."""
+        bias = getattr(self, "b_D", None)
+        if bias is None:
+            raise ValueError("this dictionary has no decoder bias (use_decoder_bias=False)")
+        bias.copy_(center.to(bias.dtype))
 
     def gating_norm(self) -> Tensor | None:
         """The norms the activation function weighs the pre-activations with (decoder-norm gating), or None."""

@@ -146,8 +146,7 @@ class CrossLayerTranscoder(SparseCoder):
     @torch.no_grad()
     def set_decoder_to_fixed_norm(self, value: float, force_exact: bool) -> None:
         """Exact: every feature's decoders together get norm `value`; otherwise longer ones are shrunk to it."""
-        norm = self.decoder_norm()  # (L, F)
-        scale = value / (norm if force_exact else norm.clamp(min=value))
+        scale = self.fixed_norm_scale(value, force_exact)  # (L, F)
         for t, decoder in enumerate(self.W_D):
             decoder.mul_(scale[: t + 1, :, None])
 

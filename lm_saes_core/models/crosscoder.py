@@ -151,19 +151,11 @@ class CrossCoder(SparseCoder):
     @torch.no_grad()
     def set_decoder_to_fixed_norm(self, value: float, force_exact: bool) -> None:
         """Exact: every head's decoder row of every feature gets norm `value`; otherwise longer ones shrink to it."""
-        norm = self.decoder_norm()
-        self.W_D.mul_((value / (norm if force_exact else norm.clamp(min=value)))[..., None])
+        self.W_D.mul_(self.fixed_norm_scale(value, force_exact)[..., None])
 
     @torch.no_grad()
     def init_encoder_with_decoder_transpose(self, factor: float = 1.0) -> None:
         self.W_E.copy_(factor * self.W_D.transpose(1, 2))
-
-    @torch.no_grad()
-    def init_decoder_bias(self, center: Tensor) -> None:
-        """b_D[h] = the centre of head h's normalised activations (center (H, D))."""
-        if self.b_D is None:
-            raise ValueError("this dictionary has no decoder bias (use_decoder_bias=False)")
-        self.b_D.copy_(center.to(self.b_D.dtype))
 
     @torch.no_grad()
     def init_encoder_bias_with_mean_hidden_pre(self, batch: Batch) -> None:

@@ -126,6 +126,15 @@ def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
     return None
 
 
+def require_feature_parallel(cfg, model_parallel_size: int) -> None:
+    """`feature_parallel_problem` as the runners report it: a ConfigError naming the field (none when it splits)."""
+    from lm_saes_core.config import ConfigError
+
+    problem = feature_parallel_problem(cfg, model_parallel_size)
+    if problem is not None:
+        raise ConfigError(f"model_parallel_size: {problem}")
+
+
 def shard_model(model, shards: FeatureShards):
     """This shard's dictionary (d_sae / size features) of the whole `model`, which every rank holds identically:
     the same kind, its tensors sliced along their feature axes (`model.feature_axes()`), the rest copied."""

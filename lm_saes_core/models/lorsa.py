@@ -264,14 +264,7 @@ class LowRankSparseAttention(SparseDictionary):
     @torch.no_grad()
     def set_decoder_to_fixed_norm(self, value: float, force_exact: bool) -> None:
         """Exact: every W_O row gets norm `value`; otherwise rows longer than `value` are shrunk to it."""
-        norm = self.decoder_norm()
-        self.W_O.mul_((value / (norm if force_exact else norm.clamp(min=value)))[:, None])
-
-    @torch.no_grad()
-    def init_decoder_bias(self, center: Tensor) -> None:
-        if self.b_D is None:
-            raise ValueError("this dictionary has no decoder bias (use_decoder_bias=False)")
-        self.b_D.copy_(center.to(self.b_D.dtype))
+        self.W_O.mul_(self.fixed_norm_scale(value, force_exact)[:, None])
 
     @torch.no_grad()
     def init_encoder_bias_with_mean_hidden_pre(self, batch: Batch) -> None:
@@ -514,13 +507,10 @@ class LowRankSparseAttention(SparseDictionary):
 
     def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
         """Aux-K: how well the top k_aux dead heads (by the model's own activation) reconstruct the residual."""
-        n_dead = dead_latents.sum()
-        if self.feature_shards is not None:  # the whole dictionary's, so that every shard takes the same path
-            n_dead = self.feature_shards.sum(n_dead)
-        n_dead = int(n_dead)
+        n_dead = self.whole_count(dead_latents)
         if n_dead == 0:
             return residual.new_zeros(())
-        k = min(k_aux, n_dead, (self.whole_cfg or self.cfg).d_sae)
+        k = min(k_aux, n_dead, self.whole_d_sae)
         h = hidden_pre.reshape(-1, self.cfg.d_sae)
         f_dead = self.activation_function(h * dead_latents.to(h.dtype), self.gating_norm(), k, update_state=False)
         residual_hat = self.reduce_features(f_dead @ self.W_O)

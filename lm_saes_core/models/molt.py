@@ -193,8 +193,7 @@ class MixtureOfLinearTransforms(SparseCoder):
     def set_decoder_to_fixed_norm(self, value: float, force_exact: bool) -> None:
         """Exact: every transform gets ||U_i V_i||_F = `value`; otherwise longer ones are shrunk to it. U_i and V_i
         share the scaling (sqrt each), so their balance stays as it is."""
-        norm = self.decoder_norm()
-        scale = (value / (norm if force_exact else norm.clamp(min=value))).sqrt()
+        scale = self.fixed_norm_scale(value, force_exact).sqrt()
         for _, start, U, V in self.rank_groups():
             part = scale[start : start + U.shape[0], None, None]
             U.mul_(part)
@@ -217,13 +216,6 @@ class MixtureOfLinearTransforms(SparseCoder):
             direction = direction / direction.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(RV.dtype).tiny)
             part = slice(start, start + U.shape[0])
             self.W_E[:, part] = (factor * norm[part, None] * direction).t().to(self.W_E.dtype)
-
-    @torch.no_grad()
-    def init_decoder_bias(self, center: Tensor) -> None:
-        """b_D = a centre of the normalised label (its mean or geometric median over a batch)."""
-        if self.b_D is None:
-            raise ValueError("this dictionary has no decoder bias (use_decoder_bias=False)")
-        self.b_D.copy_(center.to(self.b_D.dtype))
 
     @torch.no_grad()
     def init_encoder_bias_with_mean_hidden_pre(self, batch: Batch) -> None:

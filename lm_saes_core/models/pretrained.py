@@ -128,9 +128,10 @@ class PretrainedSAE(BaseModelConfig):
     def load(self, shards: "FeatureShards | None" = None) -> SparseDictionary:
         """The dictionary; with `shards`, this process's feature shard of it (from our layout, only its slices are
         read)."""
-        if shards is not None and self.locate().layout == "lm-saes":
+        saved = self.locate() if shards is not None else None
+        if saved is not None and saved.layout == "lm-saes":
             return SparseDictionary.from_pretrained(
-                self.locate().path,
+                saved.path,
                 device=self.device,
                 dtype=self.dtype,
                 fold_activation_scale=self.fold_activation_scale,

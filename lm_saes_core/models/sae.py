@@ -118,8 +118,7 @@ class SparseAutoEncoder(SparseCoder):
     @torch.no_grad()
     def set_decoder_to_fixed_norm(self, value: float, force_exact: bool) -> None:
         """Exact: every decoder row gets norm `value`; otherwise rows longer than `value` are shrunk to it."""
-        norm = self.decoder_norm()
-        self.W_D.mul_((value / (norm if force_exact else norm.clamp(min=value)))[:, None])
+        self.W_D.mul_(self.fixed_norm_scale(value, force_exact)[:, None])
 
     @torch.no_grad()
     def init_encoder_with_decoder_transpose(self, factor: float = 1.0) -> None:
@@ -129,13 +128,6 @@ class SparseAutoEncoder(SparseCoder):
                 f"{self.cfg.d_model}"
             )
         self.W_E.copy_(factor * self.W_D.t())
-
-    @torch.no_grad()
-    def init_decoder_bias(self, center: Tensor) -> None:
-        """b_D = a centre of the normalised label (its mean or geometric median over a batch)."""
-        if self.b_D is None:
-            raise ValueError("this dictionary has no decoder bias (use_decoder_bias=False)")
-        self.b_D.copy_(center.to(self.b_D.dtype))
 
     @torch.no_grad()
     def init_encoder_bias_with_mean_hidden_pre(self, batch: Batch) -> None:

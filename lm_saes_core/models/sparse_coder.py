@@ -155,15 +155,12 @@ class SparseCoder(SparseDictionary):
     def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
         """Mean over tokens (and output hooks) of ||residual - the top k_aux dead latents' reconstruction||^2, the
         dead latents activated by the dictionary's own activation function."""
-        n_dead = dead_latents.sum()
-        if self.feature_shards is not None:  # the whole dictionary's, so that every shard takes the same path
-            n_dead = self.feature_shards.sum(n_dead)
-        n_dead = int(n_dead)
+        n_dead = self.whole_count(dead_latents)
         if n_dead == 0:
             return residual.new_zeros(())
         k = min(k_aux, n_dead)
         if not self.activation_function.spans_groups:
-            k = min(k, (self.whole_cfg or self.cfg).d_sae)  # k counts one group's features
+            k = min(k, self.whole_d_sae)  # k counts one group's features
         dead = dead_latents.reshape(self.feature_shape).to(hidden_pre.dtype)
         if self._use_sparse_kernels(k):
             sparse = self._select(x, hidden_pre, k, latent_mask=dead, update_state=False)

@@ -17,7 +17,7 @@ from lm_saes_core.config import BaseConfig, ConfigError
 from lm_saes_core.data import DatasetConfig
 from lm_saes_core.log import setup_logging
 from lm_saes_core.models import PretrainedSAE, SparseDictionary, SparseDictionaryConfig
-from lm_saes_core.models.feature_parallel import feature_parallel_problem
+from lm_saes_core.models.feature_parallel import require_feature_parallel
 from lm_saes_core.runners.common import (
     check_dictionary_fits,
     check_model_config,
@@ -94,7 +94,7 @@ def analyze_sae(settings: AnalyzeSAESettings) -> list[FeatureAnalysis]:
     sae_cfg, saved_cfg = read_sae_config(settings.sae)
     check_dictionary_fits(sae_cfg, factory_cfg)
     check_sources_configured(factory_cfg, settings.model, settings.datasets)
-    _check_feature_parallel(sae_cfg, settings.model_parallel_size)
+    require_feature_parallel(sae_cfg, settings.model_parallel_size)
 
     def open_stream(sae: SparseDictionary) -> tuple[Iterator, str | None]:
         check_model_config(factory_cfg, settings.model, [sae.cfg])
@@ -117,7 +117,7 @@ def analyze_crosscoder(settings: AnalyzeCrossCoderSettings) -> list[FeatureAnaly
     _check_target(factories[0], "activation_factories[0]")
     sae_cfg, saved_cfg = read_sae_config(settings.sae)
     check_dictionary_fits_groups(sae_cfg, factories)
-    _check_feature_parallel(sae_cfg, settings.model_parallel_size)
+    require_feature_parallel(sae_cfg, settings.model_parallel_size)
 
     def open_stream(sae: SparseDictionary) -> tuple[Iterator, str | None]:
         check_model_configs(factories, settings.model, [sae.cfg])
@@ -126,12 +126,6 @@ def analyze_crosscoder(settings: AnalyzeCrossCoderSettings) -> list[FeatureAnaly
         return merged_stream(groups, epochs=False), groups[0].model_name
 
     return _analyze(settings, saved_cfg, [source.name for source in factories[0].sources], open_stream)
-
-
-def _check_feature_parallel(sae_cfg: SparseDictionaryConfig, model_parallel_size: int) -> None:
-    problem = feature_parallel_problem(sae_cfg, model_parallel_size)
-    if problem is not None:
-        raise ConfigError(f"model_parallel_size: {problem}")
 
 
 def _check_target(factory_cfg: ActivationFactoryConfig, field: str) -> None:

@@ -21,7 +21,7 @@ from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig, EvalResult, Evaluator
 from lm_saes_core.io import atomic_write_text
 from lm_saes_core.log import setup_logging
-from lm_saes_core.models.feature_parallel import feature_parallel_problem
+from lm_saes_core.models.feature_parallel import require_feature_parallel
 from lm_saes_core.models.pretrained import PretrainedSAE
 from lm_saes_core.plots import density_svg
 from lm_saes_core.runners.common import check_dictionary_fits, check_model_config, load_language_model_and_datasets
@@ -112,9 +112,7 @@ def evaluate_sae(settings: EvaluateSAESettings) -> EvalResult:
 def _check_feature_parallel(settings: _EvaluateSettings) -> None:
     if settings.model_parallel_size == 1:
         return
-    problem = feature_parallel_problem(settings.sae.read_config()[0], settings.model_parallel_size)
-    if problem is not None:
-        raise ConfigError(f"model_parallel_size: {problem}")
+    require_feature_parallel(settings.sae.read_config()[0], settings.model_parallel_size)
 
 
 def evaluate_crosscoder(settings: EvaluateCrossCoderSettings) -> EvalResult:

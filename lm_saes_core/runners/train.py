@@ -33,7 +33,7 @@ from lm_saes_core.models import (
     tagged_dictionary_configs,
 )
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
-from lm_saes_core.models.feature_parallel import FeatureShards, feature_parallel_problem
+from lm_saes_core.models.feature_parallel import FeatureShards, feature_parallel_problem, require_feature_parallel
 from lm_saes_core.models.losses import SparsityLossType
 from lm_saes_core.runners.common import (
     activation_epochs,
@@ -556,9 +556,7 @@ def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | Non
     _check_loss(cfg, preloaded, settings.trainer)
     stream = settings.open_stream([cfg], data_parallel)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
-    problem = feature_parallel_problem(model.cfg, settings.model_parallel_size)  # saved weights are known by now
-    if problem is not None:
-        raise ConfigError(f"model_parallel_size: {problem}")
+    require_feature_parallel(model.cfg, settings.model_parallel_size)  # saved weights are known by now
     return _fit(settings, model, stream, resume_from, dump, 0, data_parallel, shards)
 
 

@@ -183,7 +183,8 @@ class Trainer:
                     saves.pop(0)
                 periodic = not planned_now and progress.step < T and self._periodic_due(last_save)
                 if planned_now or periodic:
-                    saved_model, state = self._state(model, progress, optimizer, scheduler, dead, wandb_run)
+                    if self.is_main or self.shards is not None:  # the shards gather together; rank 0 writes
+                        saved_model, state = self._state(model, progress, optimizer, scheduler, dead, wandb_run)
                     if self.is_main:
                         path = save_checkpoint(cfg.exp_result_path, progress.step, saved_model, state,
                                                run_settings=run_settings, periodic=periodic)  # fmt: skip
