@@ -7,12 +7,13 @@ from lm_saes_core import DatasetConfig, GenerateActivationsSettings, LanguageMod
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 
 
-def smollm2_cache(root: Path, hook: str, split: str, tokens: int) -> Path:
-    """`tokens` positions (windows of 128) of `hook` over the documents of `split` (e.g. "train[100:300]")."""
+def smollm2_cache(root: Path, hook: str | list[str], split: str, tokens: int) -> Path:
+    """`tokens` positions (windows of 128) of `hook` (or of several hooks) over the documents of `split` (e.g.
+    "train[100:300]")."""
     settings = GenerateActivationsSettings(
         model=LanguageModelConfig(model_name="smollm2-135m"),
         dataset=DatasetConfig(dataset_name_or_path="python-docs", split=split),
-        hook_points=[hook],
+        hook_points=[hook] if isinstance(hook, str) else hook,
         output_dir=str(root),
         context_size=128,
         model_batch_size=16,

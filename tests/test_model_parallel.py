@@ -15,7 +15,6 @@ import pytest
 import torch
 from real_activations import smollm2_cache
 
-from lm_saes_core import DatasetConfig, GenerateActivationsSettings, LanguageModelConfig, generate_activations
 from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.io import file_sha256
@@ -334,14 +333,8 @@ HEADS = ["blocks.3.hook_resid_post", "blocks.4.hook_resid_post"]
 @pytest.fixture(scope="module")
 def head_batches(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     """Batches of two residual-stream hooks (a crosscoder's heads) from one SmolLM2 cache."""
-    out = tmp_path_factory.mktemp("mp-heads") / "cache"
-    settings = GenerateActivationsSettings(
-        model=LanguageModelConfig(model_name="smollm2-135m"),
-        dataset=DatasetConfig(dataset_name_or_path="python-docs", split="train[100:200]"),
-        hook_points=HEADS, output_dir=str(out), context_size=128, model_batch_size=16, batch_size=16,
-        total_tokens=(N_BATCHES + 2) * BATCH,
-    )  # fmt: skip
-    cache = generate_activations(settings).output_dir
+    tokens = (N_BATCHES + 2) * BATCH
+    cache = smollm2_cache(tmp_path_factory.mktemp("mp-heads") / "cache", HEADS, "train[100:200]", tokens)
     source = {"type": "activations", "name": "c", "path": str(cache)}
     config = ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=HEADS, batch_size=BATCH)
     stream = ActivationFactory(config).process()
@@ -397,14 +390,7 @@ LORSA_HOOKS = ["blocks.3.ln1.hook_normalized", "blocks.3.hook_attn_out"]
 @pytest.fixture(scope="module")
 def context_batches(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
     """Whole contexts (2-D, with their masks) of layer 3's attention input and output, 4 contexts of 128 a batch."""
-    out = tmp_path_factory.mktemp("mp-contexts") / "cache"
-    settings = GenerateActivationsSettings(
-        model=LanguageModelConfig(model_name="smollm2-135m"),
-        dataset=DatasetConfig(dataset_name_or_path="python-docs", split="train[100:200]"),
-        hook_points=LORSA_HOOKS, output_dir=str(out), context_size=128, model_batch_size=16, batch_size=16,
-        total_tokens=32 * 128,
-    )  # fmt: skip
-    cache = generate_activations(settings).output_dir
+    cache = smollm2_cache(tmp_path_factory.mktemp("mp-contexts") / "cache", LORSA_HOOKS, "train[100:200]", 32 * 128)
     source = {"type": "activations", "name": "c", "path": str(cache)}
     config = ActivationFactoryConfig(sources=[source], target="activations-2d", hook_points=LORSA_HOOKS, batch_size=4)
     stream = ActivationFactory(config).process()
