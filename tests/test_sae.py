@@ -391,6 +391,25 @@ def test_sparse_kernels_equal_the_dense_path(act_fn, gating, dtype):
         assert relative < (1e-5 if dtype == torch.float32 else 1e-12), name
 
 
+def test_aux_k_on_the_dense_path_after_a_sparse_step_trains_the_encoder_too():
+    """A small k takes the sparse path, a large k_aux the dense one, whose pre-activations the sparse path left
+    without gradient: Aux-K must still reach W_E and b_E, as when both take the dense path."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_model=24, d_sae=192, hook_point_in="x", hook_point_out="x", act_fn="topk", top_k=6,
+                    norm_activation="inference", dtype="float64")  # fmt: skip
+    model = SparseAutoEncoder.from_config(cfg)
+    batch, dead = {"x": torch.randn(40, 24, dtype=F64)}, torch.rand(192) > 0.5
+    grads = {}
+    for sparse in (None, False):  # None: sparse for k = 6, dense for k_aux = 64 (over d_sae / 8)
+        model.sparse_kernels = sparse
+        model.zero_grad()
+        model.compute_loss(batch, loss(auxk_coefficient=0.5, k_aux=64), dead).loss.backward()
+        grads[sparse] = {name: p.grad.clone() for name, p in model.named_parameters()}
+    assert grads[False]["W_E"][:, dead].abs().sum() > 0  # dead latents' encoders learn from Aux-K
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[None][name], grad, rtol=1e-12, atol=1e-12)
+
+
 def test_sparse_encoder_gradient_reaches_input_too():
     torch.manual_seed(0)
     cfg = SAEConfig(d_model=8, d_sae=32, hook_point_in="x", hook_point_out="x", act_fn="topk", top_k=3, dtype="float64")

@@ -166,6 +166,8 @@ class SparseCoder(SparseDictionary):
             sparse = self._select(x, hidden_pre, k, latent_mask=dead, update_state=False)
             residual_hat = self._decode_rows(x, None, sparse, features_only=True)
         else:
+            if torch.is_grad_enabled() and not hidden_pre.requires_grad:
+                hidden_pre = self._hidden_pre(x)  # the sparse path's is detached: Aux-K trains the encoder too
             f_dead = self.activation_function(hidden_pre * dead, self.gating_norm(), k, update_state=False)
             residual_hat = self._decode_rows(x, f_dead, None, features_only=True)
         return (residual - residual_hat).pow(2).sum(-1).mean()
