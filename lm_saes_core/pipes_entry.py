@@ -182,6 +182,7 @@ class Runner:
 
 RUNNERS: dict[str, Runner] = {
     "train": Runner("lm_saes_core.runners.train:TrainSAESettings", _run_train),
+    "train-crosscoder": Runner("lm_saes_core.runners.train:TrainCrossCoderSettings", _run_train),
     "sweep": Runner("lm_saes_core.runners.train:SweepSAESettings", _run_sweep),
     "evaluate": Runner("lm_saes_core.runners.evaluate:EvaluateSAESettings", _run_evaluate),
     "generate": Runner("lm_saes_core.runners.generate:GenerateActivationsSettings", _run_generate),

@@ -250,7 +250,8 @@ def build_pipeline_defs(cfg: PipelineConfig, item_loader: ItemLoader | None = No
         def train_alone(key: str) -> dg.MaterializeResult:
             settings = train_settings(cfg, key, selected[key], cache, outputs[key])
             item = selected[key]  # torchrun for a data- or model-parallel item, over n_nodes pods on k8s
-            run = launcher.run(context, "train", settings, nproc=item.n_processes, nnodes=item.n_nodes,
+            step = "train-crosscoder" if item.head_parallel_size > 1 else "train"  # one factory per head
+            run = launcher.run(context, step, settings, nproc=item.n_processes, nnodes=item.n_nodes,
                                workdir=outputs[key])  # fmt: skip
             return run.get_materialize_result()
 

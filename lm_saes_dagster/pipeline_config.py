@@ -18,6 +18,7 @@ from lm_saes_core.data import DatasetConfig
 from lm_saes_core.evaluation import EvalConfig
 from lm_saes_core.models import AnySAEConfig, SparseDictionaryConfig
 from lm_saes_core.models.feature_parallel import feature_parallel_problem
+from lm_saes_core.models.head_parallel import head_parallel_problem
 from lm_saes_core.store import RecordStoreConfig
 from lm_saes_core.training import InitializerConfig, TrainerConfig
 
@@ -55,9 +56,13 @@ class DictionaryItem(BaseConfig):
     """Processes (GPUs) holding a part of the dictionary's features each (SAEs and transcoders): with
     data_parallel_size, the step runs under torchrun on data_parallel_size x model_parallel_size processes."""
 
+    head_parallel_size: int = Field(default=1, ge=1)
+    """A crosscoder's heads split over this many groups of processes, each streaming only its heads' hooks: the step
+    runs on data_parallel_size x head_parallel_size x model_parallel_size processes."""
+
     n_nodes: int = Field(default=1, ge=1)
-    """Nodes (Kubernetes pods) the data_parallel_size x model_parallel_size processes spread over, evenly; more than
-    one needs the k8s launcher (see lm_saes_dagster/multinode.py)."""
+    """Nodes (Kubernetes pods) the step's processes spread over, evenly; more than one needs the k8s launcher (see
+    lm_saes_dagster/multinode.py)."""
 
     @model_validator(mode="after")
     def _batch_splits(self) -> "DictionaryItem":
@@ -66,12 +71,13 @@ class DictionaryItem(BaseConfig):
                 f"batch_size={self.batch_size} does not split evenly over data_parallel_size={self.data_parallel_size}"
             )
         if self.n_processes % self.n_nodes:
-            raise ValueError(
-                f"n_nodes={self.n_nodes} does not divide data_parallel_size x model_parallel_size = {self.n_processes}"
-            )
+            raise ValueError(f"n_nodes={self.n_nodes} does not divide the step's {self.n_processes} processes")
         problem = feature_parallel_problem(self.sae, self.model_parallel_size)
         if problem is not None:
             raise ValueError(f"model_parallel_size={self.model_parallel_size}: {problem}")
+        problem = head_parallel_problem(self.sae, self.head_parallel_size)
+        if problem is not None:
+            raise ValueError(f"head_parallel_size={self.head_parallel_size}: {problem}")
         return self
 
     @property
@@ -89,7 +95,7 @@ class DictionaryItem(BaseConfig):
 
     @property
     def n_processes(self) -> int:
-        return self.data_parallel_size * self.model_parallel_size
+        return self.data_parallel_size * self.head_parallel_size * self.model_parallel_size
 
 
 class QualityBounds(BaseConfig):

@@ -39,7 +39,7 @@ from lm_saes_core.runners.autointerp import AutoInterpSettings
 from lm_saes_core.runners.dla import DirectLogitAttributeSettings
 from lm_saes_core.runners.evaluate import EvaluateSAESettings
 from lm_saes_core.runners.generate import GenerateActivationsSettings
-from lm_saes_core.runners.train import SweepingItem, SweepSAESettings, TrainSAESettings
+from lm_saes_core.runners.train import SweepingItem, SweepSAESettings, TrainCrossCoderSettings, TrainSAESettings
 from lm_saes_core.store import RecordStoreConfig
 from lm_saes_dagster.pipeline_config import DictionaryItem, PipelineConfig
 
@@ -84,6 +84,7 @@ def _stream_key(item: DictionaryItem) -> str:
         "buffer_shuffle": item.buffer_shuffle.model_dump(mode="json"),
         "data_parallel_size": item.data_parallel_size,
         "model_parallel_size": item.model_parallel_size,
+        "head_parallel_size": item.head_parallel_size,
     }
     return json.dumps(stream, sort_keys=True)
 
@@ -134,8 +135,18 @@ def _sweeping_item(cfg: PipelineConfig, item_name: str, item: DictionaryItem, ou
 
 def train_settings(
     cfg: PipelineConfig, item_name: str, item: DictionaryItem, cache: Path, output: Path
-) -> TrainSAESettings:
-    """One item, reading the pipeline's activation cache and writing to `output`."""
+) -> TrainSAESettings | TrainCrossCoderSettings:
+    """One item, reading the pipeline's activation cache and writing to `output`; a head-parallel crosscoder reads
+    one factory per head (the same shuffled stream of the cache, one hook each), so each head rank reads its own."""
+    if item.head_parallel_size > 1:
+        stream = _training_stream(item, cache).model_dump()
+        return TrainCrossCoderSettings(
+            **dict(_sweeping_item(cfg, item_name, item, output)),
+            activation_factories=[{**stream, "hook_points": [head]} for head in item.sae.heads],
+            data_parallel_size=item.data_parallel_size,
+            head_parallel_size=item.head_parallel_size,
+            model_parallel_size=item.model_parallel_size,
+        )
     return TrainSAESettings(
         **dict(_sweeping_item(cfg, item_name, item, output)),  # the item's own fields, as a sweep would train it
         activation_factory=_training_stream(item, cache),

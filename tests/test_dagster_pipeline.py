@@ -181,8 +181,15 @@ def test_every_builder_returns_its_runners_settings_whose_json_dump_validates_ba
         "evaluate": evaluate_settings(cfg, "transcoder", item, dictionary, tmp_path / "evaluation.json"),
         "analyze": analyze_settings(cfg, "transcoder", item, dictionary, cache, tmp_path / "analysis", store, "a"),
         "dla": dla_settings(cfg, "transcoder", dictionary, tmp_path / "logits.json", store),
-    }
+        "train-crosscoder": train_settings(cfg, "heads", DictionaryItem.model_validate({
+            "sae": {"sae_type": "crosscoder", "d_model": 576, "d_sae": 1152, "heads": [TRANSCODER_IN, TRANSCODER_OUT],
+                    "act_fn": "topk", "top_k": 8},
+            "trainer": {"total_training_tokens": 4096}, "head_parallel_size": 2,
+        }), cache, dictionary),
+    }  # fmt: skip
     assert set(built) == set(RUNNERS)
+    factories = built["train-crosscoder"].activation_factories  # one per head: each head rank reads its own
+    assert [f.hook_points for f in factories] == [[TRANSCODER_IN], [TRANSCODER_OUT]]
     for runner, settings in built.items():
         settings_class = RUNNERS[runner].settings_class()
         assert type(settings) is settings_class, runner

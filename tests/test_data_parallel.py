@@ -23,7 +23,7 @@ from lm_saes_core.config import ConfigError
 from lm_saes_core.data import load_dataset
 from lm_saes_core.io import file_sha256
 from lm_saes_core.models import SAEConfig, SparseAutoEncoder
-from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, train_sae
+from lm_saes_core.runners.train import SweepSAESettings, TrainSAESettings, sweep_sae, train_sae
 from lm_saes_core.training import Trainer, TrainerConfig
 from lm_saes_dagster.launch import HeavyStepLauncher, torchrun_command
 from lm_saes_dagster.pipeline_config import DictionaryItem
@@ -200,9 +200,12 @@ def test_misuse_is_a_named_error(cache, tmp_path):
     assert done.exit_code == 2 and "torchrun --nproc-per-node 2 -m lm_saes_core.cli train" in done.output
     sweep = settings(cache, tmp_path / "y", data_parallel_size=2)
     items = [{key: sweep[key] for key in ("sae", "sae_name", "trainer")}]
-    with pytest.raises(ValueError, match="a sweep trains its items in threads of one process"):
+    with pytest.raises(ValueError, match=r"items\[0\]: sae.d_sae=1152 does not split into 5 equal feature shards"):
         SweepSAESettings.model_validate({"activation_factory": sweep["activation_factory"], "items": items,
-                                         "data_parallel_size": 2})  # fmt: skip
+                                         "model_parallel_size": 5})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"data_parallel_size=2 needs 2 processes, this launch has 1"):
+        sweep_sae(SweepSAESettings.model_validate({"activation_factory": sweep["activation_factory"], "items": items,
+                                                   "data_parallel_size": 2}))  # fmt: skip
     with pytest.raises(ValueError, match="sae.d_sae=1152 does not split into 5 equal feature shards"):
         TrainSAESettings.model_validate({**settings(cache, tmp_path / "z"), "model_parallel_size": 5})
     item = {"sae": settings(cache, tmp_path)["sae"], "trainer": {"total_training_tokens": 1024}}

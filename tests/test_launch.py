@@ -589,5 +589,12 @@ def test_a_pipeline_item_spreads_its_processes_evenly_over_its_nodes():
                     "act_fn": "topk", "top_k": 4}, "trainer": {"total_training_tokens": 1024}}  # fmt: skip
     spread = DictionaryItem.model_validate({**item, "data_parallel_size": 4, "model_parallel_size": 2, "n_nodes": 2})
     assert (spread.n_processes, spread.n_nodes) == (8, 2)
-    with pytest.raises(ValueError, match=r"n_nodes=3 does not divide data_parallel_size x model_parallel_size = 8"):
+    with pytest.raises(ValueError, match=r"n_nodes=3 does not divide the step's 8 processes"):
         DictionaryItem.model_validate({**item, "data_parallel_size": 4, "model_parallel_size": 2, "n_nodes": 3})
+    heads = {**item, "sae": {"sae_type": "crosscoder", "d_model": 8, "d_sae": 32, "heads": ["a", "b", "c", "d"],
+                             "act_fn": "topk", "top_k": 4}}  # fmt: skip
+    assert DictionaryItem.model_validate({**heads, "head_parallel_size": 2, "model_parallel_size": 2}).n_processes == 4
+    with pytest.raises(ValueError, match="crosscoder's 4 heads do not split into 3 equal groups"):
+        DictionaryItem.model_validate({**heads, "head_parallel_size": 3})
+    with pytest.raises(ValueError, match="sae_type 'sae' has none"):
+        DictionaryItem.model_validate({**item, "head_parallel_size": 2})

@@ -25,12 +25,18 @@ from lm_saes_core.models import (
     CrossLayerTranscoder,
     LorsaConfig,
     LowRankSparseAttention,
+    MixtureOfLinearTransforms,
     MOLTConfig,
     SAEConfig,
     SparseAutoEncoder,
     load_sparse_dictionary,
 )
-from lm_saes_core.models.feature_parallel import FeatureShards, feature_parallel_problem
+from lm_saes_core.models.feature_parallel import (
+    FeatureShards,
+    analysed_feature_index,
+    feature_parallel_problem,
+    shard_model,
+)
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.train import TrainSAESettings
@@ -80,15 +86,17 @@ def _assert_same_training(expected: dict[str, torch.Tensor], actual: dict[str, t
         assert difference.max() < 5e-3 and (difference > 1e-5).float().mean() < 1e-4, (name, difference.max())
 
 
-def _launch(tmp_path: Path, payload: dict, data: int, model: int, resume_from: str = "", name: str = "") -> list[dict]:
-    out = tmp_path / (name or f"dp{data}xmp{model}")
+def _launch(
+    tmp_path: Path, payload: dict, data: int, model: int, resume_from: str = "", name: str = "", head: int = 1
+) -> list[dict]:
+    out = tmp_path / (name or f"dp{data}xhp{head}xmp{model}")
     out.mkdir(exist_ok=True)
     torch.save(payload, out / "payload.pt")
-    n = data * model
+    n = data * head * model
     done = subprocess.run(
         [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc-per-node", str(n),
          str(Path(__file__).parent / "mp_worker.py"), str(out / "payload.pt"), str(out), str(data), str(model),
-         resume_from],
+         resume_from, str(head)],
         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]
@@ -142,6 +150,7 @@ def test_each_shard_holds_half_the_parameter_and_optimiser_bytes(batches, tmp_pa
     whole = (d * f + f + f * d + d) * 4 * 3  # W_E, b_E, W_D, b_D; with Adam's two moments
     replicated = d * 4 * 3  # b_D on every shard
     assert [state["bytes"] for state in two] == [(whole - replicated) // 2 + replicated] * 2
+    assert [state["whole_bytes"] for state in two] == [0, 0]  # the whole dictionary is freed while its shards train
 
 
 def test_a_checkpoint_of_two_shards_resumes_under_any_layout(batches, tmp_path):
@@ -168,9 +177,9 @@ def test_a_checkpoint_of_two_shards_resumes_under_any_layout(batches, tmp_path):
 
 
 def test_lm_saes_train_under_torchrun_writes_one_ordinary_dictionary(cache, tmp_path):
-    """The runner end to end (`torchrun -m lm_saes_core.cli train` with model_parallel_size 2): initialised from the
-    data like one process, trained as two shards, saved as one file set that loads anywhere and equals the
-    one-process run of the same settings."""
+    """The runner end to end (`torchrun -m lm_saes_core.cli sweep` of two items with model_parallel_size 2, trained
+    one after the other on both processes): each initialised from the data like one process, trained as two shards,
+    saved as one file set that loads anywhere and equals the one-process `train` run of the same settings."""
 
     def settings(out: Path, model_parallel_size: int) -> Path:
         path = tmp_path / f"{out.name}.json"
@@ -183,10 +192,17 @@ def test_lm_saes_train_under_torchrun_writes_one_ordinary_dictionary(cache, tmp_
         }))  # fmt: skip
         return path
 
-    _cli("train", settings(tmp_path / "two", 2), processes=2)
+    two = json.loads(settings(tmp_path / "two", 2).read_text())
+    second = {**two, "sae": _sae("batchtopk"), "sae_name": "mp-b", "trainer": _trainer(tmp_path / "two-b")}
+    items = [{key: run[key] for key in ("sae", "sae_name", "initializer", "trainer")} for run in (two, second)]
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"activation_factory": two["activation_factory"], "model_parallel_size": 2,
+                                 "items": items}))  # fmt: skip
+    _cli("sweep", sweep, processes=2)
     _cli("train", settings(tmp_path / "one", 1))
     two, one = load_sparse_dictionary(tmp_path / "two"), load_sparse_dictionary(tmp_path / "one")
     assert two.cfg.d_sae == D_SAE and json.loads((tmp_path / "two" / "train_result.json").read_text())["steps"] == 8
+    assert load_sparse_dictionary(tmp_path / "two-b").cfg.act_fn == "batchtopk"
     assert sorted(path.name for path in (tmp_path / "two").glob("*.safetensors")) == ["sae_weights.safetensors"]
     _assert_same_training(one.state_dict(), two.state_dict())
 
@@ -221,12 +237,21 @@ def _analyses(store_path: Path, name: str) -> list:
         return [feature.analysis() for feature in store.iter_features(name, "mp", with_samples=True)]
 
 
-def test_analysis_over_two_feature_shards_records_what_one_process_records(cache, tmp_path):
+MOLT = {"sae_type": "molt", "d_model": 576, "rank_counts": {1: 64, 2: 32, 4: 16}, "hook_point_in": HOOK,
+        "hook_point_out": HOOK, "act_fn": "topk", "top_k": 4}  # fmt: skip
+"""A MOLT of the SAE tests' hook; top_k 4: TopK's sparse path both in one process and on a shard."""
+
+
+@pytest.mark.parametrize("kind", ["sae", "molt"])
+def test_analysis_over_two_feature_shards_records_what_one_process_records(cache, tmp_path, kind):
     """`torchrun -m lm_saes_core.cli analyze` with model_parallel_size 2: each shard analyses its half of the
-    features (TopK over both shards per token), rank 0 records them all; the store holds exactly the records of the
-    one-process analysis (the same counts, maxima, histograms, sampled contexts and their activations)."""
+    features (TopK over both shards per token; a MOLT's half of every rank, numbered as the whole numbers them), rank
+    0 records them all; the store holds exactly the records of the one-process analysis (the same counts, maxima,
+    histograms, sampled contexts and their activations)."""
     torch.manual_seed(0)
-    sae = SparseAutoEncoder.from_config(SAEConfig.model_validate({**_sae("topk"), "norm_activation": "inference"}))
+    config = {**(_sae("topk") if kind == "sae" else MOLT), "norm_activation": "inference"}
+    model, model_cfg = (SparseAutoEncoder, SAEConfig) if kind == "sae" else (MixtureOfLinearTransforms, MOLTConfig)
+    sae = model.from_config(model_cfg.model_validate(config))
     sae_dir = sae.save_pretrained(tmp_path / "sae")
 
     def settings(name: str, model_parallel_size: int) -> Path:
@@ -243,7 +268,8 @@ def test_analysis_over_two_feature_shards_records_what_one_process_records(cache
     _cli("analyze", settings("two", 2), processes=2)
     analyze_sae(AnalyzeSAESettings.model_validate_json(settings("one", 1).read_text()))
     two, one = _analyses(tmp_path / "two.sqlite", "two"), _analyses(tmp_path / "one.sqlite", "one")
-    assert len(two) == len(one) == D_SAE and sum(a.act_times for a in one) > 15 * one[0].n_analyzed_tokens
+    k = config["top_k"]
+    assert len(two) == len(one) == sae.cfg.d_sae and sum(a.act_times for a in one) > (k - 1) * one[0].n_analyzed_tokens
     for index, (a, b) in enumerate(zip(one, two, strict=True)):
         assert (a.act_times, a.n_analyzed_tokens) == (b.act_times, b.n_analyzed_tokens), index
         assert a.max_feature_acts == pytest.approx(b.max_feature_acts, rel=1e-5), index
@@ -331,27 +357,37 @@ HEADS = ["blocks.3.hook_resid_post", "blocks.4.hook_resid_post"]
 
 
 @pytest.fixture(scope="module")
-def head_batches(tmp_path_factory) -> list[dict[str, torch.Tensor]]:
-    """Batches of two residual-stream hooks (a crosscoder's heads) from one SmolLM2 cache."""
+def head_cache(tmp_path_factory) -> Path:
+    """One SmolLM2 cache of two residual-stream hooks (a crosscoder's heads)."""
     tokens = (N_BATCHES + 2) * BATCH
-    cache = smollm2_cache(tmp_path_factory.mktemp("mp-heads") / "cache", HEADS, "train[100:200]", tokens)
-    source = {"type": "activations", "name": "c", "path": str(cache)}
+    return smollm2_cache(tmp_path_factory.mktemp("mp-heads") / "cache", HEADS, "train[100:200]", tokens)
+
+
+@pytest.fixture(scope="module")
+def head_batches(head_cache) -> list[dict[str, torch.Tensor]]:
+    source = {"type": "activations", "name": "c", "path": str(head_cache)}
     config = ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=HEADS, batch_size=BATCH)
     stream = ActivationFactory(config).process()
     return [{hook: batch[hook] for hook in HEADS} for batch in (next(stream) for _ in range(N_BATCHES))]
 
 
-@pytest.mark.parametrize("act_fn", ["topk", "batchtopk"])
-def test_a_feature_parallel_crosscoder_equals_the_one_process_run(head_batches, tmp_path, act_fn):
-    """A crosscoder over two heads, its features split over 2 shards (every head's copy of a feature on the same
-    shard): the same steps and per-head metrics as one process."""
+@pytest.mark.parametrize(("act_fn", "head", "model"), [("topk", 1, 2), ("batchtopk", 1, 2), ("topk", 2, 1),
+                                                       ("batchtopk", 2, 2)])  # fmt: skip
+def test_a_feature_parallel_crosscoder_equals_the_one_process_run(head_batches, tmp_path, act_fn, head, model):
+    """A crosscoder over two heads, its features split over `model` shards (every head's copy of a feature on the
+    same shard) and its heads over `head` ranks (each streaming only its hook): the same steps and per-head metrics
+    as one process."""
     sae = {"sae_type": "crosscoder", "d_model": 576, "d_sae": 1152, "heads": HEADS, "act_fn": act_fn, "top_k": 16}
+    if head > 1:  # the heads' parts of a pre-activation are summed in another order: in float32 a score at the
+        sae["dtype"] = "float64"  # BatchTopK threshold can flip; in float64 the steps are the same
     norms = {hook: float(head_batches[0][hook].norm(dim=-1).mean()) for hook in HEADS}
     payload = {"batches": head_batches, "hook": HEADS[0], "sae": sae, "trainer": _trainer(tmp_path / "run"),
                "norms": norms}  # fmt: skip
-    ranks = _launch(tmp_path, payload, 1, 2)
+    ranks = _launch(tmp_path, payload, 1, model, head=head)
     torch.manual_seed(0)
     alone = CrossCoder.from_config(CrossCoderConfig.model_validate(sae))
+    if head > 1:  # head ranks take the dense path; sparse and dense steps round differently (test_loop_fast_paths)
+        alone.sparse_kernels = False
     alone.set_dataset_average_activation_norm(norms)
     cfg = TrainerConfig.model_validate({**payload["trainer"], "exp_result_path": str(tmp_path / "alone")})
     metrics = Trainer(cfg).fit(alone, iter(head_batches)).last_metrics
@@ -362,12 +398,46 @@ def test_a_feature_parallel_crosscoder_equals_the_one_process_run(head_batches, 
         assert ranks[0]["metrics"][name] == pytest.approx(metrics[name], rel=1e-4), name
 
 
+def test_lm_saes_train_of_a_crosscoder_over_two_head_ranks(head_cache, tmp_path):
+    """`torchrun -m lm_saes_core.cli train` with head_parallel_size 2: each head rank streams only its factory's hook,
+    the crosscoder is initialised from every head's first batches, and the saved file set equals the one-process
+    run's. In float64: the heads' parts of a pre-activation are summed in another order."""
+
+    def settings(out: Path, head_parallel_size: int) -> Path:
+        factories = [
+            {
+                "sources": [{"type": "activations", "name": "c", "path": str(head_cache)}],
+                "target": "activations-1d",
+                "hook_points": [hook],
+                "batch_size": BATCH,
+            }
+            for hook in HEADS
+        ]
+        path = tmp_path / f"{out.name}.json"
+        path.write_text(json.dumps({
+            "sae": {"sae_type": "crosscoder", "d_model": 576, "d_sae": 1152, "heads": HEADS, "act_fn": "topk",
+                    "top_k": 16, "dtype": "float64"},
+            "sae_name": "hp", "head_parallel_size": head_parallel_size, "activation_factories": factories,
+            "initializer": {"bias_init_method": "mean", "grid_search_init_norm": True},
+            "trainer": _trainer(out),
+        }))  # fmt: skip
+        return path
+
+    _cli("train", settings(tmp_path / "two", 2), processes=2)
+    _cli("train", settings(tmp_path / "one", 1))
+    two, one = load_sparse_dictionary(tmp_path / "two"), load_sparse_dictionary(tmp_path / "one")
+    assert two.cfg.heads == HEADS and json.loads((tmp_path / "two" / "train_result.json").read_text())["steps"] == 8
+    _assert_same_training(one.state_dict(), two.state_dict())
+
+
 @pytest.mark.parametrize("act_fn", ["layertopk", "batchlayertopk", "jumprelu"])
 def test_a_feature_parallel_clt_equals_the_one_process_run(head_batches, tmp_path, act_fn):
     """A CLT over two layers (each reading one hook and writing to it and the next), its features split over 2
     shards: the ranking across layers (per token or per batch) is over every shard; the same steps as one process."""
     sae = {"sae_type": "clt", "d_model": 576, "d_sae": 1152, "hook_points_in": HEADS, "hook_points_out": HEADS,
            "act_fn": act_fn, "top_k": 16}  # fmt: skip
+    if act_fn == "batchlayertopk":  # a shard's pre-activations round differently (a narrower matmul); in float32
+        sae["dtype"] = "float64"  # about 10 of 2304 features flip at Aux-K's batch threshold, in float64 none
     norms = {hook: float(head_batches[0][hook].norm(dim=-1).mean()) for hook in HEADS}
     loss = {"sparsity_loss_type": "tanh", "l1_coefficient": 1e-3} if act_fn == "jumprelu" else {}
     payload = {"batches": head_batches, "hook": HEADS[0], "sae": sae, "norms": norms,
@@ -419,6 +489,53 @@ def test_a_feature_parallel_lorsa_equals_the_one_process_run(context_batches, tm
         assert ranks[0]["metrics"][name] == pytest.approx(result.last_metrics[name], rel=1e-4), name
 
 
+def test_a_feature_parallel_molt_equals_the_one_process_run(batches, tmp_path):
+    """A MOLT whose shards hold half of every rank's transforms (a shard's W_E columns are a slice of each rank's
+    block): the same steps and per-rank metrics as one process; its 2-shard checkpoint (whole tensors in the whole's
+    feature order: weights, Adam's moments, dead-latent counters) resumes in one process where that run ends, and
+    on 2 shards bitwise where the 2-shard run ends. (top_k and k_aux 4: the TopK and Aux-K selections take the sparse
+    path both in one process and on a shard.)"""
+    sae = MOLT
+    norm = float(batches[0][HOOK].norm(dim=-1).mean())
+    trainer = _trainer(tmp_path / "run", checkpoint_every_steps=4, dead_threshold=256, k_aux=4)
+    payload = {"batches": batches, "hook": HOOK, "sae": sae, "norm": norm, "trainer": trainer}
+    ranks = _launch(tmp_path, payload, 1, 2)
+
+    def one_process(out: Path, resume_from: Path | None = None) -> tuple[MixtureOfLinearTransforms, dict]:
+        torch.manual_seed(0)
+        model = MixtureOfLinearTransforms.from_config(MOLTConfig.model_validate(sae))
+        model.set_dataset_average_activation_norm({HOOK: norm})
+        cfg = TrainerConfig.model_validate({**payload["trainer"], "exp_result_path": str(out)})
+        return model, Trainer(cfg).fit(model, iter(batches), resume_from=resume_from).last_metrics
+
+    alone, metrics = one_process(tmp_path / "alone")
+    _assert_same_training(alone.state_dict(), ranks[0]["weights"])
+    assert metrics["losses/aux_loss"] > 0
+    for name in ("metrics/l0", "losses/mse_loss", "losses/aux_loss", "metrics/decoder_norm",
+                 "molt_metrics/l0_rank1", "molt_metrics/l0_rank4_ratio", "molt_metrics/total_rank_sum"):  # fmt: skip
+        assert ranks[0]["metrics"][name] == pytest.approx(metrics[name], rel=1e-4), name
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
+    resumed, _ = one_process(tmp_path / "resumed", checkpoint)
+    _assert_same_training(alone.state_dict(), resumed.state_dict())
+    same = _launch(tmp_path, payload, 1, 2, resume_from=str(checkpoint), name="resumed-dp1xmp2")[0]["weights"]
+    assert all(torch.equal(same[name], ranks[0]["weights"][name]) for name in same)
+
+
+def test_a_shard_numbers_its_analysed_features_as_the_whole_does():
+    """A CLT's analysed features are (layer, feature) flattened, a MOLT's are numbered by rank: a shard's are its
+    slice of each layer, or of each rank's block."""
+    clt = CLTConfig.model_validate({"sae_type": "clt", "d_model": 8, "d_sae": 4, "hook_points_in": HEADS,
+                                    "hook_points_out": HEADS, "act_fn": "topk", "top_k": 2})  # fmt: skip
+    molt = MOLTConfig(
+        d_model=8, rank_counts={1: 4, 2: 2}, hook_point_in="a", hook_point_out="b", act_fn="topk", top_k=4
+    )
+    for model, expected in ((CrossLayerTranscoder(clt), [[0, 1, 4, 5], [2, 3, 6, 7]]),
+                            (MixtureOfLinearTransforms(molt), [[0, 1, 4], [2, 3, 5]])):  # fmt: skip
+        for rank in range(2):
+            shard = shard_model(model, FeatureShards(rank, 2, group=None, world=None))
+            assert analysed_feature_index(shard).tolist() == expected[rank]
+
+
 def test_what_cannot_be_split_is_named_before_anything_loads():
     lorsa = {"sae_type": "lorsa", "d_model": 8, "d_sae": 12, "n_qk_heads": 3, "d_qk_head": 4, "n_ctx": 16,
              "hook_point_in": "a", "hook_point_out": "b", "act_fn": "topk", "top_k": 2}  # fmt: skip
@@ -427,8 +544,9 @@ def test_what_cannot_be_split_is_named_before_anything_loads():
     )
     assert feature_parallel_problem(LorsaConfig.model_validate({**lorsa, "d_sae": 12, "n_qk_heads": 6}), 2) is None
     molt = MOLTConfig(
-        d_model=8, rank_counts={1: 4, 2: 4}, hook_point_in="a", hook_point_out="b", act_fn="topk", top_k=2
+        d_model=8, rank_counts={1: 4, 2: 3}, hook_point_in="a", hook_point_out="b", act_fn="topk", top_k=2
     )
-    assert "not available for sae_type 'molt'" in feature_parallel_problem(molt, 2)
+    assert feature_parallel_problem(molt, 2) == "sae.rank_counts[2]=3 does not split into 2 equal shards"
+    assert feature_parallel_problem(molt.model_copy(update={"rank_counts": {1: 4, 2: 4}, "d_sae": 8}), 2) is None
     sae = SAEConfig.model_validate({**_sae("topk"), "d_sae": 1000})
     assert feature_parallel_problem(sae, 3) == "sae.d_sae=1000 does not split into 3 equal feature shards"

@@ -27,6 +27,14 @@ from lm_saes_core.models import (
     SparseDictionary,
     load_sparse_dictionary,
 )
+from lm_saes_core.models.feature_parallel import (
+    FeatureShards,
+    analysed_feature_index,
+    join_parts,
+    shard_features,
+    shard_model,
+    whole_feature_index,
+)
 from lm_saes_core.runners.train import TrainMOLTSettings, train_molt
 from lm_saes_core.training import Initializer, InitializerConfig, Trainer, TrainerConfig, find_latest_checkpoint
 
@@ -290,6 +298,60 @@ def test_save_load_gives_identical_outputs(tmp_path, act_fn):
     torch.testing.assert_close(
         load_sparse_dictionary(tmp_path / "unfolded", fold_activation_scale=True).reconstruct(raw)[OUT], expected
     )
+
+
+# ------------------------------------------------------------------ feature shards (no collectives)
+
+
+def test_a_feature_shard_holds_half_of_every_rank_and_the_halves_make_the_whole(tmp_path):
+    """Shard m of 2 holds transforms m n_r / 2 ... (m + 1) n_r / 2 - 1 of every rank r: their columns of W_E, b_E,
+    thresholds, U and V. Its features are those of the whole at their whole indices (the same activations; the
+    partial decodes sum to the whole's); the shards' tensors put back in whole order are the whole's, bit for bit;
+    and a shard read from a saved file (one slice per rank, folded on load) is the one split from the whole."""
+    cfg = molt_config("jumprelu", norm_activation="dataset-wise")  # rank_counts {1: 6, 2: 4, 4: 2}
+    saved = randomised(cfg)
+    with torch.no_grad():
+        saved.activation_function.log_jumprelu_threshold.copy_(torch.linspace(-3.0, -1.0, cfg.d_sae))
+    saved.set_dataset_average_activation_norm({IN: 2.0, OUT: 5.0})
+    path = saved.save_pretrained(tmp_path / "molt", fold_activation_scale=False)
+    whole = MixtureOfLinearTransforms.from_pretrained(path, fold_activation_scale=True)
+    x = whole.prepare(batch(cfg)).input
+    f = whole.encode(x)
+    whole_sum = whole._decode_rows(x, f, None, features_only=True)
+    expected = [[0, 1, 2, 6, 7, 10], [3, 4, 5, 8, 9, 11]]
+    shards = [shard_model(whole, FeatureShards(rank, 2, group=None, world=None)) for rank in range(2)]
+    partial_sum = torch.zeros_like(whole_sum)
+    for rank, shard in enumerate(shards):
+        index = whole_feature_index(rank, 2, shard.cfg.d_sae, shard.feature_blocks())
+        assert index.tolist() == expected[rank] == analysed_feature_index(shard).tolist()
+        assert shard.cfg.rank_counts == {1: 3, 2: 2, 4: 1} and shard.whole_cfg.rank_counts == cfg.rank_counts
+        assert torch.equal(shard.W_E, whole.W_E[:, index]) and torch.equal(shard.b_E, whole.b_E[index])
+        assert torch.equal(dense_transforms(shard), dense_transforms(whole)[index])
+        threshold = shard.activation_function.log_jumprelu_threshold
+        assert torch.equal(threshold, whole.activation_function.log_jumprelu_threshold[index])
+        loaded = MixtureOfLinearTransforms.from_pretrained(
+            path, fold_activation_scale=True, shards=FeatureShards(rank, 2, None, None)
+        )
+        for name, tensor in shard.state_dict().items():
+            assert torch.equal(loaded.state_dict()[name], tensor), name
+            assert loaded.state_dict()[name].untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        shard.feature_shards = None  # alone: its own partial sum, not summed over shards
+        torch.testing.assert_close(shard.encode(x), f[:, index], rtol=1e-12, atol=1e-12)
+        partial_sum += shard._decode_rows(x, f[:, index], None, features_only=True)
+    torch.testing.assert_close(partial_sum, whole_sum, rtol=1e-12, atol=1e-12)
+    axes = whole.feature_axes()
+    assert set(axes) == {"W_E", "b_E", "activation_function.log_jumprelu_threshold"} | {
+        f"{m}_matrices.{r}" for m in "UV" for r in (1, 2, 4)
+    }
+    for name, tensor in whole.state_dict().items():
+        parts = [shard.state_dict()[name] for shard in shards]
+        if name in axes:
+            parts = [join_parts(parts, axes[name], shards[0].feature_blocks(name))]
+        assert all(torch.equal(part, tensor) for part in parts), name
+    counters = torch.arange(cfg.d_sae, dtype=torch.float32)  # a per-feature vector: its value is its index
+    for rank, shard in enumerate(shards):
+        part = shard_features(counters, (cfg.d_sae,), FeatureShards(rank, 2, None, None), shard.feature_blocks())
+        assert part.tolist() == expected[rank]
 
 
 # ------------------------------------------------------------------ the generic initializer and trainer

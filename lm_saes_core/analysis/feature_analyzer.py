@@ -44,6 +44,7 @@ from lm_saes_core.config import BaseConfig
 from lm_saes_core.models.base import SparseDictionary
 from lm_saes_core.models.clt import CrossLayerTranscoder
 from lm_saes_core.models.crosscoder import CrossCoder
+from lm_saes_core.models.feature_parallel import analysed_feature_index
 from lm_saes_core.models.sparse_coder import SparseCoder
 from lm_saes_core.store.records import FeatureAnalysis, FeatureSamples
 
@@ -180,13 +181,17 @@ class ContextBatch:
         return ContextBatch(*(getattr(self, name)[:n_rows] for name in self.__dataclass_fields__))
 
 
-def context_priority(context_ids: Tensor, n_features: int, seed: int, first_feature: int = 0) -> Tensor:
+def context_priority(context_ids: Tensor, n_features: int, seed: int, feature_index: Tensor | None = None) -> Tensor:
     """(B, F) float32 in [0, 1): a fixed pseudo-random priority per (context, feature), so a draw depends on the
     stream order and the seed, not on how the stream was batched (nor on how the features are split into shards:
-    a shard's features are `first_feature` ...). lowbias32-style mixing on 32-bit values held in
-    int64 (products may wrap; only their low 32 bits are kept, and those are exact)."""
+    `feature_index` (F,) gives a shard's features their indices in the whole dictionary; None: 0 ... F - 1).
+    lowbias32-style mixing on 32-bit values held in int64 (products may wrap; only their low 32 bits are kept, and
+    those are exact)."""
     mask32 = 0xFFFFFFFF
-    features = torch.arange(first_feature, first_feature + n_features, device=context_ids.device, dtype=torch.int64)
+    if feature_index is None:
+        features = torch.arange(n_features, device=context_ids.device, dtype=torch.int64)
+    else:
+        features = feature_index.to(context_ids.device, torch.int64)
     x = (context_ids[:, None] & mask32) * 0x9E3779B1 + features[None, :] * 0x85EBCA77 + (seed & mask32) * 0xC2B2AE3D
     x = x & mask32
     for shift, multiplier in ((16, 0x7FEB352D), (15, 0x846CA68B)):
@@ -400,12 +405,13 @@ class FeatureAnalysisState:
         n_features: int,
         context_size: int,
         device: torch.device,
-        first_feature: int = 0,
+        feature_index: Tensor | None = None,
     ):
-        """`first_feature`: the index of the first of these features in the dictionary (a shard's are a slice)."""
+        """`feature_index` (F,): these features' indices in the dictionary (a shard's are a part of them; None: all
+        of them, in order)."""
         self.cfg = cfg
         self.n_features = n_features
-        self.first_feature = first_feature
+        self.feature_index = feature_index
         self.device = device
         self.act_times = torch.zeros(n_features, dtype=torch.int64, device=device)
         self.sum_acts = torch.zeros(n_features, dtype=torch.float64, device=device)
@@ -459,7 +465,7 @@ class FeatureAnalysisState:
             [NON_ACTIVATING_POOL] if self.pools[NON_ACTIVATING_POOL].capacity else []
         )
         if random_pools:
-            draw = context_priority(context_ids, self.n_features, self.cfg.seed, self.first_feature)  # (B, F)
+            draw = context_priority(context_ids, self.n_features, self.cfg.seed, self.feature_index)  # (B, F)
         for name in random_pools:
             pool = self.pools[name]
             if name == NON_ACTIVATING_POOL:
@@ -566,6 +572,7 @@ class FeatureAnalyzer:
         was_training = sae.training
         sae.eval()
         shards = sae.feature_shards
+        feature_index = None if shards is None else analysed_feature_index(sae)
         try:
             analyses = self.analyze_features(
                 stream,
@@ -575,7 +582,7 @@ class FeatureAnalyzer:
                 analysis_name=analysis_name,
                 progress=progress,
                 z_patterns=z_pattern_recorder(sae),  # a Lorsa's top contexts: see analysis/z_patterns.py
-                first_feature=0 if shards is None else shards.rank * sae.n_analysed_features,
+                feature_index=feature_index,
             )
         finally:
             sae.train(was_training)
@@ -585,8 +592,12 @@ class FeatureAnalyzer:
                 analysis.decoder_norms, analysis.decoder_cosines, analysis.location = location
         if shards is not None:  # every shard analysed its own features: the whole list, in feature order, everywhere
             parts = [None] * shards.size
-            torch.distributed.all_gather_object(parts, analyses, group=shards.group)
-            analyses = [analysis for part in parts for analysis in part]
+            torch.distributed.all_gather_object(parts, (feature_index.tolist(), analyses), group=shards.group)
+            whole: list = [None] * sum(len(part) for _, part in parts)
+            for indices, part in parts:
+                for index, analysis in zip(indices, part, strict=True):
+                    whole[index] = analysis
+            analyses = whole
         return analyses
 
     @torch.no_grad()
@@ -600,7 +611,7 @@ class FeatureAnalyzer:
         analysis_name: str = "default",
         progress: bool = True,
         z_patterns: ZPatternRecorder | None = None,
-        first_feature: int = 0,
+        feature_index: Tensor | None = None,
     ) -> list[FeatureAnalysis]:
         """The analysis of any dictionary: `encode` maps a 2-D item (restricted to the contexts being analysed) to
         feature activations (B, S, F); the rest (budget, masks, statistics, pools) is shared. `z_patterns` (a Lorsa)
@@ -621,7 +632,7 @@ class FeatureAnalyzer:
                 feature_acts = encode(item)
                 if state is None:
                     state = FeatureAnalysisState(self.cfg, n_features, batch.tokens.shape[1], feature_acts.device,
-                                                 first_feature)  # fmt: skip
+                                                 feature_index)  # fmt: skip
                 before = state.n_analyzed_tokens
                 state.update(feature_acts, _to_device(batch, feature_acts.device))
                 if z_patterns is not None:  # the batch's contexts are ids n_contexts - len(batch) ... n_contexts - 1

@@ -127,6 +127,12 @@ class SparseDictionary(nn.Module):
 
         raise ConfigError(f"model_parallel_size > 1: {feature_parallel_problem(self.cfg, 2)}")
 
+    def feature_blocks(self, name: str | None = None) -> tuple[int, ...] | None:
+        """How a shard holds the feature axis of state tensor `name` (None: the features themselves, as per-feature
+        vectors and the analysis number them): None, one slice; else the widths of this dictionary's blocks of it, a
+        shard's being its slice of each of the whole's blocks (a MOLT's ranks, which every shard shares)."""
+        return None
+
     @property
     def whole_d_sae(self) -> int:
         """d_sae of the whole dictionary (a shard's `cfg.d_sae` is its part)."""
@@ -334,11 +340,15 @@ class SparseDictionary(nn.Module):
         norm = batch[hook].to(self.cfg.dtype).norm(dim=-1, keepdim=True).clamp(min=1e-12)
         return math.sqrt(self._widths()[hook]) / norm
 
+    stacks_one_hook = False
+    """Whether a single hook still gets the hooks' axis (dim -2): a kind whose rows are (hooks, width) whatever
+    their number (a crosscoder, whose head ranks may hold one head each)."""
+
     def _stacked_scale(self, batch: Batch, hooks: list[str], cache: dict[str, Tensor]) -> Tensor:
         for hook in hooks:
             if hook not in cache:
                 cache[hook] = self.scale_factor(batch, hook)
-        if len(hooks) == 1:
+        if len(hooks) == 1 and not self.stacks_one_hook:
             return cache[hooks[0]]
         return torch.stack([cache[hook].reshape(cache[hook].shape or (1,)) for hook in hooks], dim=-2)
 
@@ -352,7 +362,7 @@ class SparseDictionary(nn.Module):
         for hook in hooks:
             if hook not in batch:
                 raise KeyError(f"the batch has no activations for hook point {hook!r}; it has {sorted(batch)}")
-        if len(hooks) == 1:
+        if len(hooks) == 1 and not self.stacks_one_hook:
             return batch[hooks[0]].to(self.cfg.dtype)
         return torch.stack([batch[hook].to(self.cfg.dtype) for hook in hooks], dim=-2)
 
@@ -707,7 +717,8 @@ def read_weights(
         from lm_saes_core.models.feature_parallel import read_shard
 
         with safe_open(str(weights_file), framework="pt", device=str(model.device)) as handle:
-            return {renamed.get(n, n): read_shard(handle, n, axes.get(renamed.get(n, n)), shards)
+            return {renamed.get(n, n): read_shard(handle, n, axes.get(renamed.get(n, n)), shards,
+                                                  model.feature_blocks(renamed.get(n, n)))
                     for n in handle.keys() if renamed.get(n, n) in expected}  # noqa: SIM118  # fmt: skip
     tensors = load_file(str(weights_file), device=str(model.device))
     tensors = {renamed.get(name, name): tensor for name, tensor in tensors.items()}

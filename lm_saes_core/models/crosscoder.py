@@ -23,6 +23,8 @@ from lm_saes_core.models import kernels
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
 from lm_saes_core.models.base import Batch
 from lm_saes_core.models.config import SparseDictionaryConfig
+from lm_saes_core.models.head_parallel import HeadShards
+from lm_saes_core.models.losses import LossCoefficients, LossOutput, PowerPenalty
 from lm_saes_core.models.sparse_coder import Sparse, SparseCoder
 
 
@@ -59,9 +61,17 @@ class CrossCoderConfig(SparseDictionaryConfig):
         return [(hook, self.d_model, "d_model") for hook in self.heads]
 
 
+MEAN_OVER_HEADS = ("mse_loss", "aux_loss")
+"""Loss terms that are means over the heads (the others sum over them): a head rank's part is its heads' sum."""
+
+
 class CrossCoder(SparseCoder):
     config_class = CrossCoderConfig
     cfg: CrossCoderConfig
+
+    stacks_one_hook = True
+    head_shards: HeadShards | None = None
+    """Set on one head rank of a head-parallel crosscoder (`head_parallel.shard_heads`): `cfg.heads` are its heads."""
 
     def __init__(self, cfg: CrossCoderConfig):
         super().__init__(cfg)
@@ -79,6 +89,40 @@ class CrossCoder(SparseCoder):
     @property
     def n_analysed_features(self) -> int:
         return self.cfg.d_sae  # a feature's activation is its heads' largest
+
+    @property
+    def metric_groups(self) -> list[str]:
+        return list(self.cfg.heads) if self.head_shards is not None else super().metric_groups
+
+    def _use_sparse_kernels(self, k: int) -> bool:
+        # The sparse path's encoder gradient reads the selections of every head; a head rank sees its own only.
+        return self.head_shards is None and super()._use_sparse_kernels(k)
+
+    def whole_count(self, flags: Tensor) -> int:
+        count = super().whole_count(flags)
+        if self.head_shards is None:
+            return count
+        return int(self.head_shards.sum(torch.tensor(count)))
+
+    def compute_loss(
+        self, batch: Batch, coefficients: LossCoefficients | None = None, dead_latents: Tensor | None = None
+    ) -> LossOutput:
+        """On a head rank: its heads' part of every term (a mean over heads counts them out of all the heads), whose
+        sum over the ranks is the whole loss; each term's value is logged as the whole's."""
+        heads = self.head_shards
+        penalty = getattr(coefficients, "penalty", None)
+        if heads is not None and isinstance(penalty, PowerPenalty) and penalty.p != 1:
+            # ||f * n||_p over every head does not split into the heads' parts
+            raise ValueError(f"head parallelism needs p=1 for sparsity_loss_type 'power', not p={penalty.p}")
+        out = super().compute_loss(batch, coefficients, dead_latents)
+        if heads is None:
+            return out
+        names = list(out.terms)
+        parts = [out.terms[n] / heads.size if n in MEAN_OVER_HEADS else out.terms[n] for n in names]
+        wholes = heads.sum(torch.stack([part.detach() for part in parts])).unbind()
+        out.terms = {n: p + (w - p).detach() for n, p, w in zip(names, parts, wholes, strict=True)}
+        out.loss = sum(out.terms.values())
+        return out
 
     # ---------------------------------------------------------------- parameters and norms
 
@@ -121,9 +165,12 @@ class CrossCoder(SparseCoder):
         copy of a feature: up to H times as many)."""
         stats = super().group_statistics(label, reconstructed, feature_acts)
         active = (feature_acts.reshape(-1, *self.feature_shape) > 0).any(1)  # (N, F)
-        firing = active.sum(0).float()  # (F,)
         norms = self.decoder_norm().float()  # (H, F)
-        share = norms / norms.sum(0).clamp(min=1e-12)
+        total = norms.sum(0)
+        if self.head_shards is not None:  # over every head rank's heads
+            active, total = self.head_shards.any(active), self.head_shards.sum(total)
+        firing = active.sum(0).float()  # (F,)
+        share = norms / total.clamp(min=1e-12)
         sums = torch.cat([share @ firing, firing.sum()[None]])  # (H + 1,): sums over features
         if self.feature_shards is not None:
             sums = self.feature_shards.sum(sums)
@@ -175,6 +222,8 @@ class CrossCoder(SparseCoder):
         the stacked encoders, plus the summed biases."""
         n, H, D = x.shape
         shared = torch.addmm(self.b_E.sum(0), x.reshape(n, H * D), self.W_E.reshape(H * D, -1))
+        if self.head_shards is not None:  # this rank's heads' part of the sum over every head
+            shared = self.head_shards.sum_partial(shared)
         return shared[:, None, :].expand(-1, H, -1)
 
     def _gather(self, x: Tensor, hidden_pre: Tensor, group: int, selection: kernels.Selection) -> Tensor:

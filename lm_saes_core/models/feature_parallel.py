@@ -14,6 +14,10 @@ Why local shards rather than DTensor: the sparse TopK kernels (embedding_bag, sp
 DTensor implementations, and a local shard of a kind is the kind itself, so every kernel, loss and test of the
 one-process code holds on a shard unchanged. A kind opts in by naming the feature axis of each tensor
 (`SparseDictionary.feature_axes`).
+
+A shard's part of a feature axis is one slice unless the kind numbers its features in blocks that every shard must
+share (a MOLT's ranks: each shard holds 1/size of every rank's transforms); then it is its slice of each block, in
+block order (`SparseDictionary.feature_blocks`, `shard_part`, `join_parts`).
 """
 
 from dataclasses import dataclass
@@ -62,11 +66,11 @@ class FeatureShards:
         dist.all_reduce(total, group=self.group)
         return total
 
-    def gather(self, tensor: Tensor, dim: int) -> Tensor:
-        """Every shard's `tensor` concatenated along `dim` (no gradient): a feature axis made whole."""
+    def gather(self, tensor: Tensor, dim: int, blocks: tuple[int, ...] | None = None) -> Tensor:
+        """Every shard's `tensor` joined along `dim` (no gradient): a feature axis made whole (`join_parts`)."""
         parts = [torch.empty_like(tensor) for _ in range(self.size)]
         dist.all_gather(parts, tensor.detach().contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        return join_parts(parts, dim, blocks)
 
     def row_kth(self, candidates: Tensor, k: int) -> Tensor:
         """(N,): per row, the k-th largest of every shard's `candidates` (N, c) together; each shard sends its own
@@ -98,18 +102,54 @@ class FeatureShards:
 
     # ---------------------------------------------------------------- shards of whole tensors
 
-    def local_slice(self, tensor: Tensor, dim: int) -> Tensor:
-        """This shard's part of a whole tensor along `dim` (which the shard count must divide)."""
-        width = tensor.shape[dim]
-        if width % self.size:
-            raise ValueError(f"a feature axis of {width} does not split into {self.size} equal shards")
-        step = width // self.size
-        return tensor.narrow(dim, self.rank * step, step)
+    def local_slice(self, tensor: Tensor, dim: int, blocks: tuple[int, ...] | None = None) -> Tensor:
+        """This shard's part of a whole tensor along `dim` (`shard_part`)."""
+        return shard_part(tensor, dim, self.rank, self.size, blocks)
 
 
-FEATURE_PARALLEL_KINDS = ("sae", "crosscoder", "clt", "lorsa")
-"""The kinds whose features split over shards today: SAEs, transcoders, crosscoders, CLTs and Lorsa (MOLT numbers
-its features by rank, so a shard's would not be one slice of every tensor)."""
+def shard_part(tensor: Tensor, dim: int, rank: int, size: int, blocks: tuple[int, ...] | None = None) -> Tensor:
+    """Shard `rank` of `size`'s part of a whole tensor along `dim`: one slice (a view), or, with `blocks` (the widths
+    of a shard's blocks; the whole's are `size` times wider), its slice of each of the whole's blocks, concatenated."""
+    width = tensor.shape[dim]
+    if blocks is None:
+        if width % size:
+            raise ValueError(f"a feature axis of {width} does not split into {size} equal shards")
+        step = width // size
+        return tensor.narrow(dim, rank * step, step)
+    if width != sum(blocks) * size:
+        raise ValueError(f"a feature axis of {width} is not {size} shards of blocks {list(blocks)}")
+    parts, start = [], 0
+    for block in blocks:
+        parts.append(tensor.narrow(dim, start + rank * block, block))
+        start += block * size
+    return torch.cat(parts, dim)
+
+
+def join_parts(parts: list[Tensor], dim: int, blocks: tuple[int, ...] | None = None) -> Tensor:
+    """The whole tensor of every shard's part (in rank order) along `dim`: what `shard_part` split, put back."""
+    if blocks is None:
+        return torch.cat(parts, dim=dim)
+    pieces = [part.split(list(blocks), dim) for part in parts]
+    return torch.cat([piece[b] for b in range(len(blocks)) for piece in pieces], dim=dim)
+
+
+def whole_feature_index(rank: int, size: int, width: int, blocks: tuple[int, ...] | None = None) -> Tensor:
+    """(width,): the whole dictionary's index of each of shard `rank`'s `width` features (a shard's d_sae)."""
+    return shard_part(torch.arange(width * size), 0, rank, size, blocks)
+
+
+def analysed_feature_index(local) -> Tensor:
+    """(n_analysed_features,): the whole dictionary's index of each feature a shard analyses, numbered as the
+    whole's analysis numbers them (features of a kind's groups, e.g. a CLT's layers, one group after another)."""
+    shards: FeatureShards = local.feature_shards
+    width = local.cfg.d_sae
+    own = whole_feature_index(shards.rank, shards.size, width, local.feature_blocks())
+    groups = torch.arange(local.n_analysed_features // width)
+    return (groups[:, None] * width * shards.size + own).reshape(-1)
+
+
+FEATURE_PARALLEL_KINDS = ("sae", "crosscoder", "clt", "lorsa", "molt")
+"""The kinds whose features split over shards: SAEs, transcoders, crosscoders, CLTs, Lorsa and MOLT."""
 
 
 def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
@@ -119,6 +159,9 @@ def feature_parallel_problem(cfg, model_parallel_size: int) -> str | None:
     if cfg.sae_type not in FEATURE_PARALLEL_KINDS:
         return (f"feature parallelism is not available for sae_type {cfg.sae_type!r} yet (it is for "
                 f"{', '.join(map(repr, FEATURE_PARALLEL_KINDS))})")  # fmt: skip
+    for rank, count in getattr(cfg, "rank_counts", {}).items():  # a MOLT's shard holds a part of every rank
+        if count % model_parallel_size:
+            return f"sae.rank_counts[{rank}]={count} does not split into {model_parallel_size} equal shards"
     if cfg.d_sae % model_parallel_size:
         return f"sae.d_sae={cfg.d_sae} does not split into {model_parallel_size} equal feature shards"
     if getattr(cfg, "n_qk_heads", 0) % model_parallel_size:
@@ -142,15 +185,16 @@ def shard_model(model, shards: FeatureShards):
     local = type(model)(local_config(cfg, shards.size))
     axes = model.feature_axes()
     state = {
-        name: (shards.local_slice(tensor, axes[name]) if name in axes else tensor).clone()
+        name: (shards.local_slice(tensor, axes[name], local.feature_blocks(name)) if name in axes else tensor).clone()
         for name, tensor in model.state_dict().items()
     }
     local.load_state_dict(state)
     if cfg.dataset_average_activation_norm is not None:
         local.set_dataset_average_activation_norm(cfg.dataset_average_activation_norm)
-    local.current_k = model.current_k
     local.train(model.training)
-    return attach_shards(local, shards, cfg)
+    attach_shards(local, shards, cfg)
+    local.current_k = model.current_k  # checked against the whole's d_sae, which the shard knows once attached
+    return local
 
 
 def attach_shards(local, shards: FeatureShards, whole_cfg):
@@ -163,17 +207,22 @@ def attach_shards(local, shards: FeatureShards, whole_cfg):
     return local
 
 
-def read_shard(handle, name: str, axis: int | None, shards: FeatureShards) -> Tensor:
-    """Tensor `name` of an open safetensors file: this shard's slice along `axis` (read alone, not the whole
-    tensor), or the whole tensor when it has no feature axis."""
+def read_shard(
+    handle, name: str, axis: int | None, shards: FeatureShards, blocks: tuple[int, ...] | None = None
+) -> Tensor:
+    """Tensor `name` of an open safetensors file: this shard's part along `axis` (its slice, or its slice of each of
+    `blocks` concatenated: read alone, not the whole tensor), or the whole tensor when it has no feature axis."""
     if axis is None:
         return handle.get_tensor(name)
     view = handle.get_slice(name)
     shape = view.get_shape()
-    width = shape[axis] // shards.size
-    index = tuple(slice(shards.rank * width, (shards.rank + 1) * width) if d == axis else slice(None)
-                  for d in range(len(shape)))  # fmt: skip
-    return view[index]
+    blocks = blocks if blocks is not None else (shape[axis] // shards.size,)
+    parts, start = [], 0
+    for width in blocks:
+        begin = start + shards.rank * width
+        parts.append(view[tuple(slice(begin, begin + width) if d == axis else slice(None) for d in range(len(shape)))])
+        start += width * shards.size
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=axis)
 
 
 def gather_model(local):
@@ -182,7 +231,7 @@ def gather_model(local):
     whole = type(local)(local.whole_cfg)
     axes = local.feature_axes()
     state = {
-        name: (shards.gather(tensor, axes[name]) if name in axes else tensor.detach().clone())
+        name: shards.gather(tensor, axes[name], local.feature_blocks(name)) if name in axes else tensor.detach().clone()
         for name, tensor in local.state_dict().items()
     }
     whole.load_state_dict(state)
@@ -203,41 +252,58 @@ def local_config(cfg, size: int):
 # ---------------------------------------------------------------- optimiser and per-feature state
 
 
-def optimizer_axes(local, optimizer: torch.optim.Optimizer) -> list[int | None]:
+Axis = int | tuple[int, tuple[int, ...]]
+"""A sharded tensor's feature axis: its dim, or (dim, the blocks of a shard's part of it) for a kind that has blocks
+(`SparseDictionary.feature_blocks`)."""
+
+
+def optimizer_axes(local, optimizer: torch.optim.Optimizer) -> list[Axis | None]:
     """The feature axis of each parameter in the optimiser's order (None: replicated)."""
     names = {id(p): name for name, p in local.named_parameters()}
     axes = local.feature_axes()
-    return [axes.get(names[id(p)]) for group in optimizer.param_groups for p in group["params"]]
+
+    def axis(name: str) -> Axis | None:
+        blocks = local.feature_blocks(name) if name in axes else None
+        return axes.get(name) if blocks is None else (axes[name], blocks)
+
+    return [axis(names[id(p)]) for group in optimizer.param_groups for p in group["params"]]
 
 
-def _map_optimizer_state(state: dict, axes: list[int | None], change) -> dict:
-    """The optimiser state dict with `change(tensor, axis)` applied to every per-parameter tensor of a sharded
-    parameter (Adam's moments; a scalar step count has no feature axis)."""
+def _map_optimizer_state(state: dict, axes: list[Axis | None], change) -> dict:
+    """The optimiser state dict with `change(tensor, dim)` (or `change(tensor, dim, blocks)`) applied to every
+    per-parameter tensor of a sharded parameter (Adam's moments; a scalar step count has no feature axis)."""
     mapped = {}
     for index, entries in state["state"].items():
         axis = axes[index]
+        args = (axis,) if isinstance(axis, int) else axis
         mapped[index] = {
-            key: change(value, axis) if axis is not None and isinstance(value, Tensor) and value.ndim > 0 else value
+            key: change(value, *args) if axis is not None and isinstance(value, Tensor) and value.ndim > 0 else value
             for key, value in entries.items()
         }
     return {"state": mapped, "param_groups": state["param_groups"]}
 
 
-def gather_optimizer_state(state: dict, axes: list[int | None], shards: FeatureShards) -> dict:
+def gather_optimizer_state(state: dict, axes: list[Axis | None], shards: FeatureShards) -> dict:
     """A shard's optimiser state made whole (collective: every shard calls it)."""
     return _map_optimizer_state(state, axes, shards.gather)
 
 
-def shard_optimizer_state(state: dict, axes: list[int | None], shards: FeatureShards) -> dict:
+def shard_optimizer_state(state: dict, axes: list[Axis | None], shards: FeatureShards) -> dict:
     """This shard's part of a whole optimiser state."""
-    return _map_optimizer_state(state, axes, lambda value, axis: shards.local_slice(value, axis).clone())
+    return _map_optimizer_state(state, axes, lambda value, *axis: shards.local_slice(value, *axis).clone())
 
 
-def gather_features(values: Tensor, feature_shape: tuple[int, ...], shards: FeatureShards) -> Tensor:
-    """A per-feature vector (flattened over a shard's `feature_shape`) made whole, still flattened."""
-    return shards.gather(values.reshape(feature_shape), dim=-1).reshape(-1)
+def gather_features(
+    values: Tensor, feature_shape: tuple[int, ...], shards: FeatureShards, blocks: tuple[int, ...] | None = None
+) -> Tensor:
+    """A per-feature vector (flattened over a shard's `feature_shape`; `blocks`: its `feature_blocks()`) made
+    whole, still flattened."""
+    return shards.gather(values.reshape(feature_shape), -1, blocks).reshape(-1)
 
 
-def shard_features(values: Tensor, whole_shape: tuple[int, ...], shards: FeatureShards) -> Tensor:
-    """This shard's part of a whole per-feature vector (flattened over `whole_shape`)."""
-    return shards.local_slice(values.reshape(whole_shape), -1).reshape(-1).clone()
+def shard_features(
+    values: Tensor, whole_shape: tuple[int, ...], shards: FeatureShards, blocks: tuple[int, ...] | None = None
+) -> Tensor:
+    """This shard's part of a whole per-feature vector (flattened over `whole_shape`; `blocks`: the shard's
+    `feature_blocks()`)."""
+    return shards.local_slice(values.reshape(whole_shape), -1, blocks).reshape(-1).clone()

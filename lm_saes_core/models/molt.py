@@ -29,6 +29,10 @@ A feature has no output direction (what it writes, U_i V_i x, turns with the inp
 attribution: `output_directions` raises `NoOutputDirectionsError` (the base's, so the DLA runner refuses a MOLT from
 its config, before loading anything).
 
+Split by features over M model shards (`model_parallel_size`; every count of `rank_counts` divisible by M), a shard
+holds n_r / M transforms of every rank r, so it is a MOLT of the same ranks; its features are a slice of each rank's
+block of the whole's numbering (`feature_blocks`), and its partial sums of the decode are summed over the shards.
+
 Folding the dataset-wise scales c_in, c_out: b_E /= c_in, b_D /= c_out, and U, V *= c_in / sqrt(c_out): a transform
 carries c_in^2 / c_out, one c_in for the activations (which become f / c_in) and one for the x it is applied to. (The
 reference system scales U, V by sqrt(c_in / c_out), which leaves the x factor out.)
@@ -110,6 +114,10 @@ class MOLTConfig(SparseDictionaryConfig):
         object.__setattr__(self, "expansion_factor", None)
         return self
 
+    def shard_fields(self, size: int) -> dict:
+        """A feature shard holds 1/size of every rank's transforms (so it is a MOLT of the same ranks)."""
+        return {"rank_counts": {rank: count // size for rank, count in self.rank_counts.items()}}
+
     @property
     def hooks_in(self) -> list[str]:
         return [self.hook_point_in]
@@ -148,6 +156,22 @@ class MixtureOfLinearTransforms(SparseCoder):
         for rank, count in self.cfg.rank_counts.items():
             yield rank, start, self.U_matrices[str(rank)], self.V_matrices[str(rank)]
             start += count
+
+    # ---------------------------------------------------------------- feature parallelism
+
+    def feature_axes(self) -> dict[str, int]:
+        axes = {"W_E": 1, "b_E": 0}
+        axes |= {f"{name}.{r}": 0 for name in ("U_matrices", "V_matrices") for r in self.cfg.rank_counts}
+        if self.cfg.act_fn == "jumprelu":
+            axes["activation_function.log_jumprelu_threshold"] = 0
+        return axes
+
+    def feature_blocks(self, name: str | None = None) -> tuple[int, ...] | None:
+        """Features are numbered by rank, and a shard holds a part of every rank: of the tensors over all features
+        (W_E, b_E, thresholds, per-feature vectors) its slice of each rank's block; one rank's U or V is one slice."""
+        if name is not None and name.startswith(("U_matrices.", "V_matrices.")):
+            return None
+        return tuple(self.cfg.rank_counts.values())
 
     # ---------------------------------------------------------------- parameters and norms
 
@@ -232,12 +256,15 @@ class MixtureOfLinearTransforms(SparseCoder):
         token), and `molt_metrics/total_rank_sum` (the ranks of the active transforms summed per token, i.e.
         sum_r r * l0_rank{r}: the rank of the token's whole transform at most)."""
         frequency = (feature_acts.reshape(-1, self.cfg.d_sae) > 0).float().mean(0)  # (F,) active share of tokens
+        counts = self.cfg.rank_counts
+        l0 = torch.stack([frequency[start : start + U.shape[0]].sum() for _, start, U, _ in self.rank_groups()])
+        if self.feature_shards is not None:  # a shard's transforms are a part of each rank's
+            l0, counts = self.feature_shards.sum(l0), self.whole_cfg.rank_counts
         stats, total = {}, frequency.new_zeros(())
-        for rank, start, U, _ in self.rank_groups():
-            l0 = frequency[start : start + U.shape[0]].sum()
-            stats[f"molt_metrics/l0_rank{rank}"] = l0
-            stats[f"molt_metrics/l0_rank{rank}_ratio"] = l0 / U.shape[0]
-            total = total + rank * l0
+        for (rank, count), value in zip(counts.items(), l0.unbind(), strict=True):
+            stats[f"molt_metrics/l0_rank{rank}"] = value
+            stats[f"molt_metrics/l0_rank{rank}_ratio"] = value / count
+            total = total + rank * value
         stats["molt_metrics/total_rank_sum"] = total
         return stats
 
@@ -272,6 +299,7 @@ class MixtureOfLinearTransforms(SparseCoder):
             rows, cols = f.nonzero(as_tuple=True)  # row-major: sorted by row
             sparse = [(kernels.Selection(rows, cols, kernels.row_offsets(rows, f.shape[0])), f[rows, cols])]
         y = self._apply_selected(x, *sparse[0]) if sparse is not None else self._apply_all(x, f)
+        y = self.reduce_features(y)  # a shard's transforms add a part of the sum
         return y + self.b_D if self.b_D is not None and not features_only else y
 
     def _decode_sparsely(self, f: Tensor) -> bool:

@@ -55,8 +55,8 @@ class _AnalyzeSettings(BaseConfig):
     output_dir: str | None = None
     """Also write the analyses to `<output_dir>/<series>/<name>/<analysis>_analysis_<n>_features.npz`."""
     model_parallel_size: int = Field(default=1, ge=1)
-    """Processes (torchrun) that each analyse a slice of the features (SAEs and transcoders): the language model
-    runs on each, the dictionary is split by features, rank 0 records the whole analysis."""
+    """Processes (torchrun) that each analyse a part of the features: the language model runs on each, the
+    dictionary is split by features, rank 0 records the whole analysis (under the whole's feature indices)."""
 
 
 class AnalyzeSAESettings(_AnalyzeSettings):

@@ -76,6 +76,70 @@ def check_head_groups(factories: list[HeadGroupFactory]) -> None:
             producers[key] = index
 
 
+def check_head_parallel(factories: list[HeadGroupFactory], head_parallel_size: int, sae=None) -> None:
+    """Head rank h streams the h-th equal share of the factories, which must produce exactly the h-th equal share of
+    the crosscoder's heads (checked when `sae` is a config; saved weights are checked once loaded)."""
+    if head_parallel_size == 1:
+        return
+    if len(factories) % head_parallel_size:
+        raise ValueError(
+            f"head_parallel_size={head_parallel_size} does not split the {len(factories)} activation_factories into "
+            "equal shares (head rank h streams the h-th share)"
+        )
+    heads = getattr(sae, "heads", None)
+    if heads is None:
+        return
+    from lm_saes_core.models.head_parallel import head_parallel_problem
+
+    problem = head_parallel_problem(sae, head_parallel_size)
+    if problem is not None:
+        raise ValueError(f"head_parallel_size: {problem}")
+    per_rank, share = len(heads) // head_parallel_size, len(factories) // head_parallel_size
+    for rank in range(head_parallel_size):
+        keys = [key for factory in factories[rank * share : (rank + 1) * share] for key in factory.keys]
+        wanted = heads[rank * per_rank : (rank + 1) * per_rank]
+        if sorted(keys) != sorted(wanted):
+            raise ValueError(
+                f"head_parallel_size={head_parallel_size}: head rank {rank} streams activation_factories"
+                f"[{rank * share}:{(rank + 1) * share}], which produce {keys}, but its heads are {wanted}: order "
+                "sae.heads as the factories produce them, with as many heads per share"
+            )
+
+
+def heads_factories(factories: list[HeadGroupFactory], heads) -> list[HeadGroupFactory]:
+    """The factories head rank `heads.rank` streams (its equal share)."""
+    share = len(factories) // heads.size
+    return factories[heads.rank * share : (heads.rank + 1) * share]
+
+
+class InitWithEveryHead:
+    """A head rank's stream whose batches carry every head rank's hooks (gathered) until `initialized()`: the
+    dictionary is initialised whole, from the same batches on every rank, then each rank trains on its own hooks."""
+
+    def __init__(self, stream: Iterator[Item], heads) -> None:
+        self.stream, self.heads, self.gathering = stream, heads, True
+
+    def __iter__(self) -> "InitWithEveryHead":
+        return self
+
+    def __next__(self) -> Item:
+        batch = next(self.stream)
+        if not self.gathering:
+            return batch
+        merged = dict(batch)
+        for rank, part in enumerate(self.heads.gather_objects(batch)):
+            if "tokens" in batch and not _same_tokens(part["tokens"], batch["tokens"]):
+                raise ValueError(
+                    f"head rank {rank} read other tokens than head rank {self.heads.rank}: the head ranks' factories "
+                    "must read the same documents in the same order (same sources, seeds and buffer settings)"
+                )
+            merged |= {key: value for key, value in part.items() if key not in merged}
+        return merged
+
+    def initialized(self) -> None:
+        self.gathering = False
+
+
 def head_group_keys(factories: list[HeadGroupFactory]) -> dict[str, tuple[int, str]]:
     """key -> (index of the factory producing it, the hook it reads)."""
     return {factory.key(hook): (index, hook) for index, factory in enumerate(factories) for hook in factory.hook_points}

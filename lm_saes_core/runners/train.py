@@ -34,6 +34,7 @@ from lm_saes_core.models import (
 )
 from lm_saes_core.models.activation_functions import ACTIVATION_FUNCTIONS
 from lm_saes_core.models.feature_parallel import FeatureShards, feature_parallel_problem, require_feature_parallel
+from lm_saes_core.models.head_parallel import HeadShards, require_head_parallel
 from lm_saes_core.models.losses import SparsityLossType
 from lm_saes_core.runners.common import (
     activation_epochs,
@@ -44,15 +45,18 @@ from lm_saes_core.runners.common import (
 )
 from lm_saes_core.runners.head_groups import (
     HeadGroupFactory,
+    InitWithEveryHead,
     check_dictionary_fits_groups,
     check_head_groups,
+    check_head_parallel,
     check_model_configs,
+    heads_factories,
     load_head_groups,
     merged_stream,
 )
 from lm_saes_core.training.checkpoint import find_latest_checkpoint, read_run_settings
 from lm_saes_core.training.config import RUN_NEUTRAL_FIELDS, TrainerConfig
-from lm_saes_core.training.data_parallel import DataParallel, init_parallel
+from lm_saes_core.training.data_parallel import DataParallel, init_mesh
 from lm_saes_core.training.initializer import Initializer, InitializerConfig
 from lm_saes_core.training.run_log import LOG_FILE, RunLog, write_training_curves
 from lm_saes_core.training.trainer import Trainer, TrainResult
@@ -147,11 +151,15 @@ class _HeadGroupSettings(_StreamSettings):
     activation_factories: list[HeadGroupFactory] = Field(min_length=1)
     """One factory per group of heads, each with its hooks (prefixed by its `name`) and optionally its own model;
     their batches are merged row by row (see `runners.head_groups`)."""
+    head_parallel_size: int = Field(default=1, ge=1)
+    """Head ranks: the crosscoder's heads split over this many groups of processes (dp x hp x mp under torchrun),
+    head rank h streaming only the factories of its heads (the h-th equal share of `activation_factories`)."""
 
     @model_validator(mode="after")
     def _supported(self) -> "_HeadGroupSettings":
         self._check_layout()
         check_head_groups(self.activation_factories)
+        check_head_parallel(self.activation_factories, self.head_parallel_size, getattr(self, "sae", None))
         for index, factory in enumerate(self.activation_factories):
             try:
                 check_sources_configured(factory, factory.model or self.model, self.datasets)
@@ -163,9 +171,12 @@ class _HeadGroupSettings(_StreamSettings):
         return list(self.activation_factories)
 
     def open_stream(
-        self, sae_configs: list[SparseDictionaryConfig], data_parallel: DataParallel | None = None
+        self, sae_configs: list[SparseDictionaryConfig], data_parallel: DataParallel | None = None, heads=None
     ) -> Iterator[Item]:
         factories = self.activation_factories
+        if heads is not None:  # this head rank's factories, for its heads
+            factories = heads_factories(factories, heads)
+            sae_configs = [cfg.model_copy(update={"heads": heads.local_heads(cfg.heads)}) for cfg in sae_configs]
         for cfg in sae_configs:
             check_dictionary_fits_groups(cfg, factories)
         check_model_configs(factories, self.model, sae_configs)
@@ -292,14 +303,11 @@ class SweepSAESettings(_SourceSettings):
         paths = [item.trainer.exp_result_path for item in self.items]
         if len(set(paths)) != len(paths):
             raise field_error("items", f"items must write to distinct trainer.exp_result_path, got {paths}", paths)
-        for field in ("data_parallel_size", "model_parallel_size"):
-            if getattr(self, field) > 1:
-                raise field_error(
-                    field,
-                    "a sweep trains its items in threads of one process; train data- or model-parallel items one at "
-                    "a time with train_sae",
-                    getattr(self, field),
-                )
+        for index, item in enumerate(self.items):
+            if not isinstance(item.sae, PretrainedSAE):
+                problem = feature_parallel_problem(item.sae, self.model_parallel_size)
+                if problem is not None:
+                    raise field_error("model_parallel_size", f"items[{index}]: {problem}", self.model_parallel_size)
         return self
 
 
@@ -469,6 +477,7 @@ def _fit(
     line: int = 0,
     data_parallel: DataParallel | None = None,
     shards: FeatureShards | None = None,
+    heads: HeadShards | None = None,
 ) -> TrainResult:
     """Train and record the run in its output directory (rank 0 of a data-parallel launch writes; the others train)."""
     main = data_parallel is None or data_parallel.is_main
@@ -482,7 +491,7 @@ def _fit(
         (output / LOG_FILE).unlink(missing_ok=True)  # an earlier run's curves are not this run's
     run_log = RunLog(output, model.n_features, wandb_run) if main else None
     try:
-        result = Trainer(item.trainer, data_parallel, feature_shards=shards).fit(
+        result = Trainer(item.trainer, data_parallel, feature_shards=shards, head_shards=heads).fit(
             model,
             stream,
             wandb_run=run_log,
@@ -537,8 +546,9 @@ def _require_kind(cfg: SparseDictionaryConfig | PretrainedSAE, kind: str | None)
 def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | None = None) -> TrainResult:
     setup_logging()
     _require_kind(settings.sae, kind)
-    data_parallel, shards = init_parallel(
-        settings.data_parallel_size, settings.model_parallel_size, str(settings.sae.device)
+    head_parallel_size = getattr(settings, "head_parallel_size", 1)
+    data_parallel, shards, heads = init_mesh(
+        settings.data_parallel_size, head_parallel_size, settings.model_parallel_size, str(settings.sae.device)
     )
     dump = settings.model_dump(mode="json")
     previous = finished_run(Path(settings.trainer.exp_result_path), dump)
@@ -554,10 +564,15 @@ def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | Non
     if isinstance(settings, TrainSAESettings):
         check_whole_contexts(cfg, settings.activation_factory)  # saved weights are checked once their kind is known
     _check_loss(cfg, preloaded, settings.trainer)
-    stream = settings.open_stream([cfg], data_parallel)
+    require_head_parallel(cfg, head_parallel_size)
+    stream = settings.open_stream([cfg], data_parallel, *([heads] if heads is not None else []))
+    if heads is not None:  # the initializer reads every head's batches; training this rank's
+        stream = gathering = InitWithEveryHead(stream, heads)
     model, stream = _initialize(settings, stream, preloaded, resume_from)
+    if heads is not None:
+        gathering.initialized()
     require_feature_parallel(model.cfg, settings.model_parallel_size)  # saved weights are known by now
-    return _fit(settings, model, stream, resume_from, dump, 0, data_parallel, shards)
+    return _fit(settings, model, stream, resume_from, dump, 0, data_parallel, shards, heads)
 
 
 _END = object()
@@ -603,8 +618,14 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
     Items are initialised one after the other in this thread, each from the same first batches of the stream and
     its own seed, then trained concurrently, one thread each, so each item is the run `train_sae` would make. An item
     whose output directory holds a finished run with the same settings is reused, not trained (`reused=True`); when
-    all are, no stream is opened."""
+    all are, no stream is opened.
+
+    Under torchrun (data_parallel_size or model_parallel_size > 1) the items train one after the other on every
+    process, each exactly as `train_sae` would (the collectives of several items' steps in threads of one process
+    would interleave), each reading the stream again."""
     setup_logging()
+    if settings.data_parallel_size > 1 or settings.model_parallel_size > 1:
+        return [_train(settings.item_settings(index)) for index in range(len(settings.items))]
     dumps = [settings.item_settings(index).model_dump(mode="json") for index in range(len(settings.items))]
     results: list[TrainResult | BaseException | None] = [
         finished_run(Path(item.trainer.exp_result_path), dump) for item, dump in zip(settings.items, dumps, strict=True)

@@ -24,6 +24,7 @@ from lm_saes_core.config import ConfigError
 from lm_saes_core.models import kernels
 from lm_saes_core.models.base import SparseDictionary
 from lm_saes_core.models.feature_parallel import FeatureShards
+from lm_saes_core.models.head_parallel import HeadShards
 
 
 @dataclass(frozen=True)
@@ -97,17 +98,36 @@ def init_parallel(
 ) -> tuple[DataParallel | None, FeatureShards | None]:
     """This process's place in a `torchrun` launch of data_parallel_size x model_parallel_size processes: (its data
     replica or None, its feature shard or None). The process count is checked before any work."""
-    if model_parallel_size == 1:
-        return init_data_parallel(data_parallel_size, device), None
-    _check_world(data_parallel_size * model_parallel_size,
-                 f"data_parallel_size={data_parallel_size} x model_parallel_size={model_parallel_size}")  # fmt: skip
-    cuda = _init_process_group(device)
-    mesh = init_device_mesh("cuda" if cuda else "cpu", (data_parallel_size, model_parallel_size),
-                            mesh_dim_names=("data", "model"))  # fmt: skip
-    data_rank, model_rank = mesh.get_coordinate()
-    data = DataParallel(data_rank, data_parallel_size, mesh.get_group("data"), dist.get_rank())
-    shards = FeatureShards(model_rank, model_parallel_size, mesh.get_group("model"), None, data_parallel_size)
+    data, shards, _ = init_mesh(data_parallel_size, 1, model_parallel_size, device)
     return data, shards
+
+
+def init_mesh(
+    data_parallel_size: int, head_parallel_size: int, model_parallel_size: int, device: str
+) -> tuple[DataParallel | None, FeatureShards | None, HeadShards | None]:
+    """`init_parallel` with a crosscoder's heads split too: a (data, head, model) mesh of dp x hp x mp processes.
+    BatchTopK's threshold spans the data and model ranks of one head group (each group has its own heads)."""
+    if model_parallel_size == 1 and head_parallel_size == 1:
+        return init_data_parallel(data_parallel_size, device), None, None
+    sizes = (data_parallel_size, head_parallel_size, model_parallel_size)
+    layout = f"data_parallel_size={data_parallel_size} x model_parallel_size={model_parallel_size}"
+    if head_parallel_size > 1:
+        layout = layout.replace(" x ", f" x head_parallel_size={head_parallel_size} x ")
+    _check_world(data_parallel_size * head_parallel_size * model_parallel_size, layout)
+    cuda = _init_process_group(device)
+    mesh = init_device_mesh("cuda" if cuda else "cpu", sizes, mesh_dim_names=("data", "head", "model"))
+    data_rank, head_rank, model_rank = mesh.get_coordinate()
+    data = DataParallel(data_rank, data_parallel_size, mesh.get_group("data"), dist.get_rank())
+    shards = heads = None
+    if model_parallel_size > 1:
+        world = None
+        if head_parallel_size > 1:  # every process creates every group, in the same order
+            groups = [dist.new_group(mesh.mesh[:, h, :].flatten().tolist()) for h in range(head_parallel_size)]
+            world = groups[head_rank]
+        shards = FeatureShards(model_rank, model_parallel_size, mesh.get_group("model"), world, data_parallel_size)
+    if head_parallel_size > 1:
+        heads = HeadShards(head_rank, head_parallel_size, mesh.get_group("head"))
+    return data, shards, heads
 
 
 def _check_world(processes: int, layout: str) -> None:
