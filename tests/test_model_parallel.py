@@ -293,7 +293,7 @@ def test_evaluation_over_two_feature_shards_reports_what_one_process_reports(cac
             "sae": {"pretrained_name_or_path": str(sae_dir)}, "sae_name": name, "model": {"model_name": "smollm2-135m"},
             "activation_factory": {"sources": [{"type": "activations", "name": "c", "path": str(cache)}],
                                    "target": "activations-2d", "hook_points": [HOOK], "batch_size": 4},
-            "eval": {"total_eval_tokens": 512, "compute_downstream": True},
+            "eval": {"total_eval_tokens": 256, "compute_downstream": True},
             "output_path": str(tmp_path / f"{name}.json.out"), "model_parallel_size": model_parallel_size,
         }))  # fmt: skip
         return path

@@ -181,17 +181,17 @@ def require_feature_parallel(cfg, model_parallel_size: int) -> None:
 def shard_model(model, shards: FeatureShards):
     """This shard's dictionary (d_sae / size features) of the whole `model`, which every rank holds identically:
     the same kind, its tensors sliced along their feature axes (`model.feature_axes()`), the rest copied."""
-    cfg = model.cfg
-    local = type(model)(local_config(cfg, shards.size))
-    axes = model.feature_axes()
+    cfg, axes = model.cfg, model.feature_axes()
+
+    def blocks(name: str) -> tuple[int, ...] | None:  # a shard's own blocks: 1/size of each of the whole's (MOLT)
+        whole = model.feature_blocks(name)
+        return None if whole is None else tuple(block // shards.size for block in whole)
+
     state = {
-        name: (shards.local_slice(tensor, axes[name], local.feature_blocks(name)) if name in axes else tensor).clone()
+        name: (shards.local_slice(tensor, axes[name], blocks(name)) if name in axes else tensor).clone()
         for name, tensor in model.state_dict().items()
     }
-    local.load_state_dict(state)
-    if cfg.dataset_average_activation_norm is not None:
-        local.set_dataset_average_activation_norm(cfg.dataset_average_activation_norm)
-    local.train(model.training)
+    local = rebuilt(model, local_config(cfg, shards.size), state)
     attach_shards(local, shards, cfg)
     local.current_k = model.current_k  # checked against the whole's d_sae, which the shard knows once attached
     return local
@@ -228,17 +228,26 @@ def read_shard(
 def gather_model(local):
     """The whole dictionary (on every rank) of a feature-sharded one: each feature axis gathered over the shards."""
     shards: FeatureShards = local.feature_shards
-    whole = type(local)(local.whole_cfg)
     axes = local.feature_axes()
     state = {
         name: shards.gather(tensor, axes[name], local.feature_blocks(name)) if name in axes else tensor.detach().clone()
         for name, tensor in local.state_dict().items()
     }
-    whole.load_state_dict(state)
-    if local.cfg.dataset_average_activation_norm is not None:
-        whole.set_dataset_average_activation_norm(local.cfg.dataset_average_activation_norm)
+    whole = rebuilt(local, local.whole_cfg, state)
     whole.current_k = local.current_k
     return whole
+
+
+def rebuilt(like, cfg, state: dict[str, Tensor], norms: dict[str, float] | None = None):
+    """A dictionary of `like`'s kind with config `cfg` holding `state` (another part, or the whole, of `like`'s
+    dictionary), with `like`'s dataset norms (or `norms`) and mode."""
+    model = type(like)(cfg)
+    model.load_state_dict(state)
+    norms = norms if norms is not None else like.cfg.dataset_average_activation_norm
+    if norms is not None:
+        model.set_dataset_average_activation_norm(norms)
+    model.train(like.training)
+    return model
 
 
 def local_config(cfg, size: int):

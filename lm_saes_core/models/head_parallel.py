@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lm_saes_core.models.feature_parallel import rebuilt
+
 
 class _SumPartial(torch.autograd.Function):
     @staticmethod
@@ -108,13 +110,9 @@ def require_head_parallel(cfg, head_parallel_size: int) -> None:
 
 def shard_heads(model, heads: HeadShards):
     """This head rank's crosscoder (its heads) of the whole `model`, which every rank holds identically."""
-    cfg = model.cfg
-    local = type(model)(cfg.model_copy(deep=True, update={"heads": heads.local_heads(cfg.heads)}))
-    local.load_state_dict({name: heads.local_slice(tensor).clone() for name, tensor in model.state_dict().items()})
-    if cfg.dataset_average_activation_norm is not None:
-        local.set_dataset_average_activation_norm(cfg.dataset_average_activation_norm)
+    cfg = model.cfg.model_copy(deep=True, update={"heads": heads.local_heads(model.cfg.heads)})
+    local = rebuilt(model, cfg, {name: heads.local_slice(t).clone() for name, t in model.state_dict().items()})
     local.current_k = model.current_k
-    local.train(model.training)
     local.head_shards = heads
     return local
 
@@ -123,12 +121,11 @@ def gather_heads(local, heads: HeadShards, whole_heads: list[str]):
     """The crosscoder over `whole_heads` (on every head rank) of this rank's crosscoder `local` over its heads: each
     tensor gathered on axis 0."""
     cfg = local.cfg.model_copy(deep=True, update={"heads": whole_heads})
-    whole = type(local)(cfg)
-    whole.load_state_dict({name: heads.gather(tensor) for name, tensor in local.state_dict().items()})
+    norms = None
     if cfg.dataset_average_activation_norm is not None:  # each rank knows its heads' norms
         norms = {}
         for part in heads.gather_objects(cfg.dataset_average_activation_norm):
             norms |= part
-        whole.set_dataset_average_activation_norm(norms)
+    whole = rebuilt(local, cfg, {name: heads.gather(tensor) for name, tensor in local.state_dict().items()}, norms)
     whole.current_k = local.current_k
     return whole

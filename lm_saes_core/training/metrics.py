@@ -85,12 +85,17 @@ class MetricWindow:
         n_outputs: int = 1,
         group_statistics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
         shards: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
+        heads=None,
     ):
-        """`shards`, on one shard of a feature-parallel dictionary: (sum over the shards, a per-feature vector made
-        whole), so that what spans features (l0, frequencies, the mean activation) is the whole dictionary's."""
+        """`shards`, on one part of a feature- or head-parallel dictionary: (sum over the parts, a per-feature vector
+        made whole), so that what spans features (l0, frequencies, the mean activation) is the whole dictionary's.
+        `heads`, on one head rank (`HeadShards`): the values pooled over output hooks are pooled over every rank's,
+        and each rank's per-head values join the report."""
         self.n_features, self.device, self.n_outputs = n_features, device, n_outputs
         self.group_statistics = group_statistics
         self.shards = shards
+        self.heads = heads
+        self._scratch: torch.Tensor | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -101,6 +106,16 @@ class MetricWindow:
         self.tokens = torch.zeros((), device=self.device)
         self.activity_sums: list[torch.Tensor] = []
         """Sharded: per step (sum of activations, active entries) of this shard, summed over shards at the report."""
+        self.pooled_sums: list[torch.Tensor] = []
+        """Head-parallel: per step, sums over this rank's (token, hook) pairs of what the pooled metrics average."""
+
+    def _scratch_like(self, y: torch.Tensor) -> torch.Tensor:
+        """A temporary shaped like `y`, kept from step to step: on CPU a fresh one costs more in page faults than the
+        arithmetic done in it."""
+        scratch = self._scratch
+        if scratch is None or scratch.numel() < y.numel() or (scratch.dtype, scratch.device) != (y.dtype, y.device):
+            scratch = self._scratch = torch.empty(y.numel(), dtype=y.dtype, device=y.device)
+        return scratch[: y.numel()].view(y.shape)
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         value = value.detach().float()
@@ -124,10 +139,15 @@ class MetricWindow:
         outputs = (-1, self.n_outputs, width) if self.n_outputs > 1 else (-1, width)
         y = out.label.reshape(outputs).float()
         y_hat = out.reconstructed.reshape(outputs).float()
-        error = (y_hat - y).square_().sum(-1)  # (N,) or (N, hooks); squared in place: one temporary, not two
-        spread = (y - y.mean(0)).square_().sum(-1)  # (N,) or (N, hooks)
-        self._add("metrics/explained_variance", 1 - error.mean() / spread.mean())
-        self._add("metrics/explained_variance_legacy", (1 - error / spread).mean())
+        scratch = self._scratch_like(y)  # squared in place: one temporary, not two, and the same every step
+        error = torch.sub(y_hat, y, out=scratch).square_().sum(-1)  # (N,) or (N, hooks)
+        spread = torch.sub(y, y.mean(0), out=scratch).square_().sum(-1)  # (N,) or (N, hooks)
+        if self.heads is not None:
+            parts = [error.sum(), spread.sum(), (error / spread).sum(), error.sqrt().sum(), y.norm(dim=-1).sum()]
+            self.pooled_sums.append(torch.stack([*parts, torch.tensor(float(error.numel()), device=error.device)]))
+        else:
+            self._add("metrics/explained_variance", 1 - error.mean() / spread.mean())
+            self._add("metrics/explained_variance_legacy", (1 - error / spread).mean())
         if self.group_statistics is not None:
             for key, value in self.group_statistics(out.label, out.reconstructed, out.feature_acts).items():
                 self._add(key, value)
@@ -135,9 +155,10 @@ class MetricWindow:
             self._add("metrics/mean_feature_act", activity.total / activity.counts.sum().clamp(min=1))
         else:
             self.activity_sums.append(torch.stack([activity.total, activity.counts.sum()]))
-        l2_error = error.sqrt().mean()
-        self._add("metrics/l2_norm_error", l2_error)
-        self._add("metrics/l2_norm_error_ratio", l2_error / y.norm(dim=-1).mean())
+        if self.heads is None:
+            l2_error = error.sqrt().mean()
+            self._add("metrics/l2_norm_error", l2_error)
+            self._add("metrics/l2_norm_error_ratio", l2_error / y.norm(dim=-1).mean())
         self.active_counts += activity.counts
         self.tokens += y.shape[0]
         self._max("metrics/gradient_norm_per_param", grad_norm_after)
@@ -153,10 +174,11 @@ class MetricWindow:
             self.sums = dict(zip(keys, (stacked / world_size).unbind(), strict=True))
         all_reduce_sum(self.active_counts)
         all_reduce_sum(self.tokens)
-        if self.activity_sums:
-            stacked = torch.stack(self.activity_sums)
-            all_reduce_sum(stacked)
-            self.activity_sums = list(stacked)
+        for name in ("activity_sums", "pooled_sums"):
+            if getattr(self, name):
+                stacked = torch.stack(getattr(self, name))
+                all_reduce_sum(stacked)
+                setattr(self, name, list(stacked))
 
     def report(self) -> dict[str, float]:
         if self.steps == 0:
@@ -168,10 +190,27 @@ class MetricWindow:
             active_counts = whole(active_counts)
             sums = sum_over_shards(torch.stack(self.activity_sums))
             values["metrics/mean_feature_act"] = (sums[:, 0] / sums[:, 1].clamp(min=1)).mean()
+        if self.heads is not None:
+            values |= self._pooled_over_heads()
         frequency = active_counts / self.tokens.clamp(min=1)
         values["metrics/l0"] = active_counts.sum() / self.tokens.clamp(min=1)
         values |= frequency_counts(frequency)
         keys = list(values)
         numbers = torch.stack([values[key].reshape(()) for key in keys]).tolist()  # one device sync
         self.reset()
-        return dict(zip(keys, numbers, strict=True))
+        report = dict(zip(keys, numbers, strict=True))
+        if self.heads is not None:  # every head rank's own per-head values; the rest are equal on every rank
+            for other in self.heads.gather_objects(report):
+                report = other | report
+        return report
+
+    def _pooled_over_heads(self) -> dict[str, torch.Tensor]:
+        """The values pooled over output hooks, from every head rank's sums: per step, then averaged over steps."""
+        sums = self.heads.sum(torch.stack(self.pooled_sums))  # (steps, 6)
+        error, spread, ratio, root, norm, count = sums.unbind(-1)
+        return {
+            "metrics/explained_variance": (1 - error / spread).mean(),
+            "metrics/explained_variance_legacy": (1 - ratio / count).mean(),
+            "metrics/l2_norm_error": (root / count).mean(),
+            "metrics/l2_norm_error_ratio": (root / norm).mean(),
+        }

@@ -31,6 +31,17 @@ def build_scheduler(cfg: TrainerConfig, optimizer: torch.optim.Optimizer, total_
     return LambdaLR(optimizer, multiplier)
 
 
+def square_sum(tensor: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """The sum of squares of `tensor`'s entries in one read and without a temporary of its size (`square().sum()`
+    makes one: on CPU its fresh pages cost more than the arithmetic): the norms of blocks of `block` entries, squared
+    and summed. As accurate as `square().sum()`; one long `vector_norm` over the whole tensor is not (it accumulates
+    millions of entries in one float32 run)."""
+    flat = tensor.reshape(-1)
+    whole = flat.numel() // block * block
+    norms = torch.linalg.vector_norm(flat[:whole].view(-1, block), dim=1)
+    return norms.square().sum() + flat[whole:].square().sum()
+
+
 def rms_grad_norm(parameters: Iterable[torch.nn.Parameter], shards: "GradShards | None" = None) -> torch.Tensor:
     """||all gradients||_2 / sqrt(#non-zero gradient entries): a per-entry scale that does not grow with model size
     or with the number of features a sparse step leaves untouched. With `shards` (feature parallelism) the sums of
@@ -38,26 +49,29 @@ def rms_grad_norm(parameters: Iterable[torch.nn.Parameter], shards: "GradShards 
     parameters = [p for p in parameters if p.grad is not None]
     if not parameters:
         return torch.zeros(())
+    squares = torch.stack([square_sum(p.grad.float()) for p in parameters])
+    nonzero = torch.stack([torch.count_nonzero(p.grad) for p in parameters])
     if shards is None:
-        grads = [p.grad for p in parameters]
-        squares = torch.stack([g.float().square().sum() for g in grads]).sum()
-        nonzero = torch.stack([torch.count_nonzero(g) for g in grads]).sum()
-        return squares.sqrt() / nonzero.clamp(min=1).sqrt()
-    sums = []  # per parameter: (sum of squares, non-zero entries), float64 (counts past 2^24 stay exact)
-    for p in parameters:
-        sums.append(torch.stack([p.grad.double().square().sum(), torch.count_nonzero(p.grad).double()]))
-    sharded = torch.tensor([id(p) in shards.ids for p in parameters], device=sums[0].device)
-    stacked = torch.stack(sums)  # (P, 2)
-    totals = shards.sum(stacked[sharded].sum(0)) + stacked[~sharded].sum(0)
+        return squares.sum().sqrt() / nonzero.sum().clamp(min=1).sqrt()
+    # per parameter: (sum of squares, non-zero entries), float64 (counts past 2^24 stay exact)
+    stacked = torch.stack([squares.double(), nonzero.double()], dim=1)  # (P, 2)
+    sharded = torch.tensor([id(p) in shards.ids for p in parameters], device=stacked.device)
+    totals = stacked[~sharded].sum(0)
+    if shards.sum is not None:
+        totals = totals + shards.sum(stacked[sharded].sum(0))
+    if shards.sum_over_heads is not None:  # every parameter is split by heads
+        totals = shards.sum_over_heads(totals)
     return (totals[0].sqrt() / totals[1].clamp(min=1).sqrt()).float()
 
 
 class GradShards:
-    """What the gradient norm needs of feature parallelism: which parameters are sharded and the sum over shards."""
+    """What the gradient norm needs of feature and head parallelism: which parameters are split by features, the sum
+    over feature shards, and the sum over head ranks (a head-parallel crosscoder's parameters all split by heads)."""
 
-    def __init__(self, sharded_parameters: Iterable[torch.nn.Parameter], sum_over_shards):
+    def __init__(self, sharded_parameters: Iterable[torch.nn.Parameter], sum_over_shards, sum_over_heads=None):
         self.ids = {id(p) for p in sharded_parameters}
         self.sum = sum_over_shards
+        self.sum_over_heads = sum_over_heads
 
 
 def clip_rms_grad_norm_(

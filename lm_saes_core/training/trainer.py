@@ -8,9 +8,12 @@ deterministic, seeded stream); a shorter stream is an error. Resumed runs reprod
 """
 
 import contextlib
+import ctypes
 import itertools
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -32,6 +35,7 @@ from lm_saes_core.models.feature_parallel import (
     shard_model,
     shard_optimizer_state,
 )
+from lm_saes_core.models.head_parallel import HeadShards, gather_heads, shard_heads
 from lm_saes_core.training.batches import Batch, Prefetched, count_tokens, to_device
 from lm_saes_core.training.checkpoint import (
     capture_rng_states,
@@ -87,16 +91,20 @@ class Trainer:
         data_parallel: DataParallel | None = None,
         prefetch: int = 2,
         feature_shards: FeatureShards | None = None,
+        head_shards: HeadShards | None = None,
     ):
         """`data_parallel`: this process's place in a torchrun launch (see `training.data_parallel`); None alone.
         `prefetch`: batches a background thread reads ahead of the step (`batches.Prefetched`); 0 reads each batch
         in the training thread when the step asks for it. The batches and their order are the same either way.
         `feature_shards`: this process's shard of a feature-parallel dictionary (`init_parallel`): `fit` is given
-        the whole dictionary on every process, trains this shard of it and leaves the whole trained one there."""
+        the whole dictionary on every process, trains this shard of it and leaves the whole trained one there.
+        `head_shards`: this process's group of a crosscoder's heads (`init_parallel`), likewise; its batches need
+        only hold its heads' hooks."""
         self.cfg = cfg
         self.prefetch = prefetch
         self.dp = data_parallel
         self.shards = feature_shards
+        self.heads = head_shards
         self.is_main = data_parallel is None or data_parallel.is_main
         self.world_size = 1 if data_parallel is None else data_parallel.world_size
         """Batches are this rank's part: a step trains on world_size times as many tokens."""
@@ -122,11 +130,11 @@ class Trainer:
         if self.dp is not None:
             self.dp.broadcast_model(model)
             model.batch_kth = self.dp.kth_largest
-        if self.shards is not None:
+        if self._sharded:
             if resume_from is not None:
                 _load_model_weights(whole, Path(resume_from))  # the whole weights, then this shard's part of them
-            model = shard_model(whole, self.shards)
-            model.batch_kth = self.shards.batch_kth
+            model = self._shard(whole)
+            _release(whole)  # while its parts train, the whole dictionary holds no memory
         optimizer = build_optimizer(cfg, model.parameter_groups(cfg.lr, cfg.jumprelu_lr_factor))
         dead = DeadLatentStatistics(model.n_features, cfg.loss.dead_threshold, model.cfg.device)
         if resume_from is None:
@@ -137,7 +145,7 @@ class Trainer:
         planned = checkpoint_steps(T, cfg.n_checkpoints, cfg.check_point_save_mode, cfg.checkpoint_every_steps)
         saves = [s for s in planned if s > progress.step]
         window = MetricWindow(model.n_features, model.cfg.device, len(model.cfg.hooks_out), model.group_statistics,
-                              shards=self._window_shards(model))  # fmt: skip
+                              shards=self._window_shards(model), heads=self.heads)  # fmt: skip
         result = TrainResult(progress.step, T, progress.n_tokens, False, Path(cfg.exp_result_path))
         if resume_from is not None:
             result.resumed_from_step = progress.step
@@ -145,7 +153,7 @@ class Trainer:
         label, line = progress_bar
         bar = tqdm(total=T, initial=progress.step, desc=label, position=line, unit="step", dynamic_ncols=True,
                    disable=not self.is_main)  # fmt: skip
-        with bar, Prefetched(batches, self.prefetch) as batches:
+        with bar, freed_memory_kept(), Prefetched(batches, self.prefetch) as batches:
             while progress.step < T:
                 batch = next(batches, None)
                 if batch is None:
@@ -183,7 +191,7 @@ class Trainer:
                     saves.pop(0)
                 periodic = not planned_now and progress.step < T and self._periodic_due(last_save)
                 if planned_now or periodic:
-                    if self.is_main or self.shards is not None:  # the shards gather together; rank 0 writes
+                    if self.is_main or self._sharded:  # the shards gather together; rank 0 writes
                         saved_model, state = self._state(model, progress, optimizer, scheduler, dead, wandb_run)
                     if self.is_main:
                         path = save_checkpoint(cfg.exp_result_path, progress.step, saved_model, state,
@@ -193,8 +201,8 @@ class Trainer:
 
         result.steps, result.n_tokens = progress.step, progress.n_tokens
         model.batch_kth = whole.batch_kth = None  # the process group's search is for training steps only
-        if self.shards is not None:  # every process gets the whole trained dictionary
-            whole.load_state_dict(gather_model(model).state_dict())
+        if self._sharded:  # every process gets the whole trained dictionary
+            _restore(whole, self._gather(model).state_dict())
             whole.current_k = model.current_k
             model = whole
         if self.is_main:
@@ -269,12 +277,10 @@ class Trainer:
         progress = _Progress(**state["progress"])
         scheduler = build_scheduler(self.cfg, optimizer, progress.total_steps)
         optimizer_state, dead_state = state["optimizer"], state["dead_latents"]
-        if self.shards is None:
+        if not self._sharded:
             _load_model_weights(model, path)
         else:  # the weights were loaded whole before sharding; a checkpoint holds whole states, of any layout
-            optimizer_state = shard_optimizer_state(optimizer_state, optimizer_axes(model, optimizer), self.shards)
-            whole_shape = (*model.feature_shape[:-1], model.feature_shape[-1] * self.shards.size)
-            dead_state = {key: shard_features(value, whole_shape, self.shards) for key, value in dead_state.items()}
+            optimizer_state, dead_state = self._shard_states(model, optimizer, optimizer_state, dead_state)
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
         dead.load_state_dict(dead_state)
@@ -287,30 +293,83 @@ class Trainer:
         """Whether a wall-clock checkpoint is due (rank 0's clock decides when the shards must gather together)."""
         minutes = self.cfg.checkpoint_every_minutes
         due = minutes is not None and time.monotonic() - last_save >= minutes * 60
-        if minutes is not None and self.shards is not None:
+        if minutes is not None and self._sharded:
             flag = torch.tensor([due], dtype=torch.int32)
             torch.distributed.broadcast(flag, src=0)
             due = bool(flag.item())
         return due
 
-    # ---------------------------------------------------------------- feature parallelism
+    # ---------------------------------------------------------------- feature and head parallelism
+
+    @property
+    def _sharded(self) -> bool:
+        return self.shards is not None or self.heads is not None
+
+    def _shard(self, whole: SparseDictionary) -> SparseDictionary:
+        """This process's part of the whole dictionary: its heads, then its shard of their features."""
+        model = whole if self.heads is None else shard_heads(whole, self.heads)
+        if self.shards is not None:
+            model = shard_model(model, self.shards)
+            model.head_shards = self.heads
+        model.batch_kth = self.shards.batch_kth if self.shards is not None else whole.batch_kth
+        self.whole_heads = list(getattr(whole.cfg, "heads", []))
+        return model
+
+    def _gather(self, model: SparseDictionary) -> SparseDictionary:
+        """The whole dictionary (on every process) of this process's part: its features, then every head."""
+        if self.shards is not None:
+            model = gather_model(model)
+        return model if self.heads is None else gather_heads(model, self.heads, self.whole_heads)
+
+    def _sum_over_parts(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum over every part of the dictionary (feature shards, head ranks) of this process's `tensor`."""
+        if self.shards is not None:
+            tensor = self.shards.sum(tensor)
+        return tensor if self.heads is None else self.heads.sum(tensor)
+
+    def _whole_features(self, values: torch.Tensor, model: SparseDictionary) -> torch.Tensor:
+        """A per-feature vector of this part (flattened over its `feature_shape`) made the whole's, flattened."""
+        shape = model.feature_shape
+        if self.shards is not None:
+            values = gather_features(values, shape, self.shards, model.feature_blocks())
+            shape = (*shape[:-1], shape[-1] * self.shards.size)
+        return values if self.heads is None else self.heads.gather(values.reshape(shape)).reshape(-1)
+
+    def _shard_states(self, model, optimizer, optimizer_state: dict, dead_state: dict) -> tuple[dict, dict]:
+        """This part of a checkpoint's whole optimiser state and dead-latent counters."""
+        shape, axes = model.feature_shape, optimizer_axes(model, optimizer)
+        if self.heads is not None:  # every tensor of a crosscoder has its heads on axis 0
+            optimizer_state = shard_optimizer_state(optimizer_state, [0] * len(axes), self.heads)
+            whole_heads = (shape[0] * self.heads.size, *shape[1:])
+            dead_state = {k: self.heads.local_slice(v.reshape(whole_heads)).reshape(-1) for k, v in dead_state.items()}
+        if self.shards is not None:
+            optimizer_state = shard_optimizer_state(optimizer_state, axes, self.shards)
+            whole_shape, blocks = (*shape[:-1], shape[-1] * self.shards.size), model.feature_blocks()
+            dead_state = {k: shard_features(v, whole_shape, self.shards, blocks) for k, v in dead_state.items()}
+        return optimizer_state, dead_state
 
     def _grad_shards(self, model: SparseDictionary) -> GradShards | None:
-        if self.shards is None:
+        if not self._sharded:
             return None
-        axes = model.feature_axes()
-        return GradShards([p for name, p in model.named_parameters() if name in axes], self.shards.sum)
+        axes = model.feature_axes() if self.shards is not None else {}
+        return GradShards([p for name, p in model.named_parameters() if name in axes],
+                          self.shards.sum if self.shards is not None else None,
+                          self.heads.sum if self.heads is not None else None)  # fmt: skip
 
     def _window_shards(self, model: SparseDictionary):
-        if self.shards is None:
+        if not self._sharded:
             return None
-        shards, shape = self.shards, model.feature_shape
-        return shards.sum, lambda values: gather_features(values, shape, shards)
+        return self._sum_over_parts, lambda values: self._whole_features(values, model)
 
     def _log_statistics(self, model: SparseDictionary) -> dict[str, float]:
-        """The model's statistics; a shard's are means over its features, so the whole's are their mean."""
+        """The model's statistics; a part's are means over its features (and heads), so the whole's are their mean
+        over the (equal) parts."""
         stats = model.log_statistics()
-        return stats if self.shards is None else self.shards.mean_statistics(stats)
+        if not stats or not self._sharded:
+            return stats
+        parts = (self.shards.size if self.shards else 1) * (self.heads.size if self.heads else 1)
+        means = self._sum_over_parts(torch.tensor(list(stats.values()), dtype=torch.float64)) / parts
+        return dict(zip(stats, means.tolist(), strict=True))
 
     def _warn_about_schedule_overlap(self, total_steps: int) -> None:
         cfg = self.cfg
@@ -359,12 +418,15 @@ class Trainer:
         """(the dictionary to save, the trainer state): whole ones, gathered from every shard (a collective), under
         feature parallelism, so that a checkpoint resumes under any layout."""
         optimizer_state, dead_state = optimizer.state_dict(), dead.state_dict()
-        if self.shards is not None:
-            optimizer_state = gather_optimizer_state(optimizer_state, optimizer_axes(model, optimizer), self.shards)
-            shape, shards = model.feature_shape, self.shards
+        if self._sharded:
+            axes = optimizer_axes(model, optimizer)
+            if self.shards is not None:
+                optimizer_state = gather_optimizer_state(optimizer_state, axes, self.shards)
+            if self.heads is not None:  # every tensor of a crosscoder has its heads on axis 0
+                optimizer_state = gather_optimizer_state(optimizer_state, [0] * len(axes), self.heads)
             device = model.cfg.device
-            dead_state = {k: gather_features(v.to(device), shape, shards).cpu() for k, v in dead_state.items()}
-            model = gather_model(model)
+            dead_state = {k: self._whole_features(v.to(device), model).cpu() for k, v in dead_state.items()}
+            model = self._gather(model)
         return model, {
             "progress": asdict(progress),
             "optimizer": optimizer_state,
@@ -403,6 +465,57 @@ def _load_model_weights(model: SparseDictionary, path: Path) -> None:
     model.load_state_dict(saved.state_dict())
     if saved.cfg.dataset_average_activation_norm is not None:
         model.set_dataset_average_activation_norm(saved.cfg.dataset_average_activation_norm)
+
+
+def _release(model: SparseDictionary) -> None:
+    """Free the storage of `model`'s tensors (`_restore` gives them back, trained, when training ends)."""
+    for tensor in model.state_dict(keep_vars=True).values():
+        tensor.data = tensor.data.new_empty(0)
+
+
+def _restore(model: SparseDictionary, state: dict[str, torch.Tensor]) -> None:
+    """Give `model`'s released tensors the values of `state` (a whole state dict of the same dictionary)."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        tensor.data = state[name].to(tensor.device, tensor.dtype)
+
+
+_kept = {"depth": 0, "lock": threading.Lock()}
+
+
+@contextlib.contextmanager
+def freed_memory_kept() -> Iterator[None]:
+    """Keep the memory one step frees for the next (glibc): by default every allocation past 32 MiB is mapped
+    afresh and freed memory goes back to the system, so each step faults the same large tensors in again (on CPU a
+    third of a quickstart SAE step). Afterwards (the last of concurrent fits) the kept memory is returned and glibc
+    is left at the ceiling of its own adaptive settings: mapped past 32 MiB, trimmed past 64 MiB."""
+    libc = _glibc()
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+    with _kept["lock"]:
+        _kept["depth"] += 1
+        if libc is not None and _kept["depth"] == 1:
+            libc.mallopt(M_MMAP_MAX, 0)
+            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield
+    finally:
+        with _kept["lock"]:
+            _kept["depth"] -= 1
+            if libc is not None and _kept["depth"] == 0:
+                libc.mallopt(M_MMAP_MAX, 65536)
+                libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+                libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+                libc.malloc_trim(0)
+
+
+def _glibc():
+    """The C library when it is glibc (whose `mallopt` settings `freed_memory_kept` knows), else None."""
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return None
+    except (AttributeError, ValueError, OSError):  # not a GNU system
+        return None
+    libc = ctypes.CDLL(None)
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def _skip(batches: Iterator[Batch], n: int) -> Iterator[Batch]:
