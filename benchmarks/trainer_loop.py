@@ -6,7 +6,9 @@ cached-activation reader, the shuffle buffer (32,768 rows), the step, the metric
 the same arithmetic on the same batches already in memory: `compute_loss` (with Aux-K on the dead latents), backward,
 Adam, and the dead-latent counter Aux-K needs; nothing else. Both start from the same weights at the same constant
 learning rate, so they take identical steps (the benchmark checks the final weights agree). Rounds interleave the two
-contenders (each goes first in turn); rates are medians over rounds of whole runs, in tokens/s.
+contenders (each goes first in turn); rates are medians over rounds of whole runs, in tokens/s. Both keep the memory a
+step frees for the next, as `Trainer.fit` does (`freed_memory_kept`); `--default-allocator` adds the bare step under
+glibc's default settings, which fault the step's large tensors in afresh every step.
 
 The CPU columns give the work done (CPU seconds of all the process's threads). On a machine shared with other work
 they are the steadier measure: the scheduler shares the cores among threads, so a contender with one more runnable
@@ -28,6 +30,7 @@ missing is skipped, with the command to make it.
 """
 
 import argparse
+import contextlib
 import cProfile
 import io
 import logging
@@ -54,7 +57,7 @@ from lm_saes_core.models.losses import LossConfig
 from lm_saes_core.training.batches import count_tokens
 from lm_saes_core.training.config import TrainerConfig
 from lm_saes_core.training.metrics import DeadLatentStatistics, FeatureActivity
-from lm_saes_core.training.trainer import Trainer
+from lm_saes_core.training.trainer import Trainer, freed_memory_kept
 
 QUICKSTART_CACHE = Path(".lm_saes/quickstart/activations")
 CIRCUITS_CACHE = Path(".lm_saes/quality/circuits/activations")
@@ -226,9 +229,10 @@ def run_trainer(
 
 
 def run_bare(
-    kind: Kind, norms: dict[str, float], batches: list[dict[str, torch.Tensor]], device: str
+    kind: Kind, norms: dict[str, float], batches: list[dict[str, torch.Tensor]], device: str, kept: bool = True
 ) -> tuple[float, SparseDictionary]:
-    """Seconds of the bare steps over batches already on the device (model built beforehand)."""
+    """Seconds of the bare steps over batches already on the device (model built beforehand). `kept`: freed memory
+    kept for the next step, as `Trainer.fit` keeps it (`freed_memory_kept`); False: glibc's default settings."""
     model = new_model(kind, norms, device)
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -236,14 +240,15 @@ def run_bare(
     dead = DeadLatentStatistics(model.n_features, LOSS.dead_threshold, device)
     synchronize(device)
     started = time.perf_counter()
-    for batch in batches:
-        out = model.compute_loss(batch, coefficients, dead.is_dead)
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        dead.update(FeatureActivity.of(model, out.feature_acts), out.n_tokens)
-    synchronize(device)
-    return time.perf_counter() - started, model
+    with freed_memory_kept() if kept else contextlib.nullcontext():
+        for batch in batches:
+            out = model.compute_loss(batch, coefficients, dead.is_dead)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dead.update(FeatureActivity.of(model, out.feature_acts), out.n_tokens)
+        synchronize(device)
+        return time.perf_counter() - started, model
 
 
 def same_weights(a: SparseDictionary, b: SparseDictionary) -> float:
@@ -283,6 +288,9 @@ def compare(kind: Kind, args: argparse.Namespace, console: Console) -> None:
     if args.without_prefetch:
         contenders["plain"] = lambda: run_trainer(kind, norms, args.steps, args.batch, args.device, 0, first)
         labels["plain"] = "Trainer.fit, prefetch=0"
+    if args.default_allocator:
+        contenders["faulting"] = lambda: run_bare(kind, norms, batches, args.device, kept=False)
+        labels["faulting"] = "bare step, glibc's default malloc settings"
     run_bare(kind, norms, batches[:2], args.device)  # warm-up
     run_trainer(kind, norms, 2, args.batch, args.device, first=first)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
@@ -330,6 +338,9 @@ def main() -> None:
     parser.add_argument("--d-sae", type=int, default=6144, help="synthetic kind")
     parser.add_argument("--k", type=int, default=50, help="synthetic kind")
     parser.add_argument("--without-prefetch", action="store_true", help="add a row for Trainer(prefetch=0)")
+    parser.add_argument(
+        "--default-allocator", action="store_true", help="add a row for the bare step under glibc's default settings"
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile one trainer run per kind, then exit")
     args = parser.parse_args()
     logging.getLogger("lm_saes_core").setLevel(logging.WARNING)

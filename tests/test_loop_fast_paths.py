@@ -1,19 +1,21 @@
 """The training loop's fast paths give exactly what the plain paths give: the prefetching stream (same batches, same
-order, same errors), the reused shuffle buffer (the batches of concatenate-then-permute), the chunk reader (the
-sizes its sidecars recorded, the files' tensors), the feature activity counted from the sparse selection (the
-dense count), a run with prefetching (the weights and metrics of a run without), and the feature analysis from the
-sparse selection (the analysis of the dense activations)."""
+order, same errors), the reused shuffle buffer (the batches of concatenate-then-permute, rows marked to drop
+dropped), the chunk reader (the sizes its sidecars recorded, the files' tensors), the feature activity counted from
+the sparse selection (the dense count), the gradient norm by blocks and the metric window's kept temporary (the plain
+sums), a run with prefetching (the weights and metrics of a run without), and the feature analysis from the sparse
+selection (the analysis of the dense activations); and freed memory kept between steps is not faulted in again."""
 
 import itertools
 import json
 import random
+import resource
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from lm_saes_core.activation.buffer import ActivationBatcher, concat_items, n_rows, take_rows
+from lm_saes_core.activation.buffer import KEEP, ActivationBatcher, concat_items, n_rows, take_rows
 from lm_saes_core.activation.cache_format import ActivationCacheError
 from lm_saes_core.activation.config import ActivationFactoryConfig, BufferShuffleConfig
 from lm_saes_core.activation.factory import ActivationFactory
@@ -22,9 +24,12 @@ from lm_saes_core.activation.writer import ActivationWriter, ActivationWriterCon
 from lm_saes_core.analysis import FeatureAnalyzer, FeatureAnalyzerConfig
 from lm_saes_core.analysis.feature_analyzer import SparseFeatureActs, encode_contexts
 from lm_saes_core.models import CLTConfig, CrossCoderConfig, LossConfig, SAEConfig, SparseDictionary
+from lm_saes_core.models.losses import LossOutput
 from lm_saes_core.training import Trainer, TrainerConfig
 from lm_saes_core.training.batches import Prefetched
-from lm_saes_core.training.metrics import FeatureActivity
+from lm_saes_core.training.metrics import FeatureActivity, MetricWindow
+from lm_saes_core.training.optim import GradShards, rms_grad_norm, square_sum
+from lm_saes_core.training.trainer import _glibc, freed_memory_kept
 
 HOOK = "blocks.1.hook_resid_post"
 D = 16
@@ -160,6 +165,30 @@ def test_shuffle_buffer_gives_the_batches_of_concatenate_then_permute():
         assert_same_batches(expected, list(batcher(items())))
 
 
+def test_rows_marked_to_drop_leave_the_batches_of_items_that_never_had_them():
+    """`KEEP` (flattened sequences' padding and BOS, dropped as the rows are copied) against the rows selected first."""
+    rng = random.Random(1)
+    for _ in range(150):
+        batch_size = rng.randint(1, 20)
+        buffer_size = rng.choice([None, batch_size, batch_size + rng.randint(1, 100)])
+        seed = rng.randint(0, 5)
+        sizes = [rng.randint(0, 60) for _ in range(rng.randint(0, 30))]
+        kinds = [rng.choice(["some", "all", "none"]) for _ in sizes]
+
+        def items(marked: bool, sizes=sizes, kinds=kinds):
+            start = 0
+            for n, kind in zip(sizes, kinds, strict=True):
+                rows = torch.arange(start, start + n)
+                keep = {"some": rows % 3 != 0, "all": rows >= 0, "none": rows < 0}[kind]
+                item = {"x": rows[:, None] * 0.5 + torch.arange(3), "tokens": rows}
+                yield {**item, KEEP: keep} if marked else take_rows(item, keep.nonzero().squeeze(1))
+                start += n
+
+        expected = list(concatenate_then_permute(batch_size, buffer_size, seed, items(marked=False)))
+        batcher = ActivationBatcher(batch_size, buffer_size, BufferShuffleConfig(perm_seed=seed))
+        assert_same_batches(expected, list(batcher(items(marked=True))))
+
+
 def test_shuffle_buffer_refuses_items_with_other_keys():
     batcher = ActivationBatcher(2, 8)
     items = [{"x": torch.zeros(3), "y": torch.zeros(3)}, {"x": torch.zeros(3)}]
@@ -252,6 +281,76 @@ def test_group_statistics_from_the_sparse_selection_are_the_dense_ones(config, n
     assert list(fast) == list(dense) and any(key.endswith(("l0", f"l0_layer{0}")) for key in fast)
     for key, value in dense.items():
         assert torch.equal(fast[key], value), key
+
+
+# ---------------------------------------------------------------- gradient norm and metric window
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (4096,), (576, 4608), (3, 5000)])
+def test_square_sum_by_blocks_is_the_sum_of_squares(shape):
+    tensor = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    exact = tensor.double().square().sum()
+    assert square_sum(tensor).dtype == torch.float32
+    assert abs(float(square_sum(tensor)) - float(exact)) <= 1e-6 * float(exact)
+    assert abs(float(tensor.square().sum()) - float(exact)) <= 1e-6 * float(exact)  # the plain path, as accurate
+
+
+def test_the_rms_gradient_norm_counts_exactly_the_non_zero_entries():
+    generator = torch.Generator().manual_seed(0)
+    parameters = [torch.nn.Parameter(torch.zeros(shape)) for shape in [(64, 300), (300,), (300, 64), (64,)]]
+    for parameter in parameters:
+        grad = torch.randn(parameter.shape, generator=generator)
+        grad[..., ::3] = 0
+        grad.view(-1)[1] = -0.0  # a zero for the count
+        grad.view(-1)[4] = 1e-42  # subnormal: not zero, though its square is
+        parameter.grad = grad
+    squares = sum(float(p.grad.double().square().sum()) for p in parameters)
+    count = sum(int((p.grad != 0).sum()) for p in parameters)
+    assert float(rms_grad_norm(parameters)) == pytest.approx((squares / count) ** 0.5, rel=1e-6)
+    shards = GradShards(parameters[:2], sum_over_shards=lambda totals: totals)  # one shard: the same value
+    assert float(rms_grad_norm(parameters, shards)) == pytest.approx((squares / count) ** 0.5, rel=1e-6)
+
+
+def test_the_metric_window_reuses_its_temporary_and_reports_the_plain_values():
+    """Batches of changing sizes and output hooks: the scratch tensor regrown or reused gives the values of fresh
+    temporaries, computed here as the window did before it kept one."""
+    generator = torch.Generator().manual_seed(0)
+    for n_outputs in (1, 3):
+        window = MetricWindow(8, "cpu", n_outputs)
+        errors, spreads = [], []
+        for n in (20, 50, 10):
+            shape = (n, n_outputs, 6) if n_outputs > 1 else (n, 6)
+            label, reconstructed = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+            out = LossOutput(torch.tensor(1.0), {}, torch.rand(n, 8), torch.rand(n, 8), reconstructed, label, n)
+            window.update(out, FeatureActivity(torch.ones(8), torch.tensor(2.0)), torch.ones(()), torch.ones(()))
+            errors.append((reconstructed - label).square().sum(-1))
+            spreads.append((label - label.mean(0)).square().sum(-1))
+        report = window.report()
+        expected = sum(float(1 - e.mean() / s.mean()) for e, s in zip(errors, spreads, strict=True)) / 3
+        assert report["metrics/explained_variance"] == pytest.approx(expected, rel=1e-6)
+        legacy = sum(float((1 - e / s).mean()) for e, s in zip(errors, spreads, strict=True)) / 3
+        assert report["metrics/explained_variance_legacy"] == pytest.approx(legacy, rel=1e-6)
+
+
+def test_a_step_refaults_no_memory_while_freed_memory_is_kept():
+    """Inside `freed_memory_kept` (glibc) a large tensor freed and allocated again reuses its pages; outside, one
+    past 32 MiB is mapped afresh and every page faulted in again."""
+    if _glibc() is None:
+        pytest.skip("glibc only")
+
+    def faults_of_a_second_allocation() -> int:
+        torch.empty(12_000_000).fill_(1)  # 48 MB, freed at once
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.empty(12_000_000).fill_(1)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    with freed_memory_kept():
+        with freed_memory_kept():  # nested (concurrent fits): the settings stay until the outer one ends
+            pass
+        faults_of_a_second_allocation()
+        kept = faults_of_a_second_allocation()
+    assert kept < 1000  # of 11,719 pages
+    assert faults_of_a_second_allocation() > 10_000
 
 
 # ---------------------------------------------------------------- a run

@@ -18,6 +18,11 @@ from lm_saes_core.activation.config import BufferShuffleConfig
 
 Item = dict[str, torch.Tensor]
 
+KEEP = "_keep"
+"""Optional key of an item: a (rows,) bool tensor, true for the rows that belong to the stream. The batcher drops the
+others (padding and BOS positions of flattened sequences) as it copies the rows it keeps, so that flattening a
+chunk costs no copy of its own."""
+
 
 def n_rows(item: Item) -> int:
     lengths = {key: value.shape[0] for key, value in item.items()}
@@ -34,6 +39,18 @@ def concat_items(items: list[Item]) -> Item:
 
 def take_rows(item: Item, index: slice | torch.Tensor) -> Item:
     return {key: value[index] for key, value in item.items()}
+
+
+def drop_rows(item: Item) -> Item:
+    """`item` without its `KEEP` key and the rows it marks false (views when none is)."""
+    if KEEP not in item:
+        return item
+    item = dict(item)
+    keep = item.pop(KEEP)
+    if bool(keep.all()):
+        return item
+    index = keep.nonzero().squeeze(1)
+    return {key: value.index_select(0, index) for key, value in item.items()}
 
 
 class ActivationBatcher:
@@ -55,7 +72,7 @@ class ActivationBatcher:
             return
         pending: list[Item] = []
         rows = 0
-        for item in items:
+        for item in map(drop_rows, items):
             pending.append(item)
             rows += n_rows(item)
             if rows < self.batch_size:
@@ -114,11 +131,12 @@ class _RowStore:
         return next(iter(self.tensors.values())).device
 
     def _grow(self, like: Item, slots: int) -> None:
-        """Tensors like `like`'s with room for `slots` free slots (a new store: room for a whole buffer)."""
+        """Tensors like `like`'s with room for `slots` free slots (a new store: room for a whole buffer and one more
+        item like this one, since the buffer fills up to one item past its size, so that equal items never grow it)."""
         if self.tensors and like.keys() != self.tensors.keys():
             raise ValueError(f"every item must have the same keys: {sorted(like)} after {sorted(self.tensors)}")
         used = len(next(iter(self.tensors.values()))) if self.tensors else 0
-        size = max(used + slots - len(self.free), self.capacity, used * 5 // 4)
+        size = max(used + slots - len(self.free), self.capacity + slots, used * 5 // 4)
         for key, value in like.items():
             grown = value.new_empty((size, *value.shape[1:]))
             if used:
@@ -131,13 +149,22 @@ class _RowStore:
         )
 
     def append(self, item: Item) -> None:
+        """Copy `item`'s rows into free slots; those that `KEEP` drops (copied with the rest: one scatter of the
+        item as it is beats selecting the kept rows first) are free again at once."""
+        keep = item.get(KEEP)
+        item = {key: value for key, value in item.items() if key != KEEP}
         added = n_rows(item)
         if added > len(self.free) or item.keys() != self.tensors.keys():
             self._grow(item, added)
         slots, self.free = self.free[:added], self.free[added:]
         for key, value in item.items():
             self.tensors[key].index_copy_(0, slots, value)
-        self.order = torch.cat([self.order, slots])
+        if keep is None:
+            self.order = torch.cat([self.order, slots])
+        else:
+            keep = keep.to(slots.device)
+            self.order = torch.cat([self.order, slots[keep]])
+            self.free = torch.cat([self.free, slots[~keep]])
 
     def permuted(self, permutation: torch.Tensor) -> torch.Tensor:
         """The slots of the buffer's rows taken in `permutation` order."""

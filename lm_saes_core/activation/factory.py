@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from lm_saes_core.activation.buffer import ActivationBatcher, Item
+from lm_saes_core.activation.buffer import KEEP, ActivationBatcher, Item
 from lm_saes_core.activation.config import (
     ActivationFactoryActivationsSource,
     ActivationFactoryConfig,
@@ -31,13 +31,13 @@ DatasetInput = Any  # a datasets.Dataset, or (Dataset, {"text_field": ..., "doc_
 
 
 def flatten_tokens(item: Item) -> Item:
-    """2-D -> 1-D: keep the positions whose `mask` is true, as rows; drop the masks."""
-    keep = item["mask"].reshape(-1)
-    flat = {}
+    """2-D -> 1-D: every position a row (views, no copy), the positions whose `mask` is false marked for the batcher
+    to drop (`KEEP`) as it copies the rest; the masks themselves dropped."""
+    flat = {KEEP: item["mask"].reshape(-1)}
     for key, value in item.items():
         if key in ("mask", "attention_mask"):
             continue
-        flat[key] = value.reshape(-1, *value.shape[2:])[keep]
+        flat[key] = value.reshape(-1, *value.shape[2:])
     return flat
 
 
