@@ -39,7 +39,7 @@ from lm_saes_core.models.feature_parallel import (
 )
 from lm_saes_core.runners.analyze import AnalyzeSAESettings, analyze_sae
 from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
-from lm_saes_core.runners.train import TrainSAESettings
+from lm_saes_core.runners.train import TrainCrossCoderSettings, TrainSAESettings
 from lm_saes_core.store.sqlite import SQLiteRecordStore
 from lm_saes_core.training import Trainer, TrainerConfig
 from lm_saes_dagster.launch import HeavyStepLauncher
@@ -550,3 +550,12 @@ def test_what_cannot_be_split_is_named_before_anything_loads():
     assert feature_parallel_problem(molt.model_copy(update={"rank_counts": {1: 4, 2: 4}, "d_sae": 8}), 2) is None
     sae = SAEConfig.model_validate({**_sae("topk"), "d_sae": 1000})
     assert feature_parallel_problem(sae, 3) == "sae.d_sae=1000 does not split into 3 equal feature shards"
+    factories = [{"sources": [{"type": "activations", "name": "c", "path": "/nonexistent"}], "target": "activations-1d",
+                  "hook_points": [hook], "batch_size": BATCH} for hook in HEADS]  # fmt: skip
+    crosscoder = {"sae_type": "crosscoder", "d_model": 576, "d_sae": 1152, "heads": HEADS, "act_fn": "topk", "top_k": 4}
+    run = {"sae_name": "hp", "activation_factories": factories, "trainer": {"total_training_tokens": 1024}}
+    with pytest.raises(ValueError, match="3 head ranks do not split the 2 activation_factories"):
+        TrainCrossCoderSettings.model_validate({**run, "sae": crosscoder, "head_parallel_size": 3})
+    swapped = {**crosscoder, "heads": HEADS[::-1]}  # head rank 0's factory reads HEADS[0], its head would be HEADS[1]
+    with pytest.raises(ValueError, match=r"head rank 0 of 2 streams activation_factories\[0:1\]"):
+        TrainCrossCoderSettings.model_validate({**run, "sae": swapped, "head_parallel_size": 2})

@@ -83,8 +83,8 @@ def check_head_parallel(factories: list[HeadGroupFactory], head_parallel_size: i
         return
     if len(factories) % head_parallel_size:
         raise ValueError(
-            f"head_parallel_size={head_parallel_size} does not split the {len(factories)} activation_factories into "
-            "equal shares (head rank h streams the h-th share)"
+            f"{head_parallel_size} head ranks do not split the {len(factories)} activation_factories into equal "
+            "shares (head rank h streams the h-th share)"
         )
     heads = getattr(sae, "heads", None)
     if heads is None:
@@ -93,14 +93,14 @@ def check_head_parallel(factories: list[HeadGroupFactory], head_parallel_size: i
 
     problem = head_parallel_problem(sae, head_parallel_size)
     if problem is not None:
-        raise ValueError(f"head_parallel_size: {problem}")
+        raise ValueError(problem)
     per_rank, share = len(heads) // head_parallel_size, len(factories) // head_parallel_size
     for rank in range(head_parallel_size):
         keys = [key for factory in factories[rank * share : (rank + 1) * share] for key in factory.keys]
         wanted = heads[rank * per_rank : (rank + 1) * per_rank]
         if sorted(keys) != sorted(wanted):
             raise ValueError(
-                f"head_parallel_size={head_parallel_size}: head rank {rank} streams activation_factories"
+                f"head rank {rank} of {head_parallel_size} streams activation_factories"
                 f"[{rank * share}:{(rank + 1) * share}], which produce {keys}, but its heads are {wanted}: order "
                 "sae.heads as the factories produce them, with as many heads per share"
             )

@@ -159,7 +159,10 @@ class _HeadGroupSettings(_StreamSettings):
     def _supported(self) -> "_HeadGroupSettings":
         self._check_layout()
         check_head_groups(self.activation_factories)
-        check_head_parallel(self.activation_factories, self.head_parallel_size, getattr(self, "sae", None))
+        try:
+            check_head_parallel(self.activation_factories, self.head_parallel_size, getattr(self, "sae", None))
+        except ValueError as exc:
+            raise field_error("head_parallel_size", str(exc), self.head_parallel_size) from None
         for index, factory in enumerate(self.activation_factories):
             try:
                 check_sources_configured(factory, factory.model or self.model, self.datasets)
