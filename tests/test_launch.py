@@ -92,8 +92,8 @@ def test_launcher_backend_comes_from_one_environment_variable():
 def test_the_runner_table_names_each_runner_once_for_the_launcher_and_the_usage_line():
     """One table (lm_saes_core.pipes_entry.RUNNERS): the launcher accepts exactly its runners, the usage line lists
     them, and each names a settings class that imports."""
-    assert list(RUNNERS) == ["train", "sweep", "evaluate", "generate", "analyze", "dla"]
-    assert USAGE.endswith("{train|sweep|evaluate|generate|analyze|dla} SETTINGS_FILE")
+    assert list(RUNNERS) == ["train", "train-crosscoder", "sweep", "evaluate", "generate", "analyze", "dla"]
+    assert USAGE.endswith("{train|train-crosscoder|sweep|evaluate|generate|analyze|dla} SETTINGS_FILE")
     for runner, step in RUNNERS.items():
         assert torchrun_command(runner, "s.json", 1)[-2] == runner
         assert step.settings_class().__name__.endswith("Settings")
