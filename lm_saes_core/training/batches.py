@@ -61,14 +61,17 @@ class Prefetched(Iterator[Batch]):
             self._thread.start()
 
     def _produce(self, stream: Iterator[Batch]) -> None:
-        try:
-            for batch in stream:
-                if not self._put(batch):
-                    return
-        except BaseException as exc:  # handed to the consumer, which raises it
-            self._put(exc)
-            return
-        self._put(_END)
+        while not self._stop.is_set():  # checked before each read: a put that `close` made room for reads no more
+            try:
+                batch = next(stream)
+            except StopIteration:
+                self._put(_END)
+                return
+            except BaseException as exc:  # handed to the consumer, which raises it
+                self._put(exc)
+                return
+            if not self._put(batch):
+                return
 
     def _put(self, item: object) -> bool:
         """Queue `item` unless closed meanwhile; False when closed."""
