@@ -6,7 +6,8 @@ N (torchrun, gloo on CPU / NCCL on GPU), side by side in one run.
 
 Each contender trains on the same random batches already in memory (the step and its collectives, no reader), Aux-K
 on, metrics every 10 steps; tokens/s over the steps after the first 3. Per rank: the bytes of its parameters and
-Adam's moments (from the tensors) and its peak resident memory (ru_maxrss, which includes torch itself, ~0.4 GB).
+Adam's moments (from the tensors), its peak resident memory (ru_maxrss, which includes torch itself, ~0.4 GB) and
+the bytes it writes for the one checkpoint taken halfway (sharded: its own part; one process: the whole).
 On a CPU the processes share the cores (torch threads per process = cores / N), so the ratio shows what the
 collectives cost, not a speed-up; on GPUs it shows the scaling and the memory saved.
 """
@@ -39,8 +40,8 @@ def worker(args: argparse.Namespace) -> None:
     batches = [{"h": torch.randn(args.batch, args.d_model, generator=generator).to(args.device)}
                for _ in range(args.steps)]  # fmt: skip
     trainer_cfg = TrainerConfig(lr=1e-3, total_training_tokens=args.batch * args.steps, log_frequency=10,
-                                n_checkpoints=0, auxk_coefficient=1 / 32, dead_threshold=args.batch * 4,
-                                exp_result_path=args.out)  # fmt: skip
+                                n_checkpoints=0, checkpoint_every_steps=args.steps // 2, auxk_coefficient=1 / 32,
+                                dead_threshold=args.batch * 4, exp_result_path=args.out)  # fmt: skip
     times, sizes = [], []
 
     class Timed(Trainer):
@@ -88,12 +89,25 @@ def main() -> None:
             subprocess.run([*torchrun, __file__, *flags], check=True, env=env, stdout=subprocess.DEVNULL)
             ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(nproc)]
             rate = ranks[0]["tokens"] / max(r["seconds"] for r in ranks)
-            rows.append((nproc, rate, max(r["bytes"] for r in ranks), max(r["maxrss"] for r in ranks)))
+            written = max(_checkpoint_bytes(out, rank) for rank in range(nproc))
+            rows.append((nproc, rate, max(r["bytes"] for r in ranks), max(r["maxrss"] for r in ranks), written))
     print(f"TopK SAE {args.d_model} x {args.d_sae}, k {args.k}, batch {args.batch}, {args.device}, {cores} cores")
-    print(f"{'shards':>6} {'tokens/s':>10} {'ratio':>6} {'params+Adam/rank':>17} {'ratio':>6} {'peak RSS/rank':>14}")
-    for nproc, rate, size, rss in rows:
+    print(f"{'shards':>6} {'tokens/s':>10} {'ratio':>6} {'params+Adam/rank':>17} {'ratio':>6} {'peak RSS/rank':>14} "
+          f"{'checkpoint/rank':>16}")  # fmt: skip
+    for nproc, rate, size, rss, written in rows:
         print(f"{nproc:>6} {rate:>10,.0f} {rate / rows[0][1]:>6.2f} {size / 2**20:>13.1f} MiB "
-              f"{size / rows[0][2]:>6.2f} {rss / 2**20:>10.0f} MiB")  # fmt: skip
+              f"{size / rows[0][2]:>6.2f} {rss / 2**20:>10.0f} MiB {written / 2**20:>12.1f} MiB")  # fmt: skip
+
+
+def _checkpoint_bytes(out: Path, rank: int) -> int:
+    """What rank `rank` wrote for the checkpoint: its DCP part (rank 0 also the trainer state and config), or every
+    file of a one-process checkpoint."""
+    (checkpoint,) = (out / "checkpoints").iterdir()
+    files = [path for path in checkpoint.rglob("*") if path.is_file()]
+    if (checkpoint / "sharded").is_dir():
+        own = f"__{rank}_"
+        files = [p for p in files if p.name.startswith(own) or (rank == 0 and p.parent == checkpoint)]
+    return sum(path.stat().st_size for path in files)
 
 
 if __name__ == "__main__":

@@ -154,15 +154,22 @@ def test_each_shard_holds_half_the_parameter_and_optimiser_bytes(batches, tmp_pa
 
 
 def test_a_checkpoint_of_two_shards_resumes_under_any_layout(batches, tmp_path):
-    """A 2-shard run checkpoints at step 4 (whole tensors: weights, Adam's moments, dead-latent counters); resumed
-    on the same layout it ends bitwise where the uninterrupted run ends, and resumed in one process or on two data
-    ranks it ends where the uninterrupted one-process run ends (to the tolerance of the first test)."""
+    """A 2-shard run checkpoints at step 4, each process writing its part (torch.distributed.checkpoint: weights,
+    Adam's moments, dead-latent counters); resumed on the same layout it ends bitwise where the uninterrupted run
+    ends, and resumed in one process or on two data ranks it ends where the uninterrupted one-process run ends (to
+    the tolerance of the first test)."""
     norm = float(batches[0][HOOK].norm(dim=-1).mean())
     payload = {"batches": batches, "hook": HOOK, "sae": _sae("topk"), "norm": norm,
                "trainer": _trainer(tmp_path / "run", checkpoint_every_steps=4, dead_threshold=256)}  # fmt: skip
     uninterrupted = _launch(tmp_path, payload, 1, 2)[0]["weights"]
     checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
-    assert (checkpoint / "sae_weights.safetensors").is_file()
+    parts = sorted((checkpoint / "sharded").glob("*.distcp"))  # each process wrote its part; nothing was gathered
+    assert len(parts) == 2 and not (checkpoint / "sae_weights.safetensors").exists()
+    d, f = 576, D_SAE
+    tensors = (d * f + f + f * d) * 3 * 4 + f * 8  # W_E, b_E, W_D with Adam's moments; the dead-latent counters
+    replicated = d * 4 * 3  # b_D and its moments, written once
+    assert sum(part.stat().st_size for part in parts) == pytest.approx(tensors + replicated, rel=0.01)
+    assert [part.stat().st_size for part in parts] == pytest.approx([(tensors + replicated) / 2] * 2, rel=0.02)
     same = _launch(tmp_path, payload, 1, 2, resume_from=str(checkpoint), name="resumed-dp1xmp2")[0]["weights"]
     assert all(torch.equal(same[name], uninterrupted[name]) for name in uninterrupted)
     alone, _ = _alone(payload, batches, tmp_path / "alone")
@@ -376,22 +383,29 @@ def head_batches(head_cache) -> list[dict[str, torch.Tensor]]:
 def test_a_feature_parallel_crosscoder_equals_the_one_process_run(head_batches, tmp_path, act_fn, head, model):
     """A crosscoder over two heads, its features split over `model` shards (every head's copy of a feature on the
     same shard) and its heads over `head` ranks (each streaming only its hook): the same steps and per-head metrics
-    as one process."""
+    as one process; at 2 x 2, its checkpoint resumes in one process where that run ends."""
     sae = {"sae_type": "crosscoder", "d_model": 576, "d_sae": 1152, "heads": HEADS, "act_fn": act_fn, "top_k": 16}
     if head > 1:  # the heads' parts of a pre-activation are summed in another order: in float32 a score at the
         sae["dtype"] = "float64"  # BatchTopK threshold can flip; in float64 the steps are the same
     norms = {hook: float(head_batches[0][hook].norm(dim=-1).mean()) for hook in HEADS}
-    payload = {"batches": head_batches, "hook": HEADS[0], "sae": sae, "trainer": _trainer(tmp_path / "run"),
-               "norms": norms}  # fmt: skip
+    trainer = _trainer(tmp_path / "run", checkpoint_every_steps=4)
+    payload = {"batches": head_batches, "hook": HEADS[0], "sae": sae, "trainer": trainer, "norms": norms}
     ranks = _launch(tmp_path, payload, 1, model, head=head)
-    torch.manual_seed(0)
-    alone = CrossCoder.from_config(CrossCoderConfig.model_validate(sae))
-    if head > 1:  # head ranks take the dense path; sparse and dense steps round differently (test_loop_fast_paths)
-        alone.sparse_kernels = False
-    alone.set_dataset_average_activation_norm(norms)
-    cfg = TrainerConfig.model_validate({**payload["trainer"], "exp_result_path": str(tmp_path / "alone")})
-    metrics = Trainer(cfg).fit(alone, iter(head_batches)).last_metrics
+
+    def one_process(out: str, resume_from: Path | None = None) -> tuple[CrossCoder, dict]:
+        torch.manual_seed(0)
+        alone = CrossCoder.from_config(CrossCoderConfig.model_validate(sae))
+        if head > 1:  # head ranks take the dense path; sparse and dense steps round differently (test_loop_fast_paths)
+            alone.sparse_kernels = False
+        alone.set_dataset_average_activation_norm(norms)
+        cfg = TrainerConfig.model_validate({**trainer, "exp_result_path": str(tmp_path / out)})
+        return alone, Trainer(cfg).fit(alone, iter(head_batches), resume_from=resume_from).last_metrics
+
+    alone, metrics = one_process("alone")
     _assert_same_training(alone.state_dict(), ranks[0]["weights"])
+    if head > 1 and model > 1:  # its checkpoint, each rank's part of its heads' features, resumes in one process
+        resumed, _ = one_process("resumed", tmp_path / "run" / "checkpoints" / "step_4")
+        _assert_same_training(alone.state_dict(), resumed.state_dict())
     for name in ("metrics/l0", "losses/mse_loss", "crosscoder_metrics/l0_features",
                  f"crosscoder_metrics/{HEADS[1]}/l0", f"crosscoder_metrics/{HEADS[0]}/decoder_norm_share",
                  f"crosscoder_metrics/{HEADS[1]}/explained_variance"):  # fmt: skip

@@ -595,8 +595,7 @@ class SparseDictionary(nn.Module):
         tensors = {name: tensor.detach().contiguous().cpu() for name, tensor in model.state_dict().items()}
         with atomic_path(path / WEIGHTS_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", "sae_type": model.cfg.sae_type})
-        config = model.cfg.model_dump(mode="json", exclude={"device"})
-        atomic_write_text(path / CONFIG_FILE, json.dumps(config, indent=2))
+        save_config(model.cfg, path)
         return path
 
     @classmethod
@@ -664,6 +663,11 @@ def locate_pretrained(path: str | Path) -> tuple[Path, Path]:
         if not file.is_file():
             raise FileNotFoundError(f"{file} is missing; {path} is not a complete saved sparse dictionary")
     return config_file, weights_file
+
+
+def save_config(cfg: SparseDictionaryConfig, path: str | Path) -> None:
+    """Write `path/config.json` describing a dictionary of config `cfg` (its device is the loader's choice)."""
+    atomic_write_text(Path(path) / CONFIG_FILE, json.dumps(cfg.model_dump(mode="json", exclude={"device"}), indent=2))
 
 
 def read_dictionary_config(

@@ -292,11 +292,6 @@ def _map_optimizer_state(state: dict, axes: list[Axis | None], change) -> dict:
     return {"state": mapped, "param_groups": state["param_groups"]}
 
 
-def gather_optimizer_state(state: dict, axes: list[Axis | None], shards: FeatureShards) -> dict:
-    """A shard's optimiser state made whole (collective: every shard calls it)."""
-    return _map_optimizer_state(state, axes, shards.gather)
-
-
 def shard_optimizer_state(state: dict, axes: list[Axis | None], shards: FeatureShards) -> dict:
     """This shard's part of a whole optimiser state."""
     return _map_optimizer_state(state, axes, lambda value, *axis: shards.local_slice(value, *axis).clone())

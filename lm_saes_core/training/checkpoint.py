@@ -8,6 +8,11 @@ run's output directory, which holds other files too: they are staged the same wa
 the earlier config.json is withdrawn, so the directory never holds a config.json beside weights it does not describe.
 `trainer_state.pt` holds only tensors, numbers, strings and containers, so it is read with `weights_only=True`.
 
+A feature- or head-parallel run writes sharded checkpoints (`save_sharded_checkpoint`): every process writes its part
+of the tensors into `sharded/` (see `sharded_checkpoint`), beside the whole dictionary's `config.json` and the
+trainer state; nothing is gathered, and they resume under any layout. The run's final weights are one ordinary file
+set all the same.
+
 A checkpoint also records the settings of the run that wrote it (`train_settings.json`), so a run that looks for a
 checkpoint to continue (`resume_from: auto`) takes only one its own settings wrote. Periodic checkpoints (written on
 a wall-clock cadence to bound what a killed run loses) carry a `periodic` marker and only the newest two are kept:
@@ -22,14 +27,17 @@ import re
 import shutil
 import struct
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from lm_saes_core.io import atomic_path, is_temporary, temporary_path
-from lm_saes_core.models.base import CONFIG_FILE, WEIGHTS_FILE
+from lm_saes_core.models.base import CONFIG_FILE, WEIGHTS_FILE, save_config
+from lm_saes_core.training.sharded_checkpoint import SHARDED_DIR, Split, is_sharded_checkpoint, write_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -95,20 +103,60 @@ def save_checkpoint(
     try:
         staging.mkdir()
         model.save_pretrained(staging, fold_activation_scale=False)
-        if run_settings is not None:
-            (staging / RUN_SETTINGS_FILE).write_text(json.dumps(run_settings, indent=2))
-        if periodic:
-            (staging / PERIODIC_MARKER).touch()
-        with atomic_path(staging / STATE_FILE) as tmp:
-            torch.save({"format_version": STATE_FORMAT_VERSION, **trainer_state}, tmp)
-        _fsync_directory(staging)
-        _replace_directory(staging, final)
+        _finish(staging, final, trainer_state, run_settings, periodic)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return final
+
+
+def save_sharded_checkpoint(
+    root: str | Path,
+    step: int,
+    config,
+    tensors: dict[str, torch.Tensor],
+    split_of: Callable[[str], Split],
+    mesh,
+    trainer_state: dict[str, Any],
+    *,
+    run_settings: dict[str, Any] | None = None,
+    periodic: bool = False,
+) -> Path:
+    """`save_checkpoint` for a feature- or head-parallel run, called by every process at once: each writes its part
+    of `tensors` (this process's, split as `split_of` says) into `sharded/`; rank 0 adds the whole dictionary's
+    `config`, the trainer state and the settings, and renames the directory into place when all parts are written."""
+    final = Path(root) / "checkpoints" / f"step_{step}"
+    main = dist.get_rank() == 0
+    staging = [temporary_path(final)]
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging[0].mkdir()
+    dist.broadcast_object_list(staging, src=0)  # rank 0's name, once the directory exists
+    staging = staging[0]
+    try:
+        write_tensors(staging / SHARDED_DIR, tensors, split_of, mesh)  # returns once .metadata is written
+        if main:
+            save_config(config, staging)
+            _finish(staging, final, trainer_state, run_settings, periodic)
+    except BaseException:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def _finish(staging: Path, final: Path, trainer_state: dict, run_settings: dict | None, periodic: bool) -> None:
+    """Add the trainer state and settings to a staged checkpoint and rename it into place."""
+    if run_settings is not None:
+        (staging / RUN_SETTINGS_FILE).write_text(json.dumps(run_settings, indent=2))
+    if periodic:
+        (staging / PERIODIC_MARKER).touch()
+    with atomic_path(staging / STATE_FILE) as tmp:
+        torch.save({"format_version": STATE_FORMAT_VERSION, **trainer_state}, tmp)
+    _fsync_directory(staging)
+    _replace_directory(staging, final)
     if periodic:
         _prune_periodic(final.parent, keep=PERIODIC_KEPT)
-    return final
 
 
 def _prune_periodic(directory: Path, keep: int) -> None:
@@ -191,12 +239,14 @@ def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is not a complete checkpoint (a file missing or cut short), or None for a complete one. Cheap: it
     reads the files' headers and ends, not their contents."""
     path = Path(path)
-    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, STATE_FILE) if not (path / name).is_file()]
+    sharded = is_sharded_checkpoint(path)  # its .metadata is written once every part is
+    weights = f"{SHARDED_DIR}/.metadata" if sharded else WEIGHTS_FILE
+    missing = [name for name in (CONFIG_FILE, weights, STATE_FILE) if not (path / name).is_file()]
     if missing:
         return f"{', '.join(missing)} missing"
     if not zipfile.is_zipfile(path / STATE_FILE):  # torch.save writes a zip; cut short, it has no central directory
         return f"{STATE_FILE} is cut short or not written by torch.save"
-    return _safetensors_problem(path / WEIGHTS_FILE)
+    return None if sharded else _safetensors_problem(path / WEIGHTS_FILE)
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

@@ -37,6 +37,8 @@ class DataParallel:
     group: object = None
     """The data ranks' process group (None: every process)."""
     global_rank: int | None = None
+    mesh: object = None
+    """The (data, head, model) DeviceMesh of a feature- or head-parallel launch: sharded checkpoints are saved on it."""
 
     @property
     def is_main(self) -> bool:
@@ -117,7 +119,7 @@ def init_mesh(
     cuda = _init_process_group(device)
     mesh = init_device_mesh("cuda" if cuda else "cpu", sizes, mesh_dim_names=("data", "head", "model"))
     data_rank, head_rank, model_rank = mesh.get_coordinate()
-    data = DataParallel(data_rank, data_parallel_size, mesh.get_group("data"), dist.get_rank())
+    data = DataParallel(data_rank, data_parallel_size, mesh.get_group("data"), dist.get_rank(), mesh)
     shards = heads = None
     if model_parallel_size > 1:
         world = None

@@ -25,11 +25,11 @@ from tqdm.auto import tqdm
 
 from lm_saes_core.config import ConfigError
 from lm_saes_core.models import LossCoefficients, SparseDictionary, load_sparse_dictionary
+from lm_saes_core.models.base import CONFIG_FILE, read_dictionary_config
 from lm_saes_core.models.feature_parallel import (
     FeatureShards,
     gather_features,
     gather_model,
-    gather_optimizer_state,
     optimizer_axes,
     shard_features,
     shard_model,
@@ -44,12 +44,21 @@ from lm_saes_core.training.checkpoint import (
     restore_rng_states,
     save_checkpoint,
     save_final_dictionary,
+    save_sharded_checkpoint,
 )
 from lm_saes_core.training.config import TrainerConfig
 from lm_saes_core.training.data_parallel import DataParallel
 from lm_saes_core.training.metrics import DeadLatentStatistics, FeatureActivity, MetricWindow
 from lm_saes_core.training.optim import GradShards, build_optimizer, build_scheduler, clip_rms_grad_norm_
 from lm_saes_core.training.schedules import annealed_k, checkpoint_steps, resolve_steps, warmup_factor
+from lm_saes_core.training.sharded_checkpoint import (
+    SHARDED_DIR,
+    dictionary_splits,
+    is_sharded_checkpoint,
+    loaded_states,
+    read_tensors,
+    state_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +140,9 @@ class Trainer:
             self.dp.broadcast_model(model)
             model.batch_kth = self.dp.kth_largest
         if self._sharded:
-            if resume_from is not None:
+            if resume_from is not None and is_sharded_checkpoint(resume_from):
+                _load_model_config(whole, Path(resume_from))  # its parts are read into this shard's in `_resume`
+            elif resume_from is not None:
                 _load_model_weights(whole, Path(resume_from))  # the whole weights, then this shard's part of them
             model = self._shard(whole)
             _release(whole)  # while its parts train, the whole dictionary holds no memory
@@ -191,11 +202,15 @@ class Trainer:
                     saves.pop(0)
                 periodic = not planned_now and progress.step < T and self._periodic_due(last_save)
                 if planned_now or periodic:
-                    if self.is_main or self._sharded:  # the shards gather together; rank 0 writes
-                        saved_model, state = self._state(model, progress, optimizer, scheduler, dead, wandb_run)
-                    if self.is_main:
-                        path = save_checkpoint(cfg.exp_result_path, progress.step, saved_model, state,
+                    path = None
+                    if self._sharded:  # every process writes its part
+                        path = self._save_sharded(model, progress, optimizer, scheduler, dead, wandb_run,
+                                                  run_settings=run_settings, periodic=periodic)  # fmt: skip
+                    elif self.is_main:
+                        state = self._state(progress, optimizer.state_dict(), dead.state_dict(), scheduler, wandb_run)
+                        path = save_checkpoint(cfg.exp_result_path, progress.step, model, state,
                                                run_settings=run_settings, periodic=periodic)  # fmt: skip
+                    if self.is_main:
                         result.checkpoints.append(path)
                     last_save = time.monotonic()
 
@@ -277,9 +292,13 @@ class Trainer:
         progress = _Progress(**state["progress"])
         scheduler = build_scheduler(self.cfg, optimizer, progress.total_steps)
         optimizer_state, dead_state = state["optimizer"], state["dead_latents"]
-        if not self._sharded:
+        if is_sharded_checkpoint(path):  # this process's parts of its tensors, whatever the layout that wrote it
+            if not self._sharded:
+                _load_model_config(model, path)
+            optimizer_state, dead_state = self._read_sharded(model, optimizer, optimizer_state, path)
+        elif not self._sharded:
             _load_model_weights(model, path)
-        else:  # the weights were loaded whole before sharding; a checkpoint holds whole states, of any layout
+        else:  # the weights were loaded whole before sharding; such a checkpoint holds whole states
             optimizer_state, dead_state = self._shard_states(model, optimizer, optimizer_state, dead_state)
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict(state["scheduler"])
@@ -414,20 +433,9 @@ class Trainer:
     def _fold_on_save(self, model: SparseDictionary) -> bool:
         return self.cfg.fold_activation_scale and model.cfg.norm_activation == "dataset-wise"
 
-    def _state(self, model, progress: _Progress, optimizer, scheduler, dead: DeadLatentStatistics, wandb_run):
-        """(the dictionary to save, the trainer state): whole ones, gathered from every shard (a collective), under
-        feature parallelism, so that a checkpoint resumes under any layout."""
-        optimizer_state, dead_state = optimizer.state_dict(), dead.state_dict()
-        if self._sharded:
-            axes = optimizer_axes(model, optimizer)
-            if self.shards is not None:
-                optimizer_state = gather_optimizer_state(optimizer_state, axes, self.shards)
-            if self.heads is not None:  # every tensor of a crosscoder has its heads on axis 0
-                optimizer_state = gather_optimizer_state(optimizer_state, [0] * len(axes), self.heads)
-            device = model.cfg.device
-            dead_state = {k: self._whole_features(v.to(device), model).cpu() for k, v in dead_state.items()}
-            model = self._gather(model)
-        return model, {
+    def _state(self, progress: _Progress, optimizer_state: dict, dead_state: dict, scheduler, wandb_run) -> dict:
+        """The trainer state a checkpoint holds."""
+        return {
             "progress": asdict(progress),
             "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
@@ -436,6 +444,41 @@ class Trainer:
             "trainer_config": self.cfg.model_dump(mode="json"),
             "wandb_run_id": getattr(wandb_run, "id", None),
         }
+
+    def _save_sharded(self, model, progress: _Progress, optimizer, scheduler, dead, wandb_run, **options) -> Path:
+        """A sharded checkpoint (every process at once): each writes its part of the tensors, nothing is gathered."""
+        tensors, small = state_tensors(model, optimizer.state_dict(), dead.state_dict())
+        split_of = dictionary_splits(model, optimizer, heads_split=self.heads is not None)
+        state = self._state(progress, small, {}, scheduler, wandb_run)
+        return save_sharded_checkpoint(self.cfg.exp_result_path, progress.step, self._whole_config(model), tensors,
+                                       split_of, self.dp.mesh, state, **options)  # fmt: skip
+
+    def _read_sharded(self, model, optimizer, small_optimizer_state: dict, path: Path) -> tuple[dict, dict]:
+        """Load this process's part of a sharded checkpoint's weights into `model`; its optimiser and dead-latent
+        states."""
+        split_of = dictionary_splits(model, optimizer, heads_split=self.heads is not None)
+        mesh = self.dp.mesh if self._sharded else None
+        tensors = read_tensors(path / SHARDED_DIR, split_of, mesh, model.cfg.device)
+        weights, optimizer_state, dead_state = loaded_states(tensors, small_optimizer_state)
+        model.load_state_dict(weights)
+        return optimizer_state, dead_state
+
+    def _whole_config(self, model: SparseDictionary):
+        """The config of the whole dictionary of this process's part (a collective under head parallelism: each head
+        rank knows its heads' dataset norms)."""
+        cfg = model.cfg
+        if self.shards is not None:
+            norms = cfg.dataset_average_activation_norm
+            cfg = model.whole_cfg.model_copy(deep=True, update={"dataset_average_activation_norm": norms})
+        if self.heads is not None:
+            norms = None
+            if cfg.dataset_average_activation_norm is not None:
+                norms = {}
+                for part in self.heads.gather_objects(cfg.dataset_average_activation_norm):
+                    norms |= part
+            update = {"heads": self.whole_heads, "dataset_average_activation_norm": norms}
+            cfg = cfg.model_copy(deep=True, update=update)
+        return cfg
 
     def _check_resumable(self, state: dict, path: Path) -> None:
         saved = TrainerConfig.model_validate(state["trainer_config"])
@@ -456,15 +499,25 @@ class Trainer:
 def _load_model_weights(model: SparseDictionary, path: Path) -> None:
     """Copy a checkpoint's weights (and dataset norms) into `model`, whose config must describe the same dictionary."""
     saved = load_sparse_dictionary(path, device=model.cfg.device, dtype=model.cfg.dtype)
+    _take_config(model, saved.cfg, path)
+    model.load_state_dict(saved.state_dict())
+
+
+def _load_model_config(model: SparseDictionary, path: Path) -> None:
+    """`_load_model_weights` without the weights (a sharded checkpoint's are read part by part)."""
+    _take_config(model, read_dictionary_config(path / CONFIG_FILE, device=model.cfg.device), path)
+
+
+def _take_config(model: SparseDictionary, saved, path: Path) -> None:
+    """Check that a checkpoint's dictionary config `saved` describes `model`'s dictionary; take its dataset norms."""
     ignored = {"device", "dtype", "dataset_average_activation_norm"}
-    ours, theirs = model.cfg.model_dump(exclude=ignored), saved.cfg.model_dump(exclude=ignored)
+    ours, theirs = model.cfg.model_dump(exclude=ignored), saved.model_dump(exclude=ignored)
     differing = {k: (theirs[k], ours[k]) for k in ours if ours[k] != theirs.get(k)}
     if differing:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in differing.items())
         raise ConfigError(f"cannot resume from {path}: the dictionary config differs from the checkpoint's: {listed}")
-    model.load_state_dict(saved.state_dict())
-    if saved.cfg.dataset_average_activation_norm is not None:
-        model.set_dataset_average_activation_norm(saved.cfg.dataset_average_activation_norm)
+    if saved.dataset_average_activation_norm is not None:
+        model.set_dataset_average_activation_norm(saved.dataset_average_activation_norm)
 
 
 def _release(model: SparseDictionary) -> None:
