@@ -5,6 +5,7 @@ named error before any model loads. Real SmolLM2 activations (tests/real_activat
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ from lm_saes_core.runners.evaluate import EvaluateSAESettings, evaluate_sae
 from lm_saes_core.runners.train import TrainCrossCoderSettings, TrainSAESettings
 from lm_saes_core.store.sqlite import SQLiteRecordStore
 from lm_saes_core.training import Trainer, TrainerConfig
+from lm_saes_core.training.checkpoint import checkpoint_problem, find_latest_checkpoint
 from lm_saes_dagster.launch import HeavyStepLauncher
 
 pytestmark = pytest.mark.slow
@@ -170,6 +172,12 @@ def test_a_checkpoint_of_two_shards_resumes_under_any_layout(batches, tmp_path):
     replicated = d * 4 * 3  # b_D and its moments, written once
     assert sum(part.stat().st_size for part in parts) == pytest.approx(tensors + replicated, rel=0.01)
     assert [part.stat().st_size for part in parts] == pytest.approx([(tensors + replicated) / 2] * 2, rel=0.02)
+    broken = tmp_path / "broken" / "checkpoints" / "step_4"
+    shutil.copytree(checkpoint, broken)
+    os.truncate(broken / "sharded" / parts[1].name, 1000)
+    assert checkpoint_problem(broken) == f"sharded/{parts[1].name} is cut short (1000 bytes, its parts need " \
+        f"{parts[1].stat().st_size})"  # fmt: skip
+    assert find_latest_checkpoint(tmp_path / "broken") is None  # never a resume point
     same = _launch(tmp_path, payload, 1, 2, resume_from=str(checkpoint), name="resumed-dp1xmp2")[0]["weights"]
     assert all(torch.equal(same[name], uninterrupted[name]) for name in uninterrupted)
     alone, _ = _alone(payload, batches, tmp_path / "alone")

@@ -37,7 +37,13 @@ import torch.distributed as dist
 
 from lm_saes_core.io import atomic_path, is_temporary, temporary_path
 from lm_saes_core.models.base import CONFIG_FILE, WEIGHTS_FILE, save_config
-from lm_saes_core.training.sharded_checkpoint import SHARDED_DIR, Split, is_sharded_checkpoint, write_tensors
+from lm_saes_core.training.sharded_checkpoint import (
+    SHARDED_DIR,
+    Split,
+    is_sharded_checkpoint,
+    sharded_problem,
+    write_tensors,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -237,7 +243,7 @@ def _safetensors_problem(path: Path) -> str | None:
 
 def checkpoint_problem(path: str | Path) -> str | None:
     """Why `path` is not a complete checkpoint (a file missing or cut short), or None for a complete one. Cheap: it
-    reads the files' headers and ends, not their contents."""
+    reads the files' headers (a sharded one's `.metadata`) and sizes, not their contents."""
     path = Path(path)
     sharded = is_sharded_checkpoint(path)  # its .metadata is written once every part is
     weights = f"{SHARDED_DIR}/.metadata" if sharded else WEIGHTS_FILE
@@ -246,7 +252,7 @@ def checkpoint_problem(path: str | Path) -> str | None:
         return f"{', '.join(missing)} missing"
     if not zipfile.is_zipfile(path / STATE_FILE):  # torch.save writes a zip; cut short, it has no central directory
         return f"{STATE_FILE} is cut short or not written by torch.save"
-    return None if sharded else _safetensors_problem(path / WEIGHTS_FILE)
+    return sharded_problem(path) if sharded else _safetensors_problem(path / WEIGHTS_FILE)
 
 
 def load_trainer_state(path: str | Path) -> dict[str, Any]:

@@ -47,6 +47,25 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
     return (Path(path) / SHARDED_DIR / ".metadata").is_file()
 
 
+def sharded_problem(path: str | Path) -> str | None:
+    """Why the DCP directory of checkpoint `path` is not whole (a part file missing or cut short), or None."""
+    directory = Path(path) / SHARDED_DIR
+    try:
+        metadata = dcp.FileSystemReader(directory).read_metadata()
+    except Exception as error:  # a .metadata cut short or not DCP's: whatever unpickling it raised
+        return f"{SHARDED_DIR}/.metadata is unreadable ({type(error).__name__})"
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = directory / name
+        if not file.is_file():
+            return f"{SHARDED_DIR}/{name} missing"
+        if file.stat().st_size < end:
+            return f"{SHARDED_DIR}/{name} is cut short ({file.stat().st_size} bytes, its parts need {end})"
+    return None
+
+
 def write_tensors(directory: Path, tensors: dict[str, Tensor], split_of: Callable[[str], Split], mesh) -> None:
     """Write this process's part of every tensor (a collective: every process of `mesh` calls it at once)."""
     flat = {}
