@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lm_saes_core.models import kernels
+from lm_saes_core.models.collectives import gathered_parts, kth_largest_over, summed
 
 
 class _ReducePartial(torch.autograd.Function):
@@ -62,15 +62,11 @@ class FeatureShards:
 
     def sum(self, tensor: Tensor) -> Tensor:
         """A new tensor: `tensor` summed over the shards (no gradient)."""
-        total = tensor.detach().clone()
-        dist.all_reduce(total, group=self.group)
-        return total
+        return summed(tensor, self.group)
 
     def gather(self, tensor: Tensor, dim: int, blocks: tuple[int, ...] | None = None) -> Tensor:
         """Every shard's `tensor` joined along `dim` (no gradient): a feature axis made whole (`join_parts`)."""
-        parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor.detach().contiguous(), group=self.group)
-        return join_parts(parts, dim, blocks)
+        return join_parts(gathered_parts(tensor, self.group), dim, blocks)
 
     def row_kth(self, candidates: Tensor, k: int) -> Tensor:
         """(N,): per row, the k-th largest of every shard's `candidates` (N, c) together; each shard sends its own
@@ -82,15 +78,7 @@ class FeatureShards:
         """BatchTopK's search over the whole mesh: `values` are this shard's candidates of this data rank's rows, `n`
         is k x its rows; the threshold is the (n x data ranks)-th largest of every process's values (each sends
         that many of its largest, which hold every entry of the global top), clamped at 0."""
-        total = n * self.data_size
-        flat = values.reshape(-1)
-        top = flat.topk(min(total, flat.numel()), sorted=False).values
-        padded = torch.full((total,), float("-inf"), dtype=flat.dtype, device=flat.device)
-        padded[: top.numel()] = top
-        world = dist.get_world_size(self.world)
-        gathered = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(gathered, padded, group=self.world)
-        return kernels.kth_largest(torch.cat(gathered), total)
+        return kth_largest_over(values, n * self.data_size, self.world)
 
     def mean_statistics(self, stats: dict[str, float]) -> dict[str, float]:
         """Statistics that are means over a shard's features (norms, thresholds) or the same on every shard, made

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lm_saes_core.models.collectives import any_process, gathered_parts, summed
 from lm_saes_core.models.feature_parallel import rebuilt
 
 
@@ -53,21 +54,15 @@ class HeadShards:
 
     def sum(self, tensor: Tensor) -> Tensor:
         """A new tensor: `tensor` summed over the head ranks (no gradient)."""
-        total = tensor.detach().clone()
-        dist.all_reduce(total, group=self.group)
-        return total
+        return summed(tensor, self.group)
 
     def any(self, flags: Tensor) -> Tensor:
         """Element-wise OR of a boolean tensor over the head ranks."""
-        combined = flags.to(torch.uint8)
-        dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=self.group)
-        return combined.bool()
+        return any_process(flags, self.group)
 
     def gather(self, tensor: Tensor, dim: int = 0) -> Tensor:
         """Every head rank's `tensor` concatenated along `dim` (no gradient): the heads made whole."""
-        parts = [torch.empty_like(tensor) for _ in range(self.size)]
-        dist.all_gather(parts, tensor.detach().contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim)
+        return torch.cat(gathered_parts(tensor, self.group), dim=dim)
 
     def gather_objects(self, value) -> list:
         """Every head rank's picklable `value`, in rank order."""

@@ -21,8 +21,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 from lm_saes_core.config import ConfigError
-from lm_saes_core.models import kernels
 from lm_saes_core.models.base import SparseDictionary
+from lm_saes_core.models.collectives import any_process, kth_largest_over
 from lm_saes_core.models.feature_parallel import FeatureShards
 from lm_saes_core.models.head_parallel import HeadShards
 
@@ -65,21 +65,11 @@ class DataParallel:
 
     def any(self, flags: torch.Tensor) -> torch.Tensor:
         """Element-wise OR of a boolean tensor over ranks."""
-        combined = flags.to(torch.int32)
-        dist.all_reduce(combined, op=dist.ReduceOp.MAX, group=self.group)
-        return combined.bool()
+        return any_process(flags, self.group)
 
     def kth_largest(self, values: torch.Tensor, n: int) -> torch.Tensor:
-        """The (n x N)-th largest entry of every rank's `values` together (n per rank), clamped at 0: each rank sends
-        its n x N largest (padded with -inf), which hold every entry of the global top."""
-        total = n * self.world_size
-        flat = values.reshape(-1)
-        top = flat.topk(min(total, flat.numel()), sorted=False).values
-        padded = torch.full((total,), float("-inf"), dtype=flat.dtype, device=flat.device)
-        padded[: top.numel()] = top
-        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        dist.all_gather(gathered, padded, group=self.group)
-        return kernels.kth_largest(torch.cat(gathered), total)
+        """The (n x N)-th largest entry of every rank's `values` together (n per rank), clamped at 0."""
+        return kth_largest_over(values, n * self.world_size, self.group)
 
     def broadcast_model(self, model: SparseDictionary) -> None:
         """Rank 0's weights, buffers and dataset-wise input norms on every process (of every data rank and shard):
