@@ -7,7 +7,7 @@ N (torchrun, gloo on CPU / NCCL on GPU), side by side in one run.
 Each contender trains on the same random batches already in memory (the step and its collectives, no reader), Aux-K
 on, metrics every 10 steps; tokens/s over the steps after the first 3. Per rank: the bytes of its parameters and
 Adam's moments (from the tensors), its peak resident memory (ru_maxrss, which includes torch itself, ~0.4 GB) and
-the bytes it writes for the one checkpoint taken halfway (sharded: its own part; one process: the whole).
+the bytes it writes for the run's one checkpoint, after the timed steps (sharded: its own part; alone: the whole).
 On a CPU the processes share the cores (torch threads per process = cores / N), so the ratio shows what the
 collectives cost, not a speed-up; on GPUs it shows the scaling and the memory saved.
 """
@@ -40,7 +40,7 @@ def worker(args: argparse.Namespace) -> None:
     batches = [{"h": torch.randn(args.batch, args.d_model, generator=generator).to(args.device)}
                for _ in range(args.steps)]  # fmt: skip
     trainer_cfg = TrainerConfig(lr=1e-3, total_training_tokens=args.batch * args.steps, log_frequency=10,
-                                n_checkpoints=0, checkpoint_every_steps=args.steps // 2, auxk_coefficient=1 / 32,
+                                n_checkpoints=0, checkpoint_every_steps=args.steps - 1, auxk_coefficient=1 / 32,
                                 dead_threshold=args.batch * 4, exp_result_path=args.out)  # fmt: skip
     times, sizes = [], []
 
