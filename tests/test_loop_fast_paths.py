@@ -283,6 +283,28 @@ def test_group_statistics_from_the_sparse_selection_are_the_dense_ones(config, n
         assert torch.equal(fast[key], value), key
 
 
+@pytest.mark.parametrize("act_fn", ["relu", "topk"])
+def test_the_metric_window_gives_a_clt_the_values_it_computes_itself(act_fn):
+    """The window hands `group_statistics` its own errors and activity counts: the report is bitwise the one of the
+    model computing them from the label and the dense activations."""
+    torch.manual_seed(0)
+    config = CLTConfig(d_model=D, d_sae=32, hook_points_in=["i0", "i1", "i2"], hook_points_out=["o0", "o1", "o2"],
+                       act_fn=act_fn, top_k=4, norm_activation="inference")  # fmt: skip
+    model = SparseDictionary.from_config(config)
+    window = MetricWindow(model.n_features, "cpu", 3, model.group_statistics)
+    expected = {}
+    for n_tokens in (37, 200):
+        out = model.compute_loss({hook: torch.randn(n_tokens, D) for hook in config.hook_points})
+        window.update(out, FeatureActivity.of(model, out.feature_acts), torch.ones(()), torch.ones(()))
+        dense = model.group_statistics(out.label, out.reconstructed, out.feature_acts.clone())
+        for key, value in dense.items():
+            expected[key] = expected.get(key, 0) + value
+    report = window.report()
+    assert any(key.startswith("metrics/l0_layer") for key in expected)
+    for key, value in expected.items():
+        assert report[key] == (value / 2).item(), key
+
+
 # ---------------------------------------------------------------- gradient norm and metric window
 
 

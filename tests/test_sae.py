@@ -391,6 +391,69 @@ def test_sparse_kernels_equal_the_dense_path(act_fn, gating, dtype):
         assert relative < (1e-5 if dtype == torch.float32 else 1e-12), name
 
 
+def plain_codec(x, W_E, b_E, W_D, *gating):
+    """(h, f, f @ W_D) through autograd's own nodes: ReLU, or gated JumpReLU given (norms, thresholds)."""
+    h = torch.addmm(b_E, x, W_E)
+    f = act.gated_jumprelu(h, *gating, 0.5) if gating else h.relu()
+    return h, f, f @ W_D
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("act_fn", ["relu", "jumprelu"])
+def test_fused_codecs_give_the_values_and_gradients_of_plain_autograd(act_fn, dtype):
+    """Every output has an upstream gradient (h's too), and every input takes one (x's too)."""
+    torch.manual_seed(0)
+    inputs = [torch.randn(50, 12, dtype=dtype), torch.randn(12, 40, dtype=dtype), torch.randn(40, dtype=dtype),
+              torch.randn(40, 10, dtype=dtype)]  # fmt: skip
+    if act_fn == "jumprelu":  # norms, and thresholds that keep some of the scores h * n and put others in the window
+        inputs += [torch.rand(40, dtype=dtype) + 0.5, torch.rand(40, dtype=dtype)]
+    upstream = [torch.randn(50, 40, dtype=dtype), torch.randn(50, 40, dtype=dtype), torch.randn(50, 10, dtype=dtype)]
+    fused = kernels.relu_codec if act_fn == "relu" else lambda *a: kernels.gated_jumprelu_codec(*a, window=0.5)
+    results = []
+    for function in (plain_codec, fused):
+        leaves = [tensor.clone().requires_grad_() for tensor in inputs]
+        outputs = function(*leaves)
+        torch.autograd.backward(outputs, upstream)
+        grads = [leaf.grad for i, leaf in enumerate(leaves) if i != 4]  # the norms get no gradient (None)
+        results.append([*outputs, *grads])
+    if act_fn == "jumprelu":
+        assert results[1][-1].abs().sum() > 0  # some scores lie in the thresholds' window
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for expected, actual in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, **tolerance)
+
+
+@pytest.mark.parametrize(
+    ("act_fn", "penalty"),
+    [("relu", {"sparsity_loss_type": "power"}), ("relu", {"sparsity_loss_type": "tanh"}),
+     ("jumprelu", {"sparsity_loss_type": "power", "lp_coefficient": 0.1}), ("jumprelu", {"sparsity_loss_type": "l0"})],
+)  # fmt: skip
+def test_fused_training_step_equals_the_plain_path(monkeypatch, act_fn, penalty):
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_model=24, d_sae=96, d_out=20, hook_point_in="in", hook_point_out="out", act_fn=act_fn,
+                    use_skip_connection=True, norm_activation="token-wise", dtype="float64")  # fmt: skip
+    model = SparseAutoEncoder.from_config(cfg)
+    model.activation_function.init_parameters(init_log_jumprelu_threshold_value=math.log(0.3))
+    with torch.no_grad():
+        model.b_E.normal_(0, 0.1)
+    batch = {"in": torch.randn(2, 40, 24, dtype=F64), "out": torch.randn(2, 40, 20, dtype=F64)}
+    batch["mask"] = torch.rand(2, 40) > 0.2
+    results = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(SparseAutoEncoder, "_fused_codec", lambda self, rows: None)
+        model.zero_grad()
+        out = model.compute_loss(batch, loss(l1_coefficient=0.1, **penalty))
+        out.loss.backward()
+        results.append((out, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (fused_out, fused_grads), (plain_out, plain_grads) = results
+    for field in ("loss", "l_rec", "l_sparsity", "feature_acts", "hidden_pre", "reconstructed"):
+        torch.testing.assert_close(getattr(fused_out, field), getattr(plain_out, field), rtol=1e-12, atol=1e-12)
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-12, atol=1e-12)
+
+
 def test_aux_k_on_the_dense_path_after_a_sparse_step_trains_the_encoder_too():
     """A small k takes the sparse path, a large k_aux the dense one, whose pre-activations the sparse path left
     without gradient: Aux-K must still reach W_E and b_E, as when both take the dense path."""

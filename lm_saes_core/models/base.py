@@ -272,32 +272,58 @@ class SparseDictionary(nn.Module):
         return len(self.feature_shape) == 2 and self.feature_shape[0] == len(self.metric_groups)
 
     @torch.no_grad()
-    def group_statistics(self, label: Tensor, reconstructed: Tensor, feature_acts: Tensor) -> dict[str, Tensor]:
+    def group_statistics(
+        self,
+        label: Tensor,
+        reconstructed: Tensor,
+        feature_acts: Tensor,
+        token_errors: tuple[Tensor, Tensor] | None = None,
+        active_counts: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """One step's metrics per group, as device tensors (no host sync), over N normalised tokens: explained
         variance (1 - mean squared error / mean squared deviation from the batch mean), `l_rec` (the mean squared
         error summed over the width) and, when the groups own features, `l0` (active features of the group per
-        token)."""
+        token).
+
+        The metric window has computed the inputs of these already: `token_errors`, the squared error and the squared
+        deviation from the batch mean per token and group ((N, G) each, as `token_errors` gives them), and
+        `active_counts`, the tokens on which each feature is active ((n_features,) float32); given, they replace
+        passes over the label and the dense activations, with the same numbers."""
         groups = self.metric_groups
         if not groups:
             return {}
-        y = label.reshape(-1, len(groups), label.shape[-1]).float()
-        error = (reconstructed.reshape(y.shape).float() - y).square().sum(-1).mean(0)  # (G,)
-        spread = (y - y.mean(0)).square().sum(-1).mean(0)
+        error, spread = token_errors if token_errors is not None else self.token_errors(label, reconstructed)
+        error, spread = error.reshape(-1, len(groups)).mean(0), spread.reshape(-1, len(groups)).mean(0)  # (G,)
         stats = {}
         for g in range(len(groups)):
             stats[self.group_metric_key(g, "explained_variance")] = 1 - error[g] / spread[g]
             stats[self.group_metric_key(g, "l_rec")] = error[g]
         if self.groups_own_features():
-            l0 = self.group_l0(feature_acts)
+            if active_counts is None:
+                l0 = self.group_l0(feature_acts)
+            else:
+                l0 = self.l0_of_counts(active_counts, feature_acts.numel() // self.n_features)
             if self.feature_shards is not None:
                 l0 = self.feature_shards.sum(l0)
             for g in range(len(groups)):
                 stats[self.group_metric_key(g, "l0")] = l0[g]
         return stats
 
+    def token_errors(self, label: Tensor, reconstructed: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, G) each: per token and group, the squared error summed over the width and the squared deviation from
+        the batch mean, in float32."""
+        y = label.reshape(-1, len(self.metric_groups), label.shape[-1]).float()
+        error = (reconstructed.reshape(y.shape).float() - y).square().sum(-1)
+        return error, (y - y.mean(0)).square().sum(-1)
+
     def group_l0(self, feature_acts: Tensor) -> Tensor:
         """(G,): the active features of each group per token, when the groups own features."""
         return (feature_acts.reshape(-1, *self.feature_shape) > 0).sum(-1).float().mean(0)
+
+    def l0_of_counts(self, active_counts: Tensor, n_tokens: int) -> Tensor:
+        """`group_l0` from the tokens on which each feature is active (n_features,): the same numbers, counts of 0/1
+        summed exactly in float32."""
+        return active_counts.reshape(self.feature_shape).sum(-1) / n_tokens
 
     # ------------------------------------------------------------------------------ activation scaling
 

@@ -157,13 +157,20 @@ class CrossCoder(SparseCoder):
         return f"crosscoder_metrics/{self.cfg.heads[group]}/{metric}"
 
     @torch.no_grad()
-    def group_statistics(self, label: Tensor, reconstructed: Tensor, feature_acts: Tensor) -> dict[str, Tensor]:
+    def group_statistics(
+        self,
+        label: Tensor,
+        reconstructed: Tensor,
+        feature_acts: Tensor,
+        token_errors: tuple[Tensor, Tensor] | None = None,
+        active_counts: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Per head: explained variance, l_rec, l0 and `decoder_norm_share`, head h's share n_h / sum_h' n_h' of
         the decoder norm of the features that fire (any head active), averaged over firings: 1/H each when the
         active features are shared evenly, near 1 for a head whose exclusive features do the work. Also
         `crosscoder_metrics/l0_features`, the distinct features active per token (`metrics/l0` counts every head's
         copy of a feature: up to H times as many)."""
-        stats = super().group_statistics(label, reconstructed, feature_acts)
+        stats = super().group_statistics(label, reconstructed, feature_acts, token_errors, active_counts)
         active = (feature_acts.reshape(-1, *self.feature_shape) > 0).any(1)  # (N, F)
         norms = self.decoder_norm().float()  # (H, F)
         total = norms.sum(0)

@@ -8,6 +8,10 @@ Selected features are a flat list of (row, feature) pairs sorted by row, with `o
 pairs start (the layout `embedding_bag` reads). Rows may hold different numbers of pairs: BatchTopK gives a few
 high-norm tokens hundreds of features and most tokens a handful, and a flat list stays as sparse as the selection.
 A pair may carry the value 0 (TopK keeps exactly k slots per row even when fewer scores are positive).
+
+Dense ReLU and gated JumpReLU training have fused nodes here too (`relu_codec`, `gated_jumprelu_codec`): they do the
+textbook arithmetic, but own the one (N, d_sae) gradient of the backward, so the penalty's gradient and the mask are
+applied to it in place.
 """
 
 from collections.abc import Callable
@@ -169,3 +173,89 @@ def densify(selection: Selection, values: Tensor, n_rows: int, d_sae: int) -> Te
     """The (N, d_sae) feature activations of a selection with its values (differentiable in values)."""
     # Accumulating into fresh zeros: a repeated pair (possible only with value 0) stays harmless.
     return values.new_zeros(n_rows, d_sae).index_put_((selection.rows, selection.cols), values, accumulate=True)
+
+
+def _features_grad(W_D: Tensor, f: Tensor, grad_f: Tensor | None, grad_y: Tensor | None) -> Tensor:
+    """The features' whole gradient, grad_y @ W_D^T plus what reaches f from elsewhere (a sparsity penalty's
+    gradient, often a broadcast row), in one fresh (N, d_sae) tensor that the caller may overwrite."""
+    grad = grad_y @ W_D.t() if grad_y is not None else torch.zeros_like(f)
+    return grad.add_(grad_f) if grad_f is not None else grad
+
+
+def _codec_grads(ctx, x: Tensor, W_E: Tensor, W_D: Tensor, f: Tensor, grad_pre: Tensor, grad_y: Tensor | None):
+    """The gradients of x, W_E, b_E and W_D from that of the pre-activations, as autograd forms them."""
+    grad_x = grad_pre @ W_E.t() if ctx.needs_input_grad[0] else None
+    grad_W_E = x.t() @ grad_pre if ctx.needs_input_grad[1] else None
+    grad_b_E = grad_pre.sum(0) if ctx.needs_input_grad[2] else None
+    grad_W_D = f.t() @ grad_y if ctx.needs_input_grad[3] and grad_y is not None else None
+    return grad_x, grad_W_E, grad_b_E, grad_W_D
+
+
+class ReLUCodec(torch.autograd.Function):
+    """(h, f, f @ W_D) with h = x @ W_E + b_E and f = relu(h), as one node of the graph.
+
+    The backward forms the features' gradient once (`_features_grad`) and applies the ReLU mask to it in place:
+    autograd through the separate ops would allocate (N, d_sae) tensors for the sum and the mask too, each costing
+    page faults on CPU. The arithmetic is that of autograd: the same values, summed in the same order.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_E: Tensor, b_E: Tensor, W_D: Tensor) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
+        hidden_pre = torch.addmm(b_E, x, W_E)
+        f = hidden_pre.relu()
+        ctx.save_for_backward(x, W_E, W_D, f)
+        ctx.set_materialize_grads(False)  # an unused output (h, usually) gets None, not an (N, d_sae) of zeros
+        return hidden_pre, f, f @ W_D
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor | None, grad_f: Tensor | None, grad_y: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, W_E, W_D, f = ctx.saved_tensors
+        grad = _features_grad(W_D, f, grad_f, grad_y)
+        grad = torch.ops.aten.threshold_backward.grad_input(grad, f, 0, grad_input=grad)  # ReLU's mask, in place
+        if grad_h is not None:
+            grad.add_(grad_h)
+        return _codec_grads(ctx, x, W_E, W_D, f, grad, grad_y)
+
+
+def relu_codec(x: Tensor, W_E: Tensor, b_E: Tensor, W_D: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(h, relu(h), relu(h) @ W_D) for h = x @ W_E + b_E, differentiable in every input (see `ReLUCodec`)."""
+    return ReLUCodec.apply(x, W_E, b_E, W_D)
+
+
+class GatedJumpReLUCodec(torch.autograd.Function):
+    """(h, f, f @ W_D) with h = x @ W_E + b_E and f = `gated_jumprelu(h, n, theta)`, as one node of the graph.
+
+    As `ReLUCodec`, the backward forms the features' gradient once and masks it in place; the thresholds get the
+    gradient `GatedJumpReLUFunction` gives them (no gradient reaches the norms n).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, W_E: Tensor, b_E: Tensor, W_D: Tensor, norm: Tensor, threshold: Tensor, window: float):  # type: ignore[override]
+        hidden_pre = torch.addmm(b_E, x, W_E)
+        kept = hidden_pre > threshold / norm
+        f = torch.where(kept, hidden_pre, 0.0)
+        ctx.save_for_backward(x, W_E, W_D, norm, threshold, hidden_pre, f, kept)
+        ctx.window = window
+        ctx.set_materialize_grads(False)
+        return hidden_pre, f, f @ W_D
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor | None, grad_f: Tensor | None, grad_y: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, W_E, W_D, norm, threshold, hidden_pre, f, kept = ctx.saved_tensors
+        grad = _features_grad(W_D, f, grad_f, grad_y)
+        grad_threshold = None
+        if ctx.needs_input_grad[5]:  # the rectangle kernel on h * n, as bounds on h per feature
+            low, high = ((threshold - ctx.window / 2) / norm).clamp(min=0), (threshold + ctx.window / 2) / norm
+            in_window = torch.where((hidden_pre > low) & (hidden_pre < high), grad, 0.0).sum(0)
+            grad_threshold = in_window * (-threshold / (ctx.window * norm))
+        grad = torch.where(kept, grad, grad.new_zeros(()), out=grad)  # the mask, in place
+        if grad_h is not None:
+            grad.add_(grad_h)
+        return *_codec_grads(ctx, x, W_E, W_D, f, grad, grad_y), None, grad_threshold, None
+
+
+def gated_jumprelu_codec(
+    x: Tensor, W_E: Tensor, b_E: Tensor, W_D: Tensor, norm: Tensor, threshold: Tensor, window: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(h, f, f @ W_D) for h = x @ W_E + b_E and f = jumprelu(h * norm, threshold) / norm (see `GatedJumpReLUCodec`)."""
+    return GatedJumpReLUCodec.apply(x, W_E, b_E, W_D, norm.to(x.dtype), threshold.to(x.dtype), window)

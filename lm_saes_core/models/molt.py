@@ -250,12 +250,22 @@ class MixtureOfLinearTransforms(SparseCoder):
     # ---------------------------------------------------------------- per-rank metrics
 
     @torch.no_grad()
-    def group_statistics(self, label: Tensor, reconstructed: Tensor, feature_acts: Tensor) -> dict[str, Tensor]:
+    def group_statistics(
+        self,
+        label: Tensor,
+        reconstructed: Tensor,
+        feature_acts: Tensor,
+        token_errors: tuple[Tensor, Tensor] | None = None,
+        active_counts: Tensor | None = None,
+    ) -> dict[str, Tensor]:
         """Per rank r over the step's tokens: `molt_metrics/l0_rank{r}` (active rank-r transforms per token),
         `molt_metrics/l0_rank{r}_ratio` (that / the count of rank-r transforms: the fraction of them active per
         token), and `molt_metrics/total_rank_sum` (the ranks of the active transforms summed per token, i.e.
-        sum_r r * l0_rank{r}: the rank of the token's whole transform at most)."""
-        frequency = (feature_acts.reshape(-1, self.cfg.d_sae) > 0).float().mean(0)  # (F,) active share of tokens
+        sum_r r * l0_rank{r}: the rank of the token's whole transform at most). `active_counts` (the metric
+        window's per-feature counts of active tokens) saves a pass over the activations; the errors are not used."""
+        active = feature_acts.reshape(-1, self.cfg.d_sae) > 0
+        counts = active_counts if active_counts is not None else active.sum(0, dtype=torch.float32)
+        frequency = counts / active.shape[0]  # (F,) active share of tokens
         counts = self.cfg.rank_counts
         l0 = torch.stack([frequency[start : start + U.shape[0]].sum() for _, start, U, _ in self.rank_groups()])
         if self.feature_shards is not None:  # a shard's transforms are a part of each rank's

@@ -165,13 +165,39 @@ class SparseAutoEncoder(SparseCoder):
     def _decode_rows(self, x: Tensor, f: Tensor | None, sparse: Sparse | None, features_only: bool = False) -> Tensor:
         y = kernels.sparse_decode(*sparse[0], self.W_D) if sparse is not None else f @ self.W_D
         y = self.reduce_features(y)
-        if features_only:
-            return y
+        return y if features_only else self._add_bias_and_skip(x, y)
+
+    def _add_bias_and_skip(self, x: Tensor, y: Tensor) -> Tensor:
         if self.b_D is not None:
             y = y + self.b_D
         if self.W_skip is not None:
             y = y + x @ self.W_skip.t()
         return y
+
+    def encode_and_reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ReLU and gated JumpReLU take one fused node of `kernels` (outside autocast): the numbers of the plain
+        path, with fewer (N, d_sae) temporaries in the backward."""
+        leading, rows = self._rows(x)
+        fused = self._fused_codec(rows)
+        if fused is None:
+            return super().encode_and_reconstruct(x)
+        h, f, y = fused
+        y = self._add_bias_and_skip(rows, self.reduce_features(y))
+        features = (*leading, *self.feature_shape)
+        return f.reshape(features), h.reshape(features), y.reshape(*leading, *y.shape[1:])
+
+    def _fused_codec(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """(h, f, f @ W_D) of input rows by a fused node, or None where there is none."""
+        if torch.is_autocast_enabled(rows.device.type):
+            return None
+        if self.cfg.act_fn == "relu":
+            return kernels.relu_codec(rows, self.W_E, self.b_E, self.W_D)
+        norm = self.gating_norm()
+        if self.cfg.act_fn == "jumprelu" and norm is not None:
+            activation = self.activation_function
+            threshold, window = activation.threshold(), activation.window
+            return kernels.gated_jumprelu_codec(rows, self.W_E, self.b_E, self.W_D, norm, threshold, window)
+        return None
 
     # ---------------------------------------------------------------- folding
 

@@ -8,7 +8,6 @@ SAE, layers for a CLT, heads for a crosscoder); the TopK family selects per grou
 activations that span them, and the sparse form is one (selection, values) per group.
 """
 
-import math
 import weakref
 
 import torch
@@ -134,8 +133,7 @@ class SparseCoder(SparseDictionary):
         counted = self.feature_activity(feature_acts)
         if counted is None:
             return super().group_l0(feature_acts)
-        n_tokens = feature_acts.numel() // math.prod(self.feature_shape)
-        return counted[0].reshape(self.feature_shape).sum(-1) / n_tokens
+        return self.l0_of_counts(counted[0], feature_acts.numel() // self.n_features)
 
     @torch.no_grad()
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:

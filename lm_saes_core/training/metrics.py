@@ -149,7 +149,9 @@ class MetricWindow:
             self._add("metrics/explained_variance", 1 - error.mean() / spread.mean())
             self._add("metrics/explained_variance_legacy", (1 - error / spread).mean())
         if self.group_statistics is not None:
-            for key, value in self.group_statistics(out.label, out.reconstructed, out.feature_acts).items():
+            computed = self.group_statistics(out.label, out.reconstructed, out.feature_acts, (error, spread),
+                                             activity.counts)  # what the window computed already  # fmt: skip
+            for key, value in computed.items():
                 self._add(key, value)
         if self.shards is None:
             self._add("metrics/mean_feature_act", activity.total / activity.counts.sum().clamp(min=1))
