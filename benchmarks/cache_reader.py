@@ -5,11 +5,12 @@ what the disk (or the page cache) gives. "Reader" is `CachedActivations.iterate`
 chunk decoded to tensors on the training device (on CPU every page of them touched, so lazily mapped bytes count only
 once read). "Training stream" is the activation factory as training uses it: the reader, 2-D chunks flattened to
 1-D tokens, a 32,768-row shuffle buffer and batches of 4,096 tokens, on the device, freed memory kept for reuse as
-`Trainer.fit` keeps it. Rates are chunk-file bytes per second (the training stream drops padding and BOS tokens, so
-it moves fewer bytes than it reads), medians of interleaved rounds. The files sit in the page cache after the warm-up
-pass (dropping it needs root and disturbs other work), so the limit is memory bandwidth: the tightest test of the
-reader's own overhead. The stream copies every row twice (into the buffer's free slots, then out in its batch), each
-copy one pass at random rows; the sequential read is one.
+`Trainer.fit` keeps it: once as a run's first epoch, whose shuffle buffer is faulted in afresh, and once as a later
+epoch, which reuses the memory the epoch before it freed (timed after an untimed epoch). Rates are chunk-file bytes
+per second (the training stream drops padding and BOS tokens, so it moves fewer bytes than it reads), medians of
+interleaved rounds. The files sit in the page cache after the warm-up pass (dropping it needs root and disturbs other
+work), so the limit is memory bandwidth: the tightest test of the reader's own overhead. The stream copies every row
+twice (into the buffer's free slots, then out at random in its batch); the sequential read once.
 
     python benchmarks/cache_reader.py [--cache .lm_saes/quickstart/activations] [--hooks H ...] [--rounds 5]
         [--device cpu] [--workers 2]
@@ -69,14 +70,18 @@ def reader(cache: CachedActivations, device: str, workers: int, epoch: int) -> f
     return time.perf_counter() - started
 
 
-def training_stream(cache: CachedActivations, device: str, workers: int, epoch: int) -> float:
+def training_stream(cache: CachedActivations, device: str, workers: int, epoch: int, later: bool) -> float:
+    """Seconds for one epoch; `later`: after an untimed one in the same fit, so that it reuses that one's memory."""
     source = {"type": "activations", "name": "cache", "path": str(cache.root), "shuffle_chunks": True,
               "device": device, "num_workers": workers}  # fmt: skip
     cfg = ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=cache.hook_points,
                                   batch_size=4096, buffer_size=32768, buffer_shuffle={"perm_seed": 0})  # fmt: skip
-    started = time.perf_counter()
     with freed_memory_kept():  # as in `Trainer.fit`: the batches' memory is reused, not faulted in afresh
-        for batch in ActivationFactory(cfg).process(epoch=epoch):
+        if later:
+            for _ in ActivationFactory(cfg).process(epoch=epoch):
+                pass
+        started = time.perf_counter()
+        for batch in ActivationFactory(cfg).process(epoch=epoch + later):
             if not device.startswith("cuda"):
                 for value in batch.values():
                     touch(value)
@@ -99,13 +104,14 @@ def main() -> None:
     cache = CachedActivations(args.cache, hook_points=args.hooks)
     files = chunk_files(cache)
     n_bytes = sum(path.stat().st_size for path in files)
-    seconds: dict[str, list[float]] = {"raw": [], "reader": [], "stream": []}
+    seconds: dict[str, list[float]] = {"raw": [], "reader": [], "stream": [], "later": []}
     sequential_read(files)  # warm-up: the page cache, the allocator, the threads
     reader(cache, args.device, args.workers, 0)
     for round_ in range(args.rounds):
         seconds["raw"].append(sequential_read(files))
         seconds["reader"].append(reader(cache, args.device, args.workers, round_))
-        seconds["stream"].append(training_stream(cache, args.device, args.workers, round_))
+        seconds["stream"].append(training_stream(cache, args.device, args.workers, round_, later=False))
+        seconds["later"].append(training_stream(cache, args.device, args.workers, round_, later=True))
     rates = {name: n_bytes / statistics.median(values) for name, values in seconds.items()}
     device = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
@@ -121,6 +127,7 @@ def main() -> None:
         "raw": "sequential read of the chunk files (readinto one buffer)",
         "reader": f"CachedActivations.iterate, shuffled chunks, decoded on {args.device}",
         "stream": f"training stream: + 1-D tokens, 32,768-row shuffle buffer, batches of 4,096 on {args.device}",
+        "later": "training stream, a later epoch (the buffer's memory freed by the one before reused)",
     }
     for name, label in labels.items():
         runs = " ".join(f"{value:.2f}" for value in seconds[name])
