@@ -159,7 +159,7 @@ def test_a_checkpoint_of_two_shards_resumes_under_any_layout(batches, tmp_path):
     """A 2-shard run checkpoints at step 4, each process writing its part (torch.distributed.checkpoint: weights,
     Adam's moments, dead-latent counters); resumed on the same layout it ends bitwise where the uninterrupted run
     ends, and resumed in one process or on two data ranks it ends where the uninterrupted one-process run ends (to
-    the tolerance of the first test)."""
+    the tolerance of the first test). `load_sparse_dictionary` reads it whole: the one-process run's step-4 weights."""
     norm = float(batches[0][HOOK].norm(dim=-1).mean())
     payload = {"batches": batches, "hook": HOOK, "sae": _sae("topk"), "norm": norm,
                "trainer": _trainer(tmp_path / "run", checkpoint_every_steps=4, dead_threshold=256)}  # fmt: skip
@@ -181,6 +181,9 @@ def test_a_checkpoint_of_two_shards_resumes_under_any_layout(batches, tmp_path):
     same = _launch(tmp_path, payload, 1, 2, resume_from=str(checkpoint), name="resumed-dp1xmp2")[0]["weights"]
     assert all(torch.equal(same[name], uninterrupted[name]) for name in uninterrupted)
     alone, _ = _alone(payload, batches, tmp_path / "alone")
+    whole = load_sparse_dictionary(checkpoint)  # read in one process, as evaluation or analysis would
+    _assert_same_training(load_sparse_dictionary(tmp_path / "alone" / "checkpoints" / "step_4").state_dict(),
+                          whole.state_dict())  # fmt: skip
     data_ranks = _launch(tmp_path, payload, 2, 1, resume_from=str(checkpoint), name="resumed-dp2xmp1")[0]["weights"]
     torch.manual_seed(0)
     one = SparseAutoEncoder.from_config(SAEConfig.model_validate(payload["sae"]))
@@ -537,6 +540,8 @@ def test_a_feature_parallel_molt_equals_the_one_process_run(batches, tmp_path):
                  "molt_metrics/l0_rank1", "molt_metrics/l0_rank4_ratio", "molt_metrics/total_rank_sum"):  # fmt: skip
         assert ranks[0]["metrics"][name] == pytest.approx(metrics[name], rel=1e-4), name
     checkpoint = tmp_path / "run" / "checkpoints" / "step_4"
+    whole = load_sparse_dictionary(checkpoint).state_dict()  # its blocks joined in the whole's feature order
+    _assert_same_training(load_sparse_dictionary(tmp_path / "alone" / "checkpoints" / "step_4").state_dict(), whole)
     resumed, _ = one_process(tmp_path / "resumed", checkpoint)
     _assert_same_training(alone.state_dict(), resumed.state_dict())
     same = _launch(tmp_path, payload, 1, 2, resume_from=str(checkpoint), name="resumed-dp1xmp2")[0]["weights"]

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "sae_weights.safetensors"
 CONFIG_FILE = "config.json"
+SHARDED_DIR = "sharded"
+"""A model-parallel run's checkpoint keeps its tensors here (torch.distributed.checkpoint), not in WEIGHTS_FILE."""
 Batch = Mapping[str, Tensor]
 Replacement = Any  # lm_saes_core.backend.base.Replacement: a function of the activation, or an Observer
 
@@ -677,16 +679,19 @@ def _patch(positions: Tensor, values: Tensor):
 
 
 def locate_pretrained(path: str | Path) -> tuple[Path, Path]:
-    """(config.json, weights file) of a saved dictionary: a directory, or a .safetensors file next to config.json."""
+    """(config.json, weights file) of a saved dictionary: a directory, or a .safetensors file next to config.json.
+    The weights of a model-parallel run's checkpoint are its `sharded/` directory (torch.distributed.checkpoint)."""
     path = Path(path)
     if path.is_file() and path.suffix == ".safetensors":
         config_file, weights_file = path.parent / CONFIG_FILE, path
     elif path.is_dir():
         config_file, weights_file = path / CONFIG_FILE, path / WEIGHTS_FILE
+        if not weights_file.exists() and (path / SHARDED_DIR / ".metadata").is_file():
+            weights_file = path / SHARDED_DIR
     else:
         raise FileNotFoundError(f"no saved sparse dictionary at {path} (expected a directory with {CONFIG_FILE})")
     for file in (config_file, weights_file):
-        if not file.is_file():
+        if not file.exists():
             raise FileNotFoundError(f"{file} is missing; {path} is not a complete saved sparse dictionary")
     return config_file, weights_file
 
@@ -729,8 +734,17 @@ def read_weights(
     for name, axis in axes.items():  # the file holds the whole dictionary
         expected[name] = tuple(n * shards.size if d == axis else n for d, n in enumerate(expected[name]))
     renamed = model.legacy_tensor_names
-    with safe_open(str(weights_file), framework="pt") as handle:
-        stored = {renamed.get(n, n): tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}  # noqa: SIM118
+    sharded = None
+    if weights_file.is_dir():  # a model-parallel run's checkpoint: read whole, in one process
+        if shards is not None:
+            raise ValueError(f"{weights_file.parent} is a sharded training checkpoint: load it in one process")
+        from lm_saes_core.training.sharded_checkpoint import read_whole_weights
+
+        sharded = read_whole_weights(weights_file, model)
+        stored = {name: tuple(tensor.shape) for name, tensor in sharded.items()}
+    else:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            stored = {renamed.get(n, n): tuple(handle.get_slice(n).get_shape()) for n in handle.keys()}  # noqa: SIM118
     mismatched = [
         f"'{name}' has shape {list(stored[name])} but the config describes {list(shape)}"
         for name, shape in expected.items()
@@ -743,6 +757,8 @@ def read_weights(
         raise ValueError(
             f"{weights_file} does not match {config_file}: missing tensors {missing}, unexpected tensors {unexpected}"
         )
+    if sharded is not None:
+        return {name: tensor for name, tensor in sharded.items() if name in expected}
     if shards is not None:
         from lm_saes_core.models.feature_parallel import read_shard
 

@@ -27,7 +27,8 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-SHARDED_DIR = "sharded"
+from lm_saes_core.models.base import SHARDED_DIR
+
 _BLOCK = re.compile(r"^(.*)/block(\d+)$")
 
 
@@ -76,12 +77,16 @@ def write_tensors(directory: Path, tensors: dict[str, Tensor], split_of: Callabl
     dcp.save(flat, checkpoint_id=directory)
 
 
-def read_tensors(directory: Path, split_of: Callable[[str], Split], mesh, device) -> dict[str, Tensor]:
-    """This process's part of every tensor in `directory` (its slices under `mesh`; the whole tensors without one),
-    its blocks joined as a part holds them."""
+def read_tensors(
+    directory: Path, split_of: Callable[[str], Split], mesh, device, prefix: str = ""
+) -> dict[str, Tensor]:
+    """This process's part of every tensor in `directory` whose key starts with `prefix` (its slices under `mesh`;
+    the whole tensors without one), its blocks joined as a part holds them."""
     metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     targets: dict[str, Tensor] = {}
     for name, entry in metadata.items():
+        if not name.startswith(prefix):
+            continue
         split = split_of(_key(name))
         local = torch.empty(_local_shape(entry.size, split, mesh), dtype=entry.properties.dtype, device=device)
         targets[name] = local if mesh is None else _distributed(local, split, mesh)
@@ -94,6 +99,15 @@ def read_tensors(directory: Path, split_of: Callable[[str], Split], mesh, device
         local = target.to_local() if isinstance(target, DTensor) else target
         pieces.setdefault(_key(name), []).append((int(match.group(2)) if match else 0, local))
     return {key: _joined(parts, split_of(key)) for key, parts in pieces.items()}
+
+
+def read_whole_weights(directory: Path, model) -> dict[str, Tensor]:
+    """The whole dictionary's weights (state-dict names) from a sharded checkpoint's DCP directory, read in one
+    process onto `model`'s device (`model`: a whole dictionary of the checkpoint's config)."""
+    axes = model.feature_axes()
+    tensors = read_tensors(directory, lambda key: Split(None, axes.get(key.removeprefix("model/"))), None,
+                           model.device, prefix="model/")  # fmt: skip
+    return {key.removeprefix("model/"): tensor for key, tensor in tensors.items()}
 
 
 def state_tensors(model, optimizer_state: dict, dead_state: dict) -> tuple[dict[str, Tensor], dict]:
