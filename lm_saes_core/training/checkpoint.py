@@ -142,6 +142,12 @@ def save_sharded_checkpoint(
     try:
         write_tensors(staging / SHARDED_DIR, tensors, split_of, mesh)  # returns once .metadata is written
         if main:
+            problem = sharded_problem(staging)
+            if problem is not None:  # e.g. other nodes wrote their parts to disks of their own
+                raise RuntimeError(
+                    f"checkpoint {final}: {problem} after every process wrote its part; the run's exp_result_path "
+                    "must be one filesystem that every node shares"
+                )
             save_config(config, staging)
             _finish(staging, final, trainer_state, run_settings, periodic)
     except BaseException:
