@@ -143,13 +143,17 @@ def concatenate_then_permute(batch_size: int, buffer_size: int | None, seed: int
             yield take_rows(buffer, slice(start, start + batch_size))
 
 
+def random_batching(rng: random.Random) -> tuple[int, int | None, int, list[int]]:
+    """A random case of the batcher: (batch size, buffer size or None, shuffle seed, the items' row counts)."""
+    batch_size = rng.randint(1, 20)
+    buffer_size = rng.choice([None, batch_size, batch_size + rng.randint(1, 100)])
+    return batch_size, buffer_size, rng.randint(0, 5), [rng.randint(0, 60) for _ in range(rng.randint(0, 30))]
+
+
 def test_shuffle_buffer_gives_the_batches_of_concatenate_then_permute():
     rng = random.Random(0)
     for _ in range(200):
-        batch_size = rng.randint(1, 20)
-        buffer_size = rng.choice([None, batch_size, batch_size + rng.randint(1, 100)])
-        seed = rng.randint(0, 5)
-        sizes = [rng.randint(0, 60) for _ in range(rng.randint(0, 30))]
+        batch_size, buffer_size, seed, sizes = random_batching(rng)
 
         def items(sizes=sizes):
             start = 0
@@ -169,10 +173,7 @@ def test_rows_marked_to_drop_leave_the_batches_of_items_that_never_had_them():
     """`KEEP` (flattened sequences' padding and BOS, dropped as the rows are copied) against the rows selected first."""
     rng = random.Random(1)
     for _ in range(150):
-        batch_size = rng.randint(1, 20)
-        buffer_size = rng.choice([None, batch_size, batch_size + rng.randint(1, 100)])
-        seed = rng.randint(0, 5)
-        sizes = [rng.randint(0, 60) for _ in range(rng.randint(0, 30))]
+        batch_size, buffer_size, seed, sizes = random_batching(rng)
         kinds = [rng.choice(["some", "all", "none"]) for _ in sizes]
 
         def items(marked: bool, sizes=sizes, kinds=kinds):

@@ -28,6 +28,15 @@ def gathered_parts(tensor: Tensor, group) -> list[Tensor]:
     return parts
 
 
+def mean_over_parts(stats: dict[str, float], sum_over_parts, parts: int) -> dict[str, float]:
+    """Statistics that are means over one part's features (norms, thresholds) or the same on every part, made the
+    whole dictionary's: their mean over the `parts` equal parts (`sum_over_parts`: a tensor summed over them)."""
+    if not stats:
+        return stats
+    means = sum_over_parts(torch.tensor(list(stats.values()), dtype=torch.float64)) / parts
+    return dict(zip(stats, means.tolist(), strict=True))
+
+
 def kth_largest_over(values: Tensor, k: int, group) -> Tensor:
     """The k-th largest of every process's `values` together, clamped at 0 (BatchTopK's threshold over the group):
     each process sends its k largest (padded with -inf), which hold every entry of the global top k."""

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lm_saes_core.models.collectives import gathered_parts, kth_largest_over, summed
+from lm_saes_core.models.collectives import gathered_parts, kth_largest_over, mean_over_parts, summed
 
 
 class _ReducePartial(torch.autograd.Function):
@@ -83,10 +83,7 @@ class FeatureShards:
     def mean_statistics(self, stats: dict[str, float]) -> dict[str, float]:
         """Statistics that are means over a shard's features (norms, thresholds) or the same on every shard, made
         the whole dictionary's: their mean over the (equal) shards."""
-        if not stats:
-            return stats
-        means = self.sum(torch.tensor(list(stats.values()), dtype=torch.float64)) / self.size
-        return dict(zip(stats, means.tolist(), strict=True))
+        return mean_over_parts(stats, self.sum, self.size)
 
     # ---------------------------------------------------------------- shards of whole tensors
 

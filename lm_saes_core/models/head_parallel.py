@@ -112,15 +112,22 @@ def shard_heads(model, heads: HeadShards):
     return local
 
 
-def gather_heads(local, heads: HeadShards, whole_heads: list[str]):
-    """The crosscoder over `whole_heads` (on every head rank) of this rank's crosscoder `local` over its heads: each
-    tensor gathered on axis 0."""
-    cfg = local.cfg.model_copy(deep=True, update={"heads": whole_heads})
+def whole_heads_config(cfg, heads: HeadShards, whole_heads: list[str]):
+    """The config over `whole_heads` of a head rank's crosscoder config `cfg` (a collective: each rank knows its
+    heads' dataset norms)."""
     norms = None
-    if cfg.dataset_average_activation_norm is not None:  # each rank knows its heads' norms
+    if cfg.dataset_average_activation_norm is not None:
         norms = {}
         for part in heads.gather_objects(cfg.dataset_average_activation_norm):
             norms |= part
-    whole = rebuilt(local, cfg, {name: heads.gather(tensor) for name, tensor in local.state_dict().items()}, norms)
+    return cfg.model_copy(deep=True, update={"heads": whole_heads, "dataset_average_activation_norm": norms})
+
+
+def gather_heads(local, heads: HeadShards, whole_heads: list[str]):
+    """The crosscoder over `whole_heads` (on every head rank) of this rank's crosscoder `local` over its heads: each
+    tensor gathered on axis 0."""
+    cfg = whole_heads_config(local.cfg, heads, whole_heads)
+    state = {name: heads.gather(tensor) for name, tensor in local.state_dict().items()}
+    whole = rebuilt(local, cfg, state, cfg.dataset_average_activation_norm)
     whole.current_k = local.current_k
     return whole

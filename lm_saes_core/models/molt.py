@@ -263,9 +263,10 @@ class MixtureOfLinearTransforms(SparseCoder):
         token), and `molt_metrics/total_rank_sum` (the ranks of the active transforms summed per token, i.e.
         sum_r r * l0_rank{r}: the rank of the token's whole transform at most). `active_counts` (the metric
         window's per-feature counts of active tokens) saves a pass over the activations; the errors are not used."""
-        active = feature_acts.reshape(-1, self.cfg.d_sae) > 0
-        counts = active_counts if active_counts is not None else active.sum(0, dtype=torch.float32)
-        frequency = counts / active.shape[0]  # (F,) active share of tokens
+        flat = feature_acts.reshape(-1, self.cfg.d_sae)
+        if active_counts is None:
+            active_counts = (flat > 0).sum(0, dtype=torch.float32)
+        frequency = active_counts / flat.shape[0]  # (F,) active share of tokens
         counts = self.cfg.rank_counts
         l0 = torch.stack([frequency[start : start + U.shape[0]].sum() for _, start, U, _ in self.rank_groups()])
         if self.feature_shards is not None:  # a shard's transforms are a part of each rank's

@@ -83,7 +83,7 @@ class MetricWindow:
         n_features: int,
         device: torch.device | str,
         n_outputs: int = 1,
-        group_statistics: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], dict[str, torch.Tensor]] | None = None,
+        group_statistics: Callable[..., dict[str, torch.Tensor]] | None = None,
         shards: tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None = None,
         heads=None,
     ):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lm_saes_core.config import ConfigError
 from lm_saes_core.models import LossCoefficients, SparseDictionary, load_sparse_dictionary
 from lm_saes_core.models.base import CONFIG_FILE, read_dictionary_config
+from lm_saes_core.models.collectives import mean_over_parts
 from lm_saes_core.models.feature_parallel import (
     FeatureShards,
     gather_features,
@@ -35,7 +36,7 @@ from lm_saes_core.models.feature_parallel import (
     shard_model,
     shard_optimizer_state,
 )
-from lm_saes_core.models.head_parallel import HeadShards, gather_heads, shard_heads
+from lm_saes_core.models.head_parallel import HeadShards, gather_heads, shard_heads, whole_heads_config
 from lm_saes_core.training.batches import Batch, Prefetched, count_tokens, to_device
 from lm_saes_core.training.checkpoint import (
     capture_rng_states,
@@ -384,11 +385,10 @@ class Trainer:
         """The model's statistics; a part's are means over its features (and heads), so the whole's are their mean
         over the (equal) parts."""
         stats = model.log_statistics()
-        if not stats or not self._sharded:
+        if not self._sharded:
             return stats
         parts = (self.shards.size if self.shards else 1) * (self.heads.size if self.heads else 1)
-        means = self._sum_over_parts(torch.tensor(list(stats.values()), dtype=torch.float64)) / parts
-        return dict(zip(stats, means.tolist(), strict=True))
+        return mean_over_parts(stats, self._sum_over_parts, parts)
 
     def _warn_about_schedule_overlap(self, total_steps: int) -> None:
         cfg = self.cfg
@@ -470,15 +470,7 @@ class Trainer:
         if self.shards is not None:
             norms = cfg.dataset_average_activation_norm
             cfg = model.whole_cfg.model_copy(deep=True, update={"dataset_average_activation_norm": norms})
-        if self.heads is not None:
-            norms = None
-            if cfg.dataset_average_activation_norm is not None:
-                norms = {}
-                for part in self.heads.gather_objects(cfg.dataset_average_activation_norm):
-                    norms |= part
-            update = {"heads": self.whole_heads, "dataset_average_activation_norm": norms}
-            cfg = cfg.model_copy(deep=True, update=update)
-        return cfg
+        return cfg if self.heads is None else whole_heads_config(cfg, self.heads, self.whole_heads)
 
     def _check_resumable(self, state: dict, path: Path) -> None:
         saved = TrainerConfig.model_validate(state["trainer_config"])
