@@ -9,6 +9,7 @@ import ctypes
 import itertools
 import json
 import random
+import weakref
 
 import numpy as np
 import pytest
@@ -68,12 +69,15 @@ def factory_stream(cache, epoch: int = 0):
     return ActivationFactory(cfg).process(epoch=epoch)
 
 
-def assert_same_batches(expected: list[dict], actual: list[dict]) -> None:
+def assert_same_batches(expected: list[dict], actual: list[dict], any_row_order: bool = False) -> None:
+    """Batch for batch the same tensors; `any_row_order`: the same rows in each batch, in any order (rows named by
+    their unique `tokens`)."""
     assert len(expected) == len(actual)
     for a, b in zip(expected, actual, strict=True):
         assert a.keys() == b.keys()
+        order_a, order_b = (batch["tokens"].argsort() if any_row_order else slice(None) for batch in (a, b))
         for key in a:
-            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key][order_a], b[key][order_b]), key
 
 
 # ---------------------------------------------------------------- prefetching
@@ -150,7 +154,10 @@ def random_batching(rng: random.Random) -> tuple[int, int | None, int, list[int]
     return batch_size, buffer_size, rng.randint(0, 5), [rng.randint(0, 60) for _ in range(rng.randint(0, 30))]
 
 
-def test_shuffle_buffer_gives_the_batches_of_concatenate_then_permute():
+@pytest.mark.parametrize("hold_items", [True, False], ids=["items-held", "rows-copied"])
+def test_shuffle_buffer_gives_the_batches_of_concatenate_then_permute(hold_items):
+    """Holding the items (CPU), each batch has the rows of concatenate-then-permute, grouped by item; copying them
+    into slots (GPU), the same rows in the same order."""
     rng = random.Random(0)
     for _ in range(200):
         batch_size, buffer_size, seed, sizes = random_batching(rng)
@@ -159,18 +166,19 @@ def test_shuffle_buffer_gives_the_batches_of_concatenate_then_permute():
             start = 0
             for n in sizes:
                 rows = torch.arange(start, start + n)
-                yield {"x": torch.randn(n, 3), "tokens": rows, "mask": rows % 2 == 0}
+                yield {"x": torch.randn(n, 3), "tokens": rows, "doc_index": rows * 7, "mask": rows % 2 == 0}
                 start += n
 
         torch.manual_seed(0)
         expected = list(concatenate_then_permute(batch_size, buffer_size, seed, items()))
         torch.manual_seed(0)
-        batcher = ActivationBatcher(batch_size, buffer_size, BufferShuffleConfig(perm_seed=seed))
-        assert_same_batches(expected, list(batcher(items())))
+        batcher = ActivationBatcher(batch_size, buffer_size, BufferShuffleConfig(perm_seed=seed), hold_items)
+        assert_same_batches(expected, list(batcher(items())), any_row_order=hold_items)
 
 
-def test_rows_marked_to_drop_leave_the_batches_of_items_that_never_had_them():
-    """`KEEP` (flattened sequences' padding and BOS, dropped as the rows are copied) against the rows selected first."""
+@pytest.mark.parametrize("hold_items", [True, False], ids=["items-held", "rows-copied"])
+def test_rows_marked_to_drop_leave_the_batches_of_items_that_never_had_them(hold_items):
+    """`KEEP` (flattened sequences' padding and BOS, never buffered) against the rows selected first."""
     rng = random.Random(1)
     for _ in range(150):
         batch_size, buffer_size, seed, sizes = random_batching(rng)
@@ -186,8 +194,31 @@ def test_rows_marked_to_drop_leave_the_batches_of_items_that_never_had_them():
                 start += n
 
         expected = list(concatenate_then_permute(batch_size, buffer_size, seed, items(marked=False)))
-        batcher = ActivationBatcher(batch_size, buffer_size, BufferShuffleConfig(perm_seed=seed))
-        assert_same_batches(expected, list(batcher(items(marked=True))))
+        batcher = ActivationBatcher(batch_size, buffer_size, BufferShuffleConfig(perm_seed=seed), hold_items)
+        assert_same_batches(expected, list(batcher(items(marked=True))), any_row_order=hold_items)
+
+
+def test_a_buffer_holding_items_lets_them_go_and_keeps_about_two_buffers_of_them():
+    """On CPU the buffer holds the items it reads (no copy on arrival); an item is let go, its last rows copied into
+    the slot store, once few of its rows remain, so the memory held stays bounded however long the stream is."""
+    alive: list[weakref.ref] = []
+
+    def items():
+        for index in range(300):
+            rows = torch.arange(64 * index, 64 * (index + 1))
+            item = {"x": rows[:, None] * 1.0, "tokens": rows}
+            alive.append(weakref.ref(item["x"]))
+            yield item
+
+    held = []
+    seen = []
+    for batch in ActivationBatcher(32, 512, BufferShuffleConfig(perm_seed=0))(items()):
+        held.append(sum(ref() is not None for ref in alive))
+        seen.append(batch["tokens"])
+        assert torch.equal(batch["x"][:, 0], batch["tokens"] * 1.0)
+    assert sorted(torch.cat(seen).tolist()) == list(range(300 * 64))
+    assert max(held) * 64 <= 3 * 512  # about two buffers of rows held (ages 0-3 at half a buffer each), not 300 items
+    assert max(held) * 64 >= 512  # and the buffer's rows are held where they arrived, not copied
 
 
 def test_shuffle_buffer_refuses_items_with_other_keys():

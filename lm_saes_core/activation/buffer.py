@@ -5,9 +5,10 @@ until the buffer holds `buffer_size`, the whole buffer is permuted, and batches 
 next refill mixes the remaining rows with new ones. Tokens of many documents and positions therefore meet in one
 batch, and the sequence of permutations depends only on the seed, so a run is reproducible.
 
-The buffer's memory is kept from one refill to the next (two row stores in turn: the rows that stay are gathered
-from one into the other, new items copied in after them), and every batch is gathered straight from the buffer: a
-refill costs no fresh buffer-sized allocation, whose page faults on CPU cost more than the copies themselves.
+On CPU the buffer holds the items as they arrive (a cached chunk's tensors are the mapped file's pages) and gathers
+every batch straight from them, so most rows are copied once (`_BufferRows`); elsewhere items are copied into slots
+of tensors allocated once and reused, and batches gathered from those. Neither costs a fresh buffer-sized
+allocation per refill, whose page faults on CPU cost more than the copies themselves.
 """
 
 from collections.abc import Iterable, Iterator
@@ -54,11 +55,20 @@ def drop_rows(item: Item) -> Item:
 
 
 class ActivationBatcher:
-    def __init__(self, batch_size: int, buffer_size: int | None = None, shuffle: BufferShuffleConfig | None = None):
+    def __init__(
+        self,
+        batch_size: int,
+        buffer_size: int | None = None,
+        shuffle: BufferShuffleConfig | None = None,
+        hold_items: bool | None = None,
+    ):
+        """`hold_items`: whether the shuffle buffer holds the items as they arrive (see `_BufferRows`); by default
+        on CPU only."""
         if buffer_size is not None and buffer_size < batch_size:
             raise ValueError(f"buffer_size ({buffer_size}) must be at least batch_size ({batch_size})")
         self.batch_size = batch_size
         self.buffer_size = buffer_size
+        self.hold_items = hold_items
         shuffle = shuffle or BufferShuffleConfig()
         self.generator = torch.Generator(device=shuffle.generator_device or "cpu")
         self.generator.manual_seed(shuffle.perm_seed)
@@ -93,45 +103,30 @@ class ActivationBatcher:
         """Batch b of a refill holding R rows is rows permutation[b * batch_size:][:batch_size] of the buffer; the
         rows from `start` on in permuted order stay, in that order, ahead of the next items."""
         keep = max(buffer_size // 2, self.batch_size)
-        buffer = _RowStore(buffer_size)
+        buffer = _BufferRows(buffer_size, self.hold_items)
         for item in items:
             buffer.append(item)
             if buffer.rows < buffer_size:
                 continue
             permuted = buffer.permuted(self._permutation(buffer.rows, buffer.device))
-            start = 0
-            while buffer.rows - start >= keep:
-                yield buffer.gather(permuted[start : start + self.batch_size])
-                start += self.batch_size
-            buffer.keep(permuted[start:], freed=permuted[:start])
+            leaving = (buffer.rows - keep) // self.batch_size * self.batch_size + self.batch_size
+            yield from buffer.batches(permuted[:leaving], self.batch_size)
+            buffer.keep(permuted[leaving:], freed=permuted[:leaving])
         if buffer.rows:
-            permuted = buffer.permuted(self._permutation(buffer.rows, buffer.device))
-            for start in range(0, buffer.rows, self.batch_size):
-                yield buffer.gather(permuted[start : start + self.batch_size])
+            yield from buffer.batches(buffer.permuted(self._permutation(buffer.rows, buffer.device)), self.batch_size)
 
 
-class _RowStore:
-    """The buffer's rows, in tensors that are allocated once (grown only for an unusually large item) and reused.
-
-    Rows stay where they were copied in: `order` lists the buffer's rows (as they would be concatenated) by their
-    slot in the tensors, and a row that leaves frees its slot for a new one, so rows that stay are never moved."""
+class _Slots:
+    """Row tensors allocated once (grown only for an unusually large item) whose slots are reused: a row copied in
+    stays in its slot until it is released."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.tensors: Item = {}
-        self.order = torch.zeros(0, dtype=torch.long)  # (rows,) slot of each buffered row, in buffer order
-        self.free = torch.zeros(0, dtype=torch.long)  # slots not holding a buffered row
-
-    @property
-    def rows(self) -> int:
-        return len(self.order)
-
-    @property
-    def device(self) -> torch.device:
-        return next(iter(self.tensors.values())).device
+        self.free = torch.zeros(0, dtype=torch.long)  # slots not holding a row
 
     def _grow(self, like: Item, slots: int) -> None:
-        """Tensors like `like`'s with room for `slots` free slots (a new store: room for a whole buffer and one more
+        """Tensors like `like`'s with room for `slots` free slots (a new store: room for `capacity` rows and one more
         item like this one, since the buffer fills up to one item past its size, so that equal items never grow it)."""
         if self.tensors and like.keys() != self.tensors.keys():
             raise ValueError(f"every item must have the same keys: {sorted(like)} after {sorted(self.tensors)}")
@@ -143,37 +138,181 @@ class _RowStore:
                 grown[:used].copy_(self.tensors[key])
             self.tensors[key] = grown
         device = next(iter(like.values())).device
-        self.order, self.free = (
-            self.order.to(device),
-            torch.cat([self.free.to(device), torch.arange(used, size, device=device)]),
-        )
+        self.free = torch.cat([self.free.to(device), torch.arange(used, size, device=device)])
 
-    def append(self, item: Item) -> None:
-        """Copy `item`'s rows into free slots; those that `KEEP` drops (copied with the rest: one scatter of the
-        item as it is beats selecting the kept rows first) are free again at once."""
-        keep = item.get(KEEP)
-        item = {key: value for key, value in item.items() if key != KEEP}
+    def put(self, item: Item) -> torch.Tensor:
+        """Copy `item`'s rows into free slots (one scatter per tensor); returns their slots."""
         added = n_rows(item)
         if added > len(self.free) or item.keys() != self.tensors.keys():
             self._grow(item, added)
         slots, self.free = self.free[:added], self.free[added:]
         for key, value in item.items():
             self.tensors[key].index_copy_(0, slots, value)
-        if keep is None:
-            self.order = torch.cat([self.order, slots])
+        return slots
+
+    def release(self, slots: torch.Tensor) -> None:
+        self.free = torch.cat([self.free, slots])
+
+
+PACKED = "_packed"
+
+HOLD_UNTIL = 8
+"""On CPU an item stays where it arrived until only 1/HOLD_UNTIL of its rows are still buffered; those few are then
+copied into the slot store and the item is let go."""
+
+
+class _BufferRows:
+    """The shuffle buffer's rows, each named by an id: row r of a held item is that item's first id + r (>= 0), a row
+    in the slot store is -(slot + 1). `order` lists the buffer's rows (as they would be concatenated) by id.
+
+    On CPU an item's tensors are held as they arrived (a cached chunk's are the mapped file's pages), so most rows
+    are copied once, into their batch, not twice (into the buffer, then out of it). Every refill takes about half of
+    each item's remaining rows, so an item is let go after about log2(HOLD_UNTIL) refills and the items held come
+    to about two buffers of rows. Elsewhere (a GPU, where copies are cheap and memory is not) every item is copied
+    into the slot store on arrival and the buffer's memory is one buffer.
+    """
+
+    def __init__(self, capacity: int, hold: bool | None = None) -> None:
+        self.capacity = capacity
+        self.hold = hold
+        self.slots: _Slots | None = None
+        self.keys: list[str] | None = None
+        self.packed_keys: list[str] = []  # held items' (rows,) int64 tensors, kept as the columns of one tensor
+        self.items: list[Item] = []  # held items, in arrival order
+        self.first_ids: list[int] = []  # the id of each held item's row 0
+        self.sizes: list[int] = []  # each held item's rows
+        self.buffered: list[int] = []  # how many of them are in the buffer
+        self.next_id = 0
+        self.order = torch.zeros(0, dtype=torch.long)
+
+    @property
+    def rows(self) -> int:
+        return len(self.order)
+
+    @property
+    def device(self) -> torch.device:
+        return self.order.device
+
+    def append(self, item: Item) -> None:
+        """Buffer `item`'s rows but those that `KEEP` marks false: held as they are on CPU, else copied into free
+        slots (all rows: one scatter of the item as it is beats selecting the kept rows first; the dropped ones'
+        slots are free again at once)."""
+        keep = item.get(KEEP)
+        item = {key: value for key, value in item.items() if key != KEEP}
+        if self.keys is None:
+            self.keys = sorted(item)
+            device = next(iter(item.values())).device
+            self.hold = device.type == "cpu" if self.hold is None else self.hold
+            packable = [key for key in self.keys if item[key].dim() == 1 and item[key].dtype == torch.long]
+            self.packed_keys = packable if self.hold and len(packable) > 1 else []
+            self.slots = _Slots(self.capacity // 4 if self.hold else self.capacity)
+            self.order = self.order.to(device)
+        elif sorted(item) != self.keys:
+            raise ValueError(f"every item must have the same keys: {sorted(item)} after {self.keys}")
+        assert self.slots is not None
+        keep = keep.to(self.device) if keep is not None else None
+        if not self.hold:
+            slots = self.slots.put(item)
+            if keep is not None:
+                self.slots.release(slots[~keep])
+                slots = slots[keep]
+            ids = -1 - slots
         else:
-            keep = keep.to(slots.device)
-            self.order = torch.cat([self.order, slots[keep]])
-            self.free = torch.cat([self.free, slots[~keep]])
+            added = n_rows(item)
+            ids = torch.arange(self.next_id, self.next_id + added, device=self.device)
+            ids = ids[keep] if keep is not None else ids
+            if len(ids):
+                self.items.append(self._packed(item))
+                self.first_ids.append(self.next_id)
+                self.sizes.append(added)
+                self.buffered.append(len(ids))
+            self.next_id += added
+        self.order = torch.cat([self.order, ids])
+
+    def _packed(self, item: Item) -> Item:
+        """`item` with its `packed_keys` as the columns of one tensor: one copy per group of rows for all of them."""
+        if not self.packed_keys:
+            return item
+        packed = {key: value for key, value in item.items() if key not in self.packed_keys}
+        packed[PACKED] = torch.stack([item[key] for key in self.packed_keys], dim=1)
+        return packed
+
+    def _unpacked(self, item: Item) -> Item:
+        if PACKED not in item:
+            return item
+        item = dict(item)
+        columns = item.pop(PACKED).t().contiguous()
+        item.update(zip(self.packed_keys, columns, strict=True))
+        return item
 
     def permuted(self, permutation: torch.Tensor) -> torch.Tensor:
-        """The slots of the buffer's rows taken in `permutation` order."""
+        """The ids of the buffer's rows taken in `permutation` order."""
         return self.order[permutation]
 
-    def gather(self, slots: torch.Tensor) -> Item:
-        """Fresh tensors of the rows in `slots` (the caller may keep them: later refills do not touch them)."""
-        return {key: value.index_select(0, slots) for key, value in self.tensors.items()}
+    def _item_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Per id: 0 for a row of the slot store, i + 1 for a row of held item i."""
+        if not self.items:
+            return torch.zeros_like(ids)
+        starts = torch.tensor(self.first_ids, dtype=torch.long, device=ids.device)
+        return torch.searchsorted(starts, ids, right=True)
 
-    def keep(self, slots: torch.Tensor, freed: torch.Tensor) -> None:
-        """The buffer is now the rows in `slots`, in that order; `freed` slots take new rows."""
-        self.order, self.free = slots, torch.cat([self.free, freed])
+    def batches(self, ids: torch.Tensor, batch_size: int) -> Iterator[Item]:
+        """Fresh tensors of the rows of `ids`, `batch_size` at a time (the caller may keep them: later refills do
+        not touch them). Within a batch the rows come grouped by where they live (the slot store, then each held
+        item), each group in the order given: the order of rows within a batch carries no meaning, and one copy per
+        group beats gathering then reordering. Where the rows of each batch live is worked out once for all."""
+        for rows, _ in self._batches(ids, batch_size):
+            yield rows
+
+    def _batches(self, ids: torch.Tensor, batch_size: int) -> Iterator[tuple[Item, torch.Tensor]]:
+        """`batches`, each with the positions in `ids` of its rows in the order they come."""
+        sources = [self.slots.tensors, *self.items]
+        source = self._item_of(ids)
+        n_batches = -(-len(ids) // batch_size)
+        group = torch.arange(len(ids), device=ids.device) // batch_size * len(sources) + source
+        grouped = torch.argsort(group, stable=True)
+        counts = torch.bincount(group, minlength=n_batches * len(sources)).view(n_batches, -1).tolist()
+        first_ids = torch.tensor([0, *self.first_ids], dtype=torch.long, device=ids.device)
+        ids, source = ids[grouped], source[grouped]
+        local = torch.where(ids < 0, -1 - ids, ids - first_ids[source])
+        start = 0
+        for batch_counts in counts:
+            size = sum(batch_counts)
+            like = next(tensors for tensors, count in zip(sources, batch_counts, strict=True) if count)
+            out = {key: value.new_empty((size, *value.shape[1:])) for key, value in like.items()}
+            at = 0
+            for tensors, count in zip(sources, batch_counts, strict=True):
+                if count:
+                    rows = local[start + at : start + at + count]
+                    for key, value in tensors.items():
+                        torch.index_select(value, 0, rows, out=out[key][at : at + count])
+                    at += count
+            yield self._unpacked(out), grouped[start : start + size]
+            start += size
+
+    def keep(self, ids: torch.Tensor, freed: torch.Tensor) -> None:
+        """The buffer is now the rows of `ids`, in that order; `freed` rows left it. Items none of whose rows are
+        buffered are let go; those down to 1/HOLD_UNTIL of their rows have them copied into the slot store."""
+        assert self.slots is not None
+        self.order = ids
+        in_slots = freed < 0
+        self.slots.release(-1 - freed[in_slots])
+        if not self.items:
+            return
+        left = torch.bincount(self._item_of(freed[~in_slots]) - 1, minlength=len(self.items)).tolist()
+        self.buffered = [buffered - n for buffered, n in zip(self.buffered, left, strict=True)]
+        copied = [
+            0 < buffered and buffered * HOLD_UNTIL <= size
+            for buffered, size in zip(self.buffered, self.sizes, strict=True)
+        ]
+        if any(copied):
+            moving = torch.tensor([False, *copied], device=self.device)[self._item_of(self.order)].nonzero().squeeze(1)
+            rows, grouped = next(self._batches(self.order[moving], len(moving)))
+            self.order[moving[grouped]] = -1 - self.slots.put(self._packed(rows))
+        let_go = [not buffered or moved for buffered, moved in zip(self.buffered, copied, strict=True)]
+        if any(let_go):
+            held = [index for index, gone in enumerate(let_go) if not gone]
+            self.items = [self.items[i] for i in held]
+            self.first_ids = [self.first_ids[i] for i in held]
+            self.sizes = [self.sizes[i] for i in held]
+            self.buffered = [self.buffered[i] for i in held]
