@@ -22,7 +22,7 @@ from lm_saes_core.backend.attention import host_attention
 from lm_saes_core.cli import app
 from lm_saes_core.config import ConfigError
 from lm_saes_core.models import LorsaConfig, LowRankSparseAttention, SparseDictionary, load_sparse_dictionary
-from lm_saes_core.models.lorsa import proportional_counts, rotary_inverse_frequencies
+from lm_saes_core.models.lorsa import rotary_inverse_frequencies
 from lm_saes_core.runners.train import SweepSAESettings, TrainLorsaSettings, train_lorsa
 from lm_saes_core.training import Initializer, InitializerConfig, Trainer, TrainerConfig, find_latest_checkpoint
 
@@ -417,9 +417,6 @@ def test_a_1d_stream_or_another_kind_is_refused_before_any_model_loads(tmp_path)
         Initializer(InitializerConfig(initialize_lorsa_with_mhsa=True)).initialize(
             SparseDictionary.kind("sae").config_class(**sae, norm_activation="inference"), iter([])
         )
-    lorsa_cfg = LorsaConfig.model_validate(run_settings(tmp_path)["sae"])
-    with pytest.raises(ConfigError, match="lorsa_heads_by_output_variance needs initialize_lorsa_with_mhsa"):
-        Initializer(InitializerConfig(lorsa_heads_by_output_variance=True)).initialize(lorsa_cfg, iter([]))
 
 
 # ------------------------------------------------------------------ the real SmolLM2, layer 3
@@ -519,49 +516,6 @@ def test_initialised_from_the_host_attention(smollm2_hf, layer3):
     mismatched = LowRankSparseAttention.from_config(cfg.model_copy(update={"rotary_adjacent_pairs": True}))
     with pytest.raises(ValueError, match="rotary_adjacent_pairs is True, the host's is False"):
         mismatched.init_qk_from_host(host)
-
-
-def test_proportional_counts_give_each_part_one_and_the_rest_by_weight():
-    assert proportional_counts(torch.tensor([1.0, 1.0, 2.0]), 8) == [2, 2, 4]  # 5 by weight: 1.25, 1.25, 2.5
-    assert proportional_counts(torch.tensor([0.0, 1.0, 100.0]), 9) == [1, 1, 7]
-    assert proportional_counts(torch.tensor([3.0, 1.0]), 2) == [1, 1]
-    with pytest.raises(ValueError, match="cannot give each of 3 parts"):
-        proportional_counts(torch.ones(3), 2)
-
-
-def test_host_heads_get_qk_heads_in_proportion_to_the_variance_they_write(smollm2_hf, layer3):
-    """The variance each host head writes equals that of its part of the exact Lorsa (its 64 SVD heads decoded);
-    given 18 QK heads in proportion to it, the heads that write most get most, and each QK head and OV head is
-    initialised from the host head it was given."""
-    host = host_attention(smollm2_hf, 3)
-    cfg = LorsaConfig(d_model=576, d_sae=18 * 8, n_ctx=64, hook_point_in=IN, hook_point_out=OUT,
-                      norm_activation="inference", **(host.lorsa_fields() | {"n_qk_heads": 18}))  # fmt: skip
-    torch.manual_seed(0)
-    lorsa = LowRankSparseAttention.from_config(cfg)
-    lorsa.init_qk_from_host(host)
-    variances = lorsa.host_head_output_variances(layer3, host)
-    exact = exact_lorsa(host)
-    with torch.no_grad():
-        h = exact.attend(layer3[IN])[0].double()
-    for head in range(9):
-        ov = slice(64 * head, 64 * (head + 1))
-        written = (h[..., ov] @ exact.W_O[ov].double())[layer3["mask"]]
-        expected = (written - written.mean(0)).pow(2).sum() / len(written)
-        torch.testing.assert_close(variances[head], expected, rtol=1e-4, atol=0)
-    counts = proportional_counts(variances, 18)
-    assert sum(counts) == 18 and min(counts) >= 1 and counts != [2] * 9
-    order = variances.argsort()
-    assert all(counts[a] <= counts[b] for a, b in itertools.pairwise(order.tolist()))
-    lorsa.init_qk_from_host(host, counts)
-    lorsa.init_ov_with_active_subspace(layer3, host, counts)
-    host_of_qk = torch.repeat_interleave(torch.arange(9), torch.tensor(counts))
-    for qk_head, head in enumerate(host_of_qk.tolist()):
-        torch.testing.assert_close(lorsa.W_Q[qk_head].double(), host.W_Q[head])
-        basis = torch.linalg.qr(host.W_V[head]).Q
-        W_V = lorsa.W_V[8 * qk_head : 8 * (qk_head + 1)].double()
-        torch.testing.assert_close(W_V @ basis @ basis.T, W_V, atol=1e-5, rtol=0)
-    with pytest.raises(ValueError, match="need 9 counts of at least 1 summing to n_qk_heads 18"):
-        lorsa.init_qk_from_host(host, [2] * 8 + [1])
 
 
 @pytest.mark.slow

@@ -313,31 +313,19 @@ class LowRankSparseAttention(SparseDictionary):
         if differing:
             raise ValueError(f"this Lorsa cannot take layer {host.layer}'s attention: " + "; ".join(differing))
 
-    def _qk_heads_per_host_head(self, host: "HostAttention", counts: list[int] | None) -> list[int]:
-        """How many consecutive QK heads (with their OV heads) each host head gets: `counts`, else an equal share."""
-        if counts is None:
-            return [self.cfg.n_qk_heads // host.n_heads] * host.n_heads
-        if len(counts) != host.n_heads or sum(counts) != self.cfg.n_qk_heads or min(counts) < 1:
-            raise ValueError(
-                f"QK heads per host head {counts}: need {host.n_heads} counts of at least 1 summing to n_qk_heads "
-                f"{self.cfg.n_qk_heads}"
-            )
-        return counts
-
     @torch.no_grad()
-    def init_qk_from_host(self, host: "HostAttention", counts: list[int] | None = None) -> None:
-        """W_Q, W_K (b_Q, b_K, QK-norm weights) from the host's heads, host head h repeated over `counts[h]`
-        consecutive QK heads (default n_qk_heads / host heads each), the weights divided by the input scale (the
-        Lorsa reads normalised activations)."""
+    def init_qk_from_host(self, host: "HostAttention") -> None:
+        """W_Q, W_K (b_Q, b_K, QK-norm weights) from the host's heads, each repeated over n_qk_heads / host heads
+        consecutive QK heads, the weights divided by the input scale (the Lorsa reads normalised activations)."""
         self.check_matches_host(host)
-        repeats = torch.tensor(self._qk_heads_per_host_head(host, counts))
+        repeat = self.cfg.n_qk_heads // host.n_heads
         c_in = self._scale(self.cfg.hook_point_in)
         for weight, bias, host_weight, host_bias in (
             (self.W_Q, self.b_Q, host.W_Q, host.b_Q),
             (self.W_K, self.b_K, host.W_K, host.b_K),
         ):
-            weight.copy_(host_weight.repeat_interleave(repeats, 0) / c_in)
-            bias.copy_(host_bias.repeat_interleave(repeats, 0) if host_bias is not None else torch.zeros_like(bias))
+            weight.copy_(host_weight.repeat_interleave(repeat, 0) / c_in)
+            bias.copy_(host_bias.repeat_interleave(repeat, 0) if host_bias is not None else torch.zeros_like(bias))
         if self.ln_q is not None:
             self.ln_q.w.copy_(host.q_norm.expand_as(self.ln_q.w))
             self.ln_k.w.copy_(host.k_norm.expand_as(self.ln_k.w))
@@ -350,44 +338,17 @@ class LowRankSparseAttention(SparseDictionary):
             )
         return self.cfg.d_sae // host.n_heads
 
-    def _valid_inputs(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        """The batch's normalised contexts (B, S, D) and their valid positions (B, S)."""
+    @torch.no_grad()
+    def init_ov_with_active_subspace(self, batch: Batch, host: "HostAttention") -> None:
+        """Per host head h and its n = d_sae / host heads OV heads: the principal d_head directions U of the values
+        h reads, mapped back to the input (x W_V^h W_V^h^T over the batch's valid positions, centred); W_V rows =
+        their first d_head random coordinates in that basis, W_O = W_V W_V^h W_O^h (what head h would write for
+        them); rows normalised to 1."""
+        n, d = self._ov_groups(host), host.d_head
         rows = self.token_rows(batch)
-        return self.prepare(rows).input, rows["mask"].to(torch.bool)
-
-    @torch.no_grad()
-    def host_head_output_variances(self, batch: Batch, host: "HostAttention") -> Tensor:
-        """Per host head, the variance (summed over dimensions) of what it writes at the batch's valid positions,
-        with the patterns of this Lorsa's QK heads, which must hold the host's heads in equal shares
-        (`init_qk_from_host` without counts)."""
-        x, mask = self._valid_inputs(batch)
-        q, k, _ = self.queries_keys_values(x)
-        repeat = self.cfg.n_qk_heads // host.n_heads
-        patterns = self.attention_pattern(q[:, ::repeat], k[:, ::repeat]).double()  # (B, host heads, S, S)
-        variances = []
+        x = self.prepare(rows).input[rows["mask"].to(torch.bool)].double()  # (N, D) valid positions
         for head in range(host.n_heads):
-            written = patterns[:, head] @ (x.double() @ host.W_V[head] @ host.W_O[head])  # (B, S, D)
-            valid = written[mask]
-            variances.append((valid - valid.mean(0)).pow(2).sum() / len(valid))
-        return torch.stack(variances)
-
-    @torch.no_grad()
-    def init_ov_with_active_subspace(
-        self, batch: Batch, host: "HostAttention", counts: list[int] | None = None
-    ) -> None:
-        """Per host head h and its OV heads (those of the QK heads it gave: `counts[h]` of them, default an equal
-        share): the principal d_head directions U of the values h reads, mapped back to the input (x W_V^h W_V^h^T
-        over the batch's valid positions, centred); W_V rows = their first d_head random coordinates in that basis,
-        W_O = W_V W_V^h W_O^h (what head h would write for them); rows normalised to 1."""
-        if counts is None:
-            self._ov_groups(host)
-        group, d = self.cfg.ov_group_size, host.d_head
-        x, mask = self._valid_inputs(batch)
-        x = x[mask].double()  # (N, D) valid positions
-        first = 0
-        for head, count in enumerate(self._qk_heads_per_host_head(host, counts)):
-            ov = slice(first * group, (first + count) * group)
-            first += count
+            ov = slice(head * n, (head + 1) * n)
             read_back = x @ host.W_V[head] @ host.W_V[head].T
             centred = (read_back - read_back.mean(0)).T  # (D, N)
             directions = torch.linalg.svd(centred, full_matrices=False).U[:, :d]  # (D, <= d): fewer rows, fewer
@@ -585,19 +546,6 @@ class LowRankSparseAttention(SparseDictionary):
         if self.gating_norm() is not None:
             self.activation_function.fold_(c_out)
         self.cfg = self.cfg.model_copy(deep=True, update={"norm_activation": "inference"})
-
-
-def proportional_counts(weights: Tensor, total: int) -> list[int]:
-    """`total` split in proportion to `weights`, at least 1 each (largest remainders get the rounding)."""
-    n = len(weights)
-    if total < n:
-        raise ValueError(f"cannot give each of {n} parts at least 1 of {total}")
-    share = weights.double().clamp(min=0) / weights.double().clamp(min=0).sum() * (total - n)
-    counts = share.floor().long() + 1
-    remainders = share - share.floor()
-    for index in remainders.argsort(descending=True)[: total - int(counts.sum())].tolist():
-        counts[index] += 1
-    return counts.tolist()
 
 
 def _low_rank_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -28,7 +28,6 @@ from lm_saes_core.models.capabilities import (
     EncoderInitializable,
     NormConstrainable,
 )
-from lm_saes_core.models.lorsa import proportional_counts
 from lm_saes_core.training.batches import Batch, to_device, valid_rows
 
 if TYPE_CHECKING:
@@ -59,13 +58,8 @@ class InitializerConfig(BaseConfig):
     initialize_W_D_with_active_subspace: bool = False
     """Lorsa: start the OV heads of each host head in the subspace that head's values span on one batch (W_V), and
     W_O as what the host head writes for them (per-head active subspace; needs the host model as above)."""
-    lorsa_heads_by_output_variance: bool = False
-    """Lorsa with `initialize_lorsa_with_mhsa`: give each host head a number of the QK heads (and their OV heads)
-    in proportion to the variance of what it writes on the batches read for the activation norms (one batch when
-    none are; at least one QK head each), not n_qk_heads / host heads each. The heads of a layer write unequal
-    shares: at SmolLM2's layer 3 from 4% to 18% of attn_out's variance."""
     model_layer: int | None = Field(default=None, ge=0)
-    """The host layer of the options above; None: the layer of the Lorsa's `hook_point_in` (blocks.L....)."""
+    """The host layer of the two options above; None: the layer of the Lorsa's `hook_point_in` (blocks.L....)."""
 
     @property
     def uses_host_attention(self) -> bool:
@@ -105,13 +99,10 @@ class InitializerConfig(BaseConfig):
                     f"{model.cfg.sae_type!r}{', use_decoder_bias=False' if name == 'bias_init_method' else ''})"
                 )
             steps[name] = asked and able
-        for name in ("initialize_lorsa_with_mhsa", "initialize_W_D_with_active_subspace",
-                     "lorsa_heads_by_output_variance"):  # fmt: skip
+        for name in ("initialize_lorsa_with_mhsa", "initialize_W_D_with_active_subspace"):
             if getattr(self, name) and not isinstance(model, HostAttentionInitializable):
                 raise ConfigError(f"initializer.{name} applies to sae_type 'lorsa', not {model.cfg.sae_type!r}")
             steps[name] = getattr(self, name)
-        if self.lorsa_heads_by_output_variance and not self.initialize_lorsa_with_mhsa:
-            raise ConfigError("initializer.lorsa_heads_by_output_variance needs initialize_lorsa_with_mhsa: true")
         return InitializationSteps(**steps)
 
 
@@ -123,7 +114,6 @@ class InitializationSteps:
     init_encoder_bias_with_mean_hidden_pre: bool
     initialize_lorsa_with_mhsa: bool = False
     initialize_W_D_with_active_subspace: bool = False
-    lorsa_heads_by_output_variance: bool = False
 
     @property
     def needs_batch(self) -> bool:
@@ -132,7 +122,6 @@ class InitializationSteps:
             or self.grid_search_init_norm
             or self.init_encoder_bias_with_mean_hidden_pre
             or self.initialize_W_D_with_active_subspace
-            or self.lorsa_heads_by_output_variance
         )
 
 
@@ -140,13 +129,9 @@ class InitializationSteps:
 class HostAttentionInitializable(Protocol):
     """A kind that starts from a host model's attention layer (Lorsa)."""
 
-    def init_qk_from_host(self, host: "HostAttention", counts: list[int] | None = None) -> None: ...
+    def init_qk_from_host(self, host: "HostAttention") -> None: ...
 
-    def init_ov_with_active_subspace(
-        self, batch: Batch, host: "HostAttention", counts: list[int] | None = None
-    ) -> None: ...
-
-    def host_head_output_variances(self, batch: Batch, host: "HostAttention") -> torch.Tensor: ...
+    def init_ov_with_active_subspace(self, batch: Batch, host: "HostAttention") -> None: ...
 
 
 def estimate_activation_norms(batches: list[Batch], hook_points: list[str]) -> dict[str, float]:
@@ -210,19 +195,8 @@ class Initializer:
             peeked = list(itertools.islice(batches, 1))
             if not peeked:
                 raise ValueError("the activation stream is empty: data-driven initialisation needs one batch")
-        counts = None
-        if steps.lorsa_heads_by_output_variance:
-            host = self._checked_host(host, cfg)
-            variances = sum(model.host_head_output_variances(to_device(batch, cfg.device), host) for batch in peeked)
-            counts = proportional_counts(variances, cfg.n_qk_heads)
-            logger.info(
-                "QK heads per host head, by the variance each writes (%s): %s",
-                ", ".join(f"{v:.3g}" for v in (variances / variances.sum()).tolist()),
-                counts,
-            )
-            model.init_qk_from_host(host, counts)
         if steps.initialize_W_D_with_active_subspace:
-            model.init_ov_with_active_subspace(to_device(peeked[0], cfg.device), self._checked_host(host, cfg), counts)
+            model.init_ov_with_active_subspace(to_device(peeked[0], cfg.device), self._checked_host(host, cfg))
         if steps.needs_batch:
             self._initialize_from_batch(model, to_device(peeked[0], cfg.device), steps)
         else:
