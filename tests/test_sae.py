@@ -1,6 +1,7 @@
 """The SAE/transcoder model: exact values on fixed small weights, gradients, folding, persistence, errors, and the
 sparse TopK kernels against the dense path. All CPU, tiny sizes."""
 
+import functools
 import json
 import math
 
@@ -391,10 +392,10 @@ def test_sparse_kernels_equal_the_dense_path(act_fn, gating, dtype):
         assert relative < (1e-5 if dtype == torch.float32 else 1e-12), name
 
 
-def plain_codec(x, W_E, b_E, W_D, *gating):
+def plain_codec(x, W_E, b_E, W_D, *gating, window=0.5):
     """(h, f, f @ W_D) through autograd's own nodes: ReLU, or gated JumpReLU given (norms, thresholds)."""
     h = torch.addmm(b_E, x, W_E)
-    f = act.gated_jumprelu(h, *gating, 0.5) if gating else h.relu()
+    f = act.gated_jumprelu(h, *gating, window) if gating else h.relu()
     return h, f, f @ W_D
 
 
@@ -421,6 +422,97 @@ def test_fused_codecs_give_the_values_and_gradients_of_plain_autograd(act_fn, dt
     tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     for expected, actual in zip(*results, strict=True):
         torch.testing.assert_close(actual, expected, **tolerance)
+
+
+def sparse_codec_case(act_fn, dtype, window):
+    """Inputs of a codec where about 3% of the entries are active and token 0 has none; for JumpReLU, some scores lie
+    inside the thresholds' window but below them: a few in a narrow window, over 10% in a wide one."""
+    torch.manual_seed(0)
+    x, W_E = torch.randn(60, 12, dtype=dtype), torch.randn(12, 80, dtype=dtype)
+    x[0] = 0.0  # h = b_E < 0 on token 0: no active feature
+    W_D, b_E = torch.randn(80, 10, dtype=dtype), torch.full((80,), -6.5, dtype=dtype)
+    if act_fn == "relu":
+        return [x, W_E, b_E, W_D]
+    norm, cut = torch.rand(80, dtype=dtype) + 0.5, 1.8 if window < 1 else 4.7  # kept: h > theta / n = cut
+    return [x, W_E, b_E + cut, W_D, norm, cut * norm]
+
+
+@pytest.mark.parametrize("with_grad_h", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("act_fn", "window"), [("relu", None), ("jumprelu", 0.5), ("jumprelu", 16.0)])
+def test_sparse_codec_path_gives_the_values_and_gradients_of_plain_autograd(act_fn, window, dtype, with_grad_h):
+    """At low density the codecs take their sparse path (chosen by density, not forced) and equal plain autograd on
+    every output and input gradient, with an L1 penalty's broadcast gradient on f and, or not, a gradient on h."""
+    inputs = sparse_codec_case(act_fn, dtype, window)
+    fused = kernels.relu_codec if act_fn == "relu" else functools.partial(kernels.gated_jumprelu_codec, window=window)
+    plain = functools.partial(plain_codec, window=window)
+    upstream_y, upstream_h = torch.randn(60, 10, dtype=dtype), torch.randn(60, 80, dtype=dtype)
+    results = []
+    for function in (plain, fused):
+        leaves = [tensor.clone().requires_grad_(i != 4) for i, tensor in enumerate(inputs)]  # no gradient to norms
+        h, f, y = function(*leaves)
+        loss = (y * upstream_y).sum() + 0.1 * (f * leaves[3].norm(dim=1)).sum()  # reconstruction, L1
+        if with_grad_h:
+            loss = loss + (h * upstream_h).sum()
+        loss.backward()
+        results.append([h, f, y, *[leaf.grad for i, leaf in enumerate(leaves) if i != 4]])
+    assert f.grad_fn.sparse  # the fused node took its sparse path
+    active = results[0][1] != 0
+    assert 0.01 < active.double().mean() < 0.06 and not active[0].any()
+    if act_fn == "jumprelu":
+        h, (norm, threshold) = results[0][0], inputs[4:]
+        below = (h * norm > threshold - window / 2) & (h > 0) & ~active  # inactive, inside the window
+        assert 0 < below.double().mean() < 0.1 if window < 1 else below.double().mean() > 0.1  # sampled or not
+        assert results[0][-1][below.any(0)].abs().min() > 0
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    for expected, actual in zip(*results, strict=True):
+        torch.testing.assert_close(actual, expected, **tolerance)
+
+
+def test_codec_path_switches_on_density():
+    """Sparse at 2% active entries, dense at 50% (and for no rows), for a mask or the features themselves."""
+    torch.manual_seed(0)
+    scores = torch.rand(4096, 512)
+    for density, sparse in ((0.02, True), (0.5, False)):
+        assert kernels.codec_is_sparse(scores < density) is sparse
+        assert kernels.codec_is_sparse(torch.where(scores < density, scores, 0.0)) is sparse
+    assert not kernels.codec_is_sparse(torch.zeros(0, 512))
+    x, W_E, W_D = torch.randn(256, 16), torch.randn(16, 512), torch.randn(512, 16)
+    for shift, sparse in ((-8.0, True), (0.0, False)):  # about 2% and 50% active
+        _, f, _ = kernels.relu_codec(x, W_E.requires_grad_(), torch.full((512,), shift), W_D)
+        assert f.grad_fn.sparse is sparse
+
+
+@pytest.mark.parametrize(
+    ("act_fn", "penalty"),
+    [("relu", {"sparsity_loss_type": "power"}), ("jumprelu", {"sparsity_loss_type": "power", "lp_coefficient": 0.1}),
+     ("jumprelu", {"sparsity_loss_type": "l0"})],
+)  # fmt: skip
+def test_sparse_codec_training_step_equals_the_dense_one(act_fn, penalty):
+    """A whole low-density step of a transcoder with a skip map: forced sparse codec path == forced dense path."""
+    torch.manual_seed(0)
+    cfg = SAEConfig(d_model=24, d_sae=96, d_out=20, hook_point_in="in", hook_point_out="out", act_fn=act_fn,
+                    use_skip_connection=True, norm_activation="token-wise", dtype="float64")  # fmt: skip
+    model = SparseAutoEncoder.from_config(cfg)
+    model.activation_function.init_parameters(init_log_jumprelu_threshold_value=math.log(0.3))
+    with torch.no_grad():
+        model.b_E.normal_(-1.0 if act_fn == "relu" else 0.0, 0.1)  # 3-5% of the features active
+    batch = {"in": torch.randn(2, 40, 24, dtype=F64), "out": torch.randn(2, 40, 20, dtype=F64)}
+    batch["mask"] = torch.rand(2, 40) > 0.2
+    results = []
+    for sparse in (True, False):
+        model.sparse_kernels = sparse
+        model.zero_grad()
+        out = model.compute_loss(batch, loss(l1_coefficient=0.1, **penalty))
+        out.loss.backward()
+        results.append((out, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (sparse_out, sparse_grads), (dense_out, dense_grads) = results
+    assert 0.005 < (dense_out.feature_acts != 0).double().mean() < 0.1
+    for field in ("loss", "l_rec", "l_sparsity", "feature_acts", "hidden_pre", "reconstructed"):
+        torch.testing.assert_close(getattr(sparse_out, field), getattr(dense_out, field), rtol=1e-12, atol=1e-12)
+    for name, grad in dense_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(

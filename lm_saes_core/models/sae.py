@@ -187,16 +187,18 @@ class SparseAutoEncoder(SparseCoder):
         return f.reshape(features), h.reshape(features), y.reshape(*leading, *y.shape[1:])
 
     def _fused_codec(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-        """(h, f, f @ W_D) of input rows by a fused node, or None where there is none."""
+        """(h, f, f @ W_D) of input rows by a fused node, or None where there is none. The node takes its sparse
+        path when few features are active (`kernels.codec_is_sparse`); `sparse_kernels` True/False forces it."""
         if torch.is_autocast_enabled(rows.device.type):
             return None
+        sparse = self.sparse_kernels
         if self.cfg.act_fn == "relu":
-            return kernels.relu_codec(rows, self.W_E, self.b_E, self.W_D)
+            return kernels.relu_codec(rows, self.W_E, self.b_E, self.W_D, sparse)
         norm = self.gating_norm()
         if self.cfg.act_fn == "jumprelu" and norm is not None:
             activation = self.activation_function
             threshold, window = activation.threshold(), activation.window
-            return kernels.gated_jumprelu_codec(rows, self.W_E, self.b_E, self.W_D, norm, threshold, window)
+            return kernels.gated_jumprelu_codec(rows, self.W_E, self.b_E, self.W_D, norm, threshold, window, sparse)
         return None
 
     # ---------------------------------------------------------------- folding
