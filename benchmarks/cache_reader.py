@@ -9,8 +9,9 @@ once read). "Training stream" is the activation factory as training uses it: the
 epoch, which reuses the memory the epoch before it freed (timed after an untimed epoch). Rates are chunk-file bytes
 per second (the training stream drops padding and BOS tokens, so it moves fewer bytes than it reads), medians of
 interleaved rounds. The files sit in the page cache after the warm-up pass (dropping it needs root and disturbs other
-work), so the limit is memory bandwidth: the tightest test of the reader's own overhead. The stream copies every row
-twice (into the buffer's free slots, then out at random in its batch); the sequential read once.
+work), so the limit is memory bandwidth: the tightest test of the reader's own overhead. On CPU the stream copies most
+rows once, as the sequential read does (the buffer holds the mapped chunks and gathers each batch from them), but at
+random rows, and the reader's threads fault the mapped pages in on the other core.
 
     python benchmarks/cache_reader.py [--cache .lm_saes/quickstart/activations] [--hooks H ...] [--rounds 5]
         [--device cpu] [--workers 2]
