@@ -139,11 +139,12 @@ def test_every_asset_materialises_and_every_check_passes(circuits):
 @pytest.mark.parametrize(("item", "k"), [("lorsa", 32), ("molt", 16)])
 def test_the_attention_and_mlp_replacements_are_evaluated_spliced_in(circuits, item, k):
     """A Lorsa spliced in for layer 3's attention output (whole contexts), a MOLT for its MLP output: both above the
-    floor, TopK's L0, and better than zero-ablating the layer's output."""
+    floor, TopK's L0, and better than zero-ablating the layer's output. Spliced in, a replacement may beat the model
+    itself by a little on these few hundred tokens (the Lorsa recovered 1.006 of the loss on one run), not by much."""
     evaluation = circuits.outcomes[item].metadata["evaluation"]
     assert EV_FLOOR[item] < evaluation["explained_variance"] <= 1.0, evaluation
     assert evaluation["l0"] == pytest.approx(k)
-    assert 0 < evaluation["ce_loss_recovered"] <= 1.0, evaluation
+    assert 0 < evaluation["ce_loss_recovered"] <= 1.05, evaluation
 
 
 @pytest.mark.parametrize(
