@@ -490,29 +490,45 @@ def test_codec_path_switches_on_density():
 )  # fmt: skip
 def test_sparse_codec_training_step_equals_the_dense_one(act_fn, penalty):
     """A whole low-density step of a transcoder with a skip map: forced sparse codec path == forced dense path."""
+    model, batch = _transcoder_case(act_fn, bias_mean=-1.0 if act_fn == "relu" else 0.0)  # 3-5% of features active
+    results = []
+    for sparse in (True, False):
+        model.sparse_kernels = sparse
+        results.append(_step(model, batch, penalty))
+    assert 0.005 < (results[1][0].feature_acts != 0).double().mean() < 0.1
+    _assert_same_step(*results)
+
+
+def _transcoder_case(act_fn: str, bias_mean: float) -> tuple[SparseAutoEncoder, dict[str, torch.Tensor]]:
+    """A float64 transcoder with a skip map (JumpReLU threshold 0.3, b_E ~ N(bias_mean, 0.1)) and a masked batch."""
     torch.manual_seed(0)
     cfg = SAEConfig(d_model=24, d_sae=96, d_out=20, hook_point_in="in", hook_point_out="out", act_fn=act_fn,
                     use_skip_connection=True, norm_activation="token-wise", dtype="float64")  # fmt: skip
     model = SparseAutoEncoder.from_config(cfg)
     model.activation_function.init_parameters(init_log_jumprelu_threshold_value=math.log(0.3))
     with torch.no_grad():
-        model.b_E.normal_(-1.0 if act_fn == "relu" else 0.0, 0.1)  # 3-5% of the features active
+        model.b_E.normal_(bias_mean, 0.1)
     batch = {"in": torch.randn(2, 40, 24, dtype=F64), "out": torch.randn(2, 40, 20, dtype=F64)}
     batch["mask"] = torch.rand(2, 40) > 0.2
-    results = []
-    for sparse in (True, False):
-        model.sparse_kernels = sparse
-        model.zero_grad()
-        out = model.compute_loss(batch, loss(l1_coefficient=0.1, **penalty))
-        out.loss.backward()
-        results.append((out, {name: p.grad.clone() for name, p in model.named_parameters()}))
-    (sparse_out, sparse_grads), (dense_out, dense_grads) = results
-    assert 0.005 < (dense_out.feature_acts != 0).double().mean() < 0.1
+    return model, batch
+
+
+def _step(model: SparseAutoEncoder, batch: dict[str, torch.Tensor], penalty: dict) -> tuple:
+    """The loss output of one step and every parameter's gradient."""
+    model.zero_grad()
+    out = model.compute_loss(batch, loss(l1_coefficient=0.1, **penalty))
+    out.loss.backward()
+    return out, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _assert_same_step(one: tuple, other: tuple) -> None:
+    """Two steps give the same outputs and the same (nonzero) gradients, to float64 rounding."""
+    (one_out, one_grads), (other_out, other_grads) = one, other
     for field in ("loss", "l_rec", "l_sparsity", "feature_acts", "hidden_pre", "reconstructed"):
-        torch.testing.assert_close(getattr(sparse_out, field), getattr(dense_out, field), rtol=1e-12, atol=1e-12)
-    for name, grad in dense_grads.items():
+        torch.testing.assert_close(getattr(one_out, field), getattr(other_out, field), rtol=1e-12, atol=1e-12)
+    for name, grad in other_grads.items():
         assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(sparse_grads[name], grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(one_grads[name], grad, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize(
@@ -521,29 +537,10 @@ def test_sparse_codec_training_step_equals_the_dense_one(act_fn, penalty):
      ("jumprelu", {"sparsity_loss_type": "power", "lp_coefficient": 0.1}), ("jumprelu", {"sparsity_loss_type": "l0"})],
 )  # fmt: skip
 def test_fused_training_step_equals_the_plain_path(monkeypatch, act_fn, penalty):
-    torch.manual_seed(0)
-    cfg = SAEConfig(d_model=24, d_sae=96, d_out=20, hook_point_in="in", hook_point_out="out", act_fn=act_fn,
-                    use_skip_connection=True, norm_activation="token-wise", dtype="float64")  # fmt: skip
-    model = SparseAutoEncoder.from_config(cfg)
-    model.activation_function.init_parameters(init_log_jumprelu_threshold_value=math.log(0.3))
-    with torch.no_grad():
-        model.b_E.normal_(0, 0.1)
-    batch = {"in": torch.randn(2, 40, 24, dtype=F64), "out": torch.randn(2, 40, 20, dtype=F64)}
-    batch["mask"] = torch.rand(2, 40) > 0.2
-    results = []
-    for fused in (True, False):
-        if not fused:
-            monkeypatch.setattr(SparseAutoEncoder, "_fused_codec", lambda self, rows: None)
-        model.zero_grad()
-        out = model.compute_loss(batch, loss(l1_coefficient=0.1, **penalty))
-        out.loss.backward()
-        results.append((out, {name: p.grad.clone() for name, p in model.named_parameters()}))
-    (fused_out, fused_grads), (plain_out, plain_grads) = results
-    for field in ("loss", "l_rec", "l_sparsity", "feature_acts", "hidden_pre", "reconstructed"):
-        torch.testing.assert_close(getattr(fused_out, field), getattr(plain_out, field), rtol=1e-12, atol=1e-12)
-    for name, grad in plain_grads.items():
-        assert grad.abs().sum() > 0, name
-        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-12, atol=1e-12)
+    model, batch = _transcoder_case(act_fn, bias_mean=0.0)
+    fused = _step(model, batch, penalty)
+    monkeypatch.setattr(SparseAutoEncoder, "_fused_codec", lambda self, rows: None)
+    _assert_same_step(fused, _step(model, batch, penalty))
 
 
 def test_aux_k_on_the_dense_path_after_a_sparse_step_trains_the_encoder_too():
