@@ -12,6 +12,7 @@ allocation per refill, whose page faults on CPU cost more than the copies themse
 """
 
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -128,8 +129,6 @@ class _Slots:
     def _grow(self, like: Item, slots: int) -> None:
         """Tensors like `like`'s with room for `slots` free slots (a new store: room for `capacity` rows and one more
         item like this one, since the buffer fills up to one item past its size, so that equal items never grow it)."""
-        if self.tensors and like.keys() != self.tensors.keys():
-            raise ValueError(f"every item must have the same keys: {sorted(like)} after {sorted(self.tensors)}")
         used = len(next(iter(self.tensors.values()))) if self.tensors else 0
         size = max(used + slots - len(self.free), self.capacity + slots, used * 5 // 4)
         for key, value in like.items():
@@ -161,6 +160,16 @@ HOLD_UNTIL = 8
 copied into the slot store and the item is let go."""
 
 
+@dataclass
+class _Held:
+    """An item the buffer holds where it arrived: its tensors, the id of its row 0, its rows, how many are buffered."""
+
+    tensors: Item
+    first_id: int
+    size: int
+    buffered: int
+
+
 class _BufferRows:
     """The shuffle buffer's rows, each named by an id: row r of a held item is that item's first id + r (>= 0), a row
     in the slot store is -(slot + 1). `order` lists the buffer's rows (as they would be concatenated) by id.
@@ -178,10 +187,7 @@ class _BufferRows:
         self.slots: _Slots | None = None
         self.keys: list[str] | None = None
         self.packed_keys: list[str] = []  # held items' (rows,) int64 tensors, kept as the columns of one tensor
-        self.items: list[Item] = []  # held items, in arrival order
-        self.first_ids: list[int] = []  # the id of each held item's row 0
-        self.sizes: list[int] = []  # each held item's rows
-        self.buffered: list[int] = []  # how many of them are in the buffer
+        self.held: list[_Held] = []  # in arrival order
         self.next_id = 0
         self.order = torch.zeros(0, dtype=torch.long)
 
@@ -222,10 +228,7 @@ class _BufferRows:
             ids = torch.arange(self.next_id, self.next_id + added, device=self.device)
             ids = ids[keep] if keep is not None else ids
             if len(ids):
-                self.items.append(self._packed(item))
-                self.first_ids.append(self.next_id)
-                self.sizes.append(added)
-                self.buffered.append(len(ids))
+                self.held.append(_Held(self._packed(item), self.next_id, added, len(ids)))
             self.next_id += added
         self.order = torch.cat([self.order, ids])
 
@@ -251,9 +254,9 @@ class _BufferRows:
 
     def _item_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Per id: 0 for a row of the slot store, i + 1 for a row of held item i."""
-        if not self.items:
+        if not self.held:
             return torch.zeros_like(ids)
-        starts = torch.tensor(self.first_ids, dtype=torch.long, device=ids.device)
+        starts = torch.tensor([held.first_id for held in self.held], dtype=torch.long, device=ids.device)
         return torch.searchsorted(starts, ids, right=True)
 
     def batches(self, ids: torch.Tensor, batch_size: int) -> Iterator[Item]:
@@ -262,17 +265,18 @@ class _BufferRows:
         item), each group in the order given: the order of rows within a batch carries no meaning, and one copy per
         group beats gathering then reordering. Where the rows of each batch live is worked out once for all."""
         for rows, _ in self._batches(ids, batch_size):
-            yield rows
+            yield self._unpacked(rows)
 
     def _batches(self, ids: torch.Tensor, batch_size: int) -> Iterator[tuple[Item, torch.Tensor]]:
-        """`batches`, each with the positions in `ids` of its rows in the order they come."""
-        sources = [self.slots.tensors, *self.items]
+        """`batches` as stored (`packed_keys` packed), each with the positions in `ids` of its rows in the order
+        they come."""
+        sources = [self.slots.tensors, *(held.tensors for held in self.held)]
         source = self._item_of(ids)
         n_batches = -(-len(ids) // batch_size)
         group = torch.arange(len(ids), device=ids.device) // batch_size * len(sources) + source
         grouped = torch.argsort(group, stable=True)
         counts = torch.bincount(group, minlength=n_batches * len(sources)).view(n_batches, -1).tolist()
-        first_ids = torch.tensor([0, *self.first_ids], dtype=torch.long, device=ids.device)
+        first_ids = torch.tensor([0, *(held.first_id for held in self.held)], dtype=torch.long, device=ids.device)
         ids, source = ids[grouped], source[grouped]
         local = torch.where(ids < 0, -1 - ids, ids - first_ids[source])
         start = 0
@@ -287,7 +291,7 @@ class _BufferRows:
                     for key, value in tensors.items():
                         torch.index_select(value, 0, rows, out=out[key][at : at + count])
                     at += count
-            yield self._unpacked(out), grouped[start : start + size]
+            yield out, grouped[start : start + size]
             start += size
 
     def keep(self, ids: torch.Tensor, freed: torch.Tensor) -> None:
@@ -297,22 +301,14 @@ class _BufferRows:
         self.order = ids
         in_slots = freed < 0
         self.slots.release(-1 - freed[in_slots])
-        if not self.items:
+        if not self.held:
             return
-        left = torch.bincount(self._item_of(freed[~in_slots]) - 1, minlength=len(self.items)).tolist()
-        self.buffered = [buffered - n for buffered, n in zip(self.buffered, left, strict=True)]
-        copied = [
-            0 < buffered and buffered * HOLD_UNTIL <= size
-            for buffered, size in zip(self.buffered, self.sizes, strict=True)
-        ]
+        left = torch.bincount(self._item_of(freed[~in_slots]) - 1, minlength=len(self.held)).tolist()
+        for held, n in zip(self.held, left, strict=True):
+            held.buffered -= n
+        copied = [0 < held.buffered and held.buffered * HOLD_UNTIL <= held.size for held in self.held]
         if any(copied):
             moving = torch.tensor([False, *copied], device=self.device)[self._item_of(self.order)].nonzero().squeeze(1)
             rows, grouped = next(self._batches(self.order[moving], len(moving)))
-            self.order[moving[grouped]] = -1 - self.slots.put(self._packed(rows))
-        let_go = [not buffered or moved for buffered, moved in zip(self.buffered, copied, strict=True)]
-        if any(let_go):
-            held = [index for index, gone in enumerate(let_go) if not gone]
-            self.items = [self.items[i] for i in held]
-            self.first_ids = [self.first_ids[i] for i in held]
-            self.sizes = [self.sizes[i] for i in held]
-            self.buffered = [self.buffered[i] for i in held]
+            self.order[moving[grouped]] = -1 - self.slots.put(rows)
+        self.held = [held for held, moved in zip(self.held, copied, strict=True) if held.buffered and not moved]
