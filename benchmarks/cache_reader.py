@@ -13,8 +13,18 @@ work), so the limit is memory bandwidth: the tightest test of the reader's own o
 rows once, as the sequential read does (the buffer holds the mapped chunks and gathers each batch from them), but at
 random rows, and the reader's threads fault the mapped pages in on the other core.
 
+A random gather of a pass costs, on its own, about as long as the sequential read (rows scattered over 600 MB), so
+a stream that shuffles as it trains cannot come near the read on a CPU. A cache written shuffled can: "cache written
+shuffled" reads a 1-D cache whose rows were permuted when it was generated (`buffer_size` in `lm-saes generate`),
+chunks in shuffled order and no training buffer, so its batches are views of the mapped chunks; its ratio is against
+its own files' sequential read. Make it with (~4 min on 2 cores):
+
+    lm-saes generate configs/quickstart/generate.yaml --set target=activations-1d --set total_tokens=245760 \
+        --set batch_size=4096 --set buffer_size=245760 --set n_samples_per_chunk=8192 \
+        --set output_dir=.lm_saes/bench/shuffled-1d
+
     python benchmarks/cache_reader.py [--cache .lm_saes/quickstart/activations] [--hooks H ...] [--rounds 5]
-        [--device cpu] [--workers 2]
+        [--device cpu] [--workers 2] [--shuffled-cache .lm_saes/bench/shuffled-1d]
 """
 
 import argparse
@@ -71,12 +81,15 @@ def reader(cache: CachedActivations, device: str, workers: int, epoch: int) -> f
     return time.perf_counter() - started
 
 
-def training_stream(cache: CachedActivations, device: str, workers: int, epoch: int, later: bool) -> float:
+def training_stream(
+    cache: CachedActivations, device: str, workers: int, epoch: int, later: bool, buffer_size: int | None = 32768
+) -> float:
     """Seconds for one epoch; `later`: after an untimed one in the same fit, so that it reuses that one's memory."""
     source = {"type": "activations", "name": "cache", "path": str(cache.root), "shuffle_chunks": True,
               "device": device, "num_workers": workers}  # fmt: skip
     cfg = ActivationFactoryConfig(sources=[source], target="activations-1d", hook_points=cache.hook_points,
-                                  batch_size=4096, buffer_size=32768, buffer_shuffle={"perm_seed": 0})  # fmt: skip
+                                  batch_size=4096, buffer_size=buffer_size,
+                                  buffer_shuffle={"perm_seed": 0})  # fmt: skip
     with freed_memory_kept():  # as in `Trainer.fit`: the batches' memory is reused, not faulted in afresh
         if later:
             for _ in ActivationFactory(cfg).process(epoch=epoch):
@@ -97,6 +110,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workers", type=int, default=2, help="reader threads (the source's num_workers)")
+    parser.add_argument(
+        "--shuffled-cache",
+        default=".lm_saes/bench/shuffled-1d",
+        help="a 1-D cache written shuffled (see above); its rows are left out when it does not exist",
+    )
     args = parser.parse_args()
     if not (Path(args.cache) / "manifest.json").exists():
         raise SystemExit(
@@ -105,15 +123,34 @@ def main() -> None:
     cache = CachedActivations(args.cache, hook_points=args.hooks)
     files = chunk_files(cache)
     n_bytes = sum(path.stat().st_size for path in files)
+    shuffled = None
+    if (Path(args.shuffled_cache) / "manifest.json").exists():
+        shuffled = CachedActivations(args.shuffled_cache, hook_points=args.hooks)
+        shuffled_files = chunk_files(shuffled)
+        shuffled_bytes = sum(path.stat().st_size for path in shuffled_files)
+        if shuffled.layout != "1d":
+            raise SystemExit(f"{args.shuffled_cache} holds a {shuffled.layout} cache; the shuffled rows need a 1-D one")
+    else:
+        print(f"no cache written shuffled at {args.shuffled_cache}: its rows are left out (see --help's docstring)")
     seconds: dict[str, list[float]] = {"raw": [], "reader": [], "stream": [], "later": []}
+    if shuffled is not None:
+        seconds |= {"shuffled raw": [], "shuffled stream": []}
     sequential_read(files)  # warm-up: the page cache, the allocator, the threads
     reader(cache, args.device, args.workers, 0)
+    if shuffled is not None:
+        sequential_read(shuffled_files)
     for round_ in range(args.rounds):
         seconds["raw"].append(sequential_read(files))
         seconds["reader"].append(reader(cache, args.device, args.workers, round_))
         seconds["stream"].append(training_stream(cache, args.device, args.workers, round_, later=False))
         seconds["later"].append(training_stream(cache, args.device, args.workers, round_, later=True))
-    rates = {name: n_bytes / statistics.median(values) for name, values in seconds.items()}
+        if shuffled is not None:
+            seconds["shuffled raw"].append(sequential_read(shuffled_files))
+            seconds["shuffled stream"].append(
+                training_stream(shuffled, args.device, args.workers, round_, later=False, buffer_size=None)
+            )
+    sizes = {name: shuffled_bytes if name.startswith("shuffled") else n_bytes for name in seconds}
+    rates = {name: sizes[name] / statistics.median(values) for name, values in seconds.items()}
     device = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     )
@@ -130,9 +167,15 @@ def main() -> None:
         "stream": f"training stream: + 1-D tokens, 32,768-row shuffle buffer, batches of 4,096 on {args.device}",
         "later": "training stream, a later epoch (the buffer's memory freed by the one before reused)",
     }
+    if shuffled is not None:
+        labels |= {
+            "shuffled raw": f"cache written shuffled ({shuffled_bytes / 2**20:,.0f} MiB, 1-D): sequential read",
+            "shuffled stream": "cache written shuffled: training stream, shuffled chunks, no buffer, batches of 4,096",
+        }
     for name, label in labels.items():
         runs = " ".join(f"{value:.2f}" for value in seconds[name])
-        table.add_row(label, f"{rates[name] / 2**20:,.0f}", runs, f"{rates[name] / rates['raw']:.2f}")
+        base = rates["shuffled raw" if name.startswith("shuffled") else "raw"]
+        table.add_row(label, f"{rates[name] / 2**20:,.0f}", runs, f"{rates[name] / base:.2f}")
     Console(width=140).print(table)
 
 

@@ -159,19 +159,33 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `dotted.key=value` overrides (values parsed as YAML scalars) to a nested mapping."""
+    """Apply `dotted.key=value` overrides (values parsed as YAML) to a nested mapping; a number indexes a list
+    (`activation_factory.sources.0.path=...`)."""
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r} must look like key.sub_key=value")
-        target = data
+        target: Any = data
         parts = key.split(".")
-        for part in parts[:-1]:
-            child = target.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"override {override!r}: '{part}' is not a mapping")
-            target = child
-        target[parts[-1]] = yaml.safe_load(raw)
+        for depth, part in enumerate(parts):
+            last = depth == len(parts) - 1
+            if isinstance(target, list):
+                if not part.lstrip("-").isdigit() or not -len(target) <= int(part) < len(target):
+                    raise ConfigError(
+                        f"override {override!r}: '{'.'.join(parts[:depth])}' is a list of {len(target)}; "
+                        f"'{part}' is not one of its indices"
+                    )
+                if last:
+                    target[int(part)] = yaml.safe_load(raw)
+                else:
+                    target = target[int(part)]
+            elif isinstance(target, dict):
+                if last:
+                    target[part] = yaml.safe_load(raw)
+                else:
+                    target = target.setdefault(part, {})
+            else:
+                raise ConfigError(f"override {override!r}: '{parts[depth - 1]}' is not a mapping or a list")
     return data
 
 

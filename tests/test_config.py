@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
-from lm_saes_core.config import ConfigError, dtype_name, load_config, parse_dtype
+from lm_saes_core.config import ConfigError, apply_overrides, dtype_name, load_config, parse_dtype
 from lm_saes_core.runners.generate import GenerateActivationsSettings
 
 SETTINGS = {
@@ -89,6 +89,18 @@ def test_overrides_are_applied_and_validated(tmp_path):
     assert settings.batch_size == 16 and settings.model.dtype is torch.float16
     with pytest.raises(ConfigError, match="field 'batch_size'"):
         load_config(GenerateActivationsSettings, path, ["batch_size=-1"])
+
+
+def test_an_override_indexes_lists_and_names_what_it_cannot_reach():
+    data = {"factory": {"sources": [{"path": "a"}, {"path": "b"}]}, "hooks": ["x"], "n": 3}
+    apply_overrides(data, ["factory.sources.1.path=c", "factory.sources.-2.name=first", "hooks.0=y", "n=4"])
+    assert data == {"factory": {"sources": [{"path": "a", "name": "first"}, {"path": "c"}]}, "hooks": ["y"], "n": 4}
+    with pytest.raises(ConfigError, match=r"'factory.sources' is a list of 2; '2' is not one of its indices"):
+        apply_overrides(data, ["factory.sources.2.path=d"])
+    with pytest.raises(ConfigError, match=r"'factory.sources' is a list of 2; 'path' is not one of its indices"):
+        apply_overrides(data, ["factory.sources.path=d"])
+    with pytest.raises(ConfigError, match=r"'n' is not a mapping or a list"):
+        apply_overrides(data, ["n.m=1"])
 
 
 def test_environment_variables_do_not_change_settings(tmp_path, monkeypatch):

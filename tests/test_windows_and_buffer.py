@@ -35,6 +35,17 @@ def test_batcher_without_buffer_keeps_order():
     assert out == [[0, 1], [2, 3], [4]]
 
 
+def test_batcher_without_buffer_copies_only_the_batches_that_span_two_items():
+    """A cache written shuffled is read in order: batches inside an item are views of it, not copies."""
+    items = [_rows(10, 0), _rows(7, 10), _rows(3, 17)]
+    batches = list(ActivationBatcher(batch_size=4)(items))
+    assert [b["x"].tolist() for b in batches] == [list(range(i, min(i + 4, 20))) for i in range(0, 20, 4)]
+    assert [b["y"].tolist() for b in batches] == [[10 * x for x in b["x"].tolist()] for b in batches]
+    storages = {item["x"].untyped_storage().data_ptr() for item in items}
+    views = [batch["x"].untyped_storage().data_ptr() in storages for batch in batches]
+    assert views == [True, True, False, True, False]  # [8, 12) spans items 0-1, [16, 20) items 1-2
+
+
 def test_shuffle_buffer_is_a_deterministic_permutation_that_mixes():
     def run(seed):
         batcher = ActivationBatcher(batch_size=16, buffer_size=256, shuffle=BufferShuffleConfig(perm_seed=seed))

@@ -81,24 +81,30 @@ class ActivationBatcher:
         if self.buffer_size is not None:
             yield from self._shuffled(items, self.buffer_size)
             return
-        pending: list[Item] = []
+        yield from self._in_order(items)
+
+    def _in_order(self, items: Iterable[Item]) -> Iterator[Item]:
+        """Batches in arrival order: the rows an item holds past a batch boundary leave as views of it (no copy),
+        only a batch that spans two items is concatenated; with a cache written shuffled this is the whole stream."""
+        pending: list[Item] = []  # the next batch's first rows: fewer than batch_size of them
         rows = 0
         for item in map(drop_rows, items):
-            pending.append(item)
-            rows += n_rows(item)
-            if rows < self.batch_size:
-                continue
-            buffer = concat_items(pending)
-            start = 0
-            while rows - start >= self.batch_size:
-                yield take_rows(buffer, slice(start, start + self.batch_size))
+            size, start = n_rows(item), 0
+            if rows:
+                start = min(self.batch_size - rows, size)
+                pending.append(take_rows(item, slice(0, start)))
+                rows += start
+                if rows < self.batch_size:
+                    continue
+                yield concat_items(pending)
+                pending, rows = [], 0
+            while size - start >= self.batch_size:
+                yield take_rows(item, slice(start, start + self.batch_size))
                 start += self.batch_size
-            pending = [take_rows(buffer, slice(start, rows))] if start < rows else []
-            rows -= start
+            if start < size:
+                pending, rows = [take_rows(item, slice(start, size))], size - start
         if rows:
-            buffer = concat_items(pending)
-            for start in range(0, rows, self.batch_size):
-                yield take_rows(buffer, slice(start, start + self.batch_size))
+            yield concat_items(pending)
 
     def _shuffled(self, items: Iterable[Item], buffer_size: int) -> Iterator[Item]:
         """Batch b of a refill holding R rows is rows permutation[b * batch_size:][:batch_size] of the buffer; the
