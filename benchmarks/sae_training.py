@@ -245,13 +245,16 @@ def main() -> None:
     parser.add_argument(
         "--act-fns", type=lambda v: v.split(","), default=["topk", "batchtopk", "relu", "jumprelu"], help="which to run"
     )
-    parser.add_argument("--profile", action="store_true", help="print where our TopK step spends its time, then exit")
+    parser.add_argument(
+        "--profile", nargs="?", const="topk", default=None, metavar="ACT_FN",
+        help="print where our step (TopK unless named; from initialisation) spends its time, then exit",
+    )  # fmt: skip
     args = parser.parse_args()
     configure(args.device, args.d_model, args.d_sae, args.k, args.amp)
     x, source = load_activations(args.steps * args.batch)
     batches = [batch.to(DEVICE) for batch in x.split(args.batch)]
     if args.profile:
-        profile(ours(new_model("topk")).step, batches)
+        profile(ours(new_model(args.profile)).step, batches)
         return
 
     contenders: list[Contender] = []
