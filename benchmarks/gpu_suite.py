@@ -5,7 +5,7 @@
 2. the whole training loop against the bare step for a 768 x 6144, k 50 TopK SAE, batch 4096, on a synthetic cache
    written first (`trainer_loop.py --kinds synthetic`);
 3. the cached-activation reader against a sequential read, batches landing on the GPU (`cache_reader.py`, when the
-   quickstart cache exists);
+   quickstart cache exists; with rows for a cache written shuffled when `.lm_saes/bench/shuffled-1d` exists);
 4. feature analysis against encode-only at 256 contexts per batch (`analysis.py`).
 
 Each part runs in its own process with its own time limit, so one that fails or hangs does not stop the others; the
