@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from lm_saes_core.activation.cache_format import ActivationCacheError
+from lm_saes_core.activation.config import ActivationFactoryConfig
+from lm_saes_core.activation.factory import unshuffled_sources
 from lm_saes_core.activation.reader import CachedActivations
 from lm_saes_core.activation.writer import ActivationWriter, ActivationWriterConfig
 from lm_saes_core.runners.consistency import CheckActivationConsistencySettings, check_activation_consistency
@@ -77,6 +79,20 @@ def test_epoch_shuffle_is_a_seeded_permutation_of_chunks(tmp_path):
     assert sorted(order) == [0, 1, 2, 3, 4] and order != [0, 1, 2, 3, 4]
     assert order == [int(i["doc_index"][0, 0]) for i in cache.iterate(shuffle_seed=3, epoch=0)]
     assert order != [int(i["doc_index"][0, 0]) for i in cache.iterate(shuffle_seed=3, epoch=1)]
+
+
+def test_training_without_a_buffer_is_in_document_order_unless_the_cache_was_written_shuffled(tmp_path):
+    ordered, shuffled = tmp_path / "ordered", tmp_path / "shuffled"
+    for root, settings in ((ordered, {"buffer_size": None}), (shuffled, {"buffer_size": 4096})):
+        cfg = ActivationWriterConfig(hook_points=HOOKS, cache_dir=str(root))
+        ActivationWriter(cfg, provenance={"settings": settings}).write(synthetic_stream())
+    assert not CachedActivations(ordered).written_shuffled and CachedActivations(shuffled).written_shuffled
+    sources = [{"type": "activations", "name": name, "path": str(tmp_path / name)} for name in ("ordered", "shuffled")]
+    sources += [{"type": "dataset", "name": "corpus"}, {"type": "activations", "name": "gone", "path": "/nowhere"}]
+    factory = {"sources": sources, "target": "activations-1d", "hook_points": HOOKS, "batch_size": 8}
+    # a cache that cannot be opened is left to the error reading it gives
+    assert unshuffled_sources(ActivationFactoryConfig(**factory)) == ["ordered", "corpus"]
+    assert unshuffled_sources(ActivationFactoryConfig(**factory, buffer_size=64)) == []
 
 
 def test_hook_subset_and_explicit_hook_directories(tmp_path):

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from lm_saes_core.activation.buffer import KEEP, ActivationBatcher, Item
+from lm_saes_core.activation.cache_format import ActivationCacheError
 from lm_saes_core.activation.config import (
     ActivationFactoryActivationsSource,
     ActivationFactoryConfig,
@@ -28,6 +29,23 @@ from lm_saes_core.backend.base import LanguageModel, ModelShape
 from lm_saes_core.config import ConfigError
 
 DatasetInput = Any  # a datasets.Dataset, or (Dataset, {"text_field": ..., "doc_offset": ...})
+
+
+def unshuffled_sources(cfg: ActivationFactoryConfig) -> list[str]:
+    """The sources whose rows this factory would yield in document order: without a shuffle buffer, a dataset's and
+    a cache's not written shuffled (a cache that cannot be opened is left to the error that reading it gives)."""
+    if cfg.buffer_size is not None:
+        return []
+    names = []
+    for source in cfg.sources:
+        if isinstance(source, ActivationFactoryActivationsSource):
+            try:
+                if CachedActivations(source.path).written_shuffled:
+                    continue
+            except ActivationCacheError:
+                continue
+        names.append(source.name)
+    return names
 
 
 def flatten_tokens(item: Item) -> Item:

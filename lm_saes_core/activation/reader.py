@@ -114,6 +114,12 @@ class CachedActivations:
         return list(self.sources)
 
     @property
+    def written_shuffled(self) -> bool:
+        """Whether every shard was generated through a shuffle buffer (its settings record a `buffer_size`), so that
+        reading it in order gives shuffled rows."""
+        return all(manifest.get("provenance", {}).get("settings", {}).get("buffer_size") for manifest in self.manifests)
+
+    @property
     def n_tokens(self) -> int:
         return sum(chunk["n_tokens"] for chunk in self.chunks)
 

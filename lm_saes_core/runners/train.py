@@ -18,7 +18,7 @@ from pydantic import Discriminator, Field, Tag, model_validator
 
 from lm_saes_core.activation.buffer import Item
 from lm_saes_core.activation.config import ActivationFactoryConfig, ActivationFactoryTarget
-from lm_saes_core.activation.factory import ActivationFactory
+from lm_saes_core.activation.factory import ActivationFactory, unshuffled_sources
 from lm_saes_core.backend.base import LanguageModelConfig
 from lm_saes_core.config import BaseConfig, ConfigError, MongoDBConfig, UserError, field_error
 from lm_saes_core.data import DatasetConfig
@@ -342,6 +342,20 @@ SETTINGS_NEUTRAL_KEYS = frozenset(
 they change neither the weights nor the batches."""
 
 
+def warn_if_unshuffled(settings: _StreamSettings) -> None:
+    """Training batches in document order learn worse (consecutive tokens of few documents per step): say so."""
+    for cfg in settings.factory_configs():
+        names = unshuffled_sources(cfg)
+        if names:
+            logger.warning(
+                "activation_factory.buffer_size is not set, so source(s) %s stream in document order: each batch "
+                "holds consecutive tokens of a few documents. Set buffer_size (e.g. 32768 tokens, or 256 contexts "
+                "for whole-context kinds) or train from a cache written shuffled (generate with target "
+                "activations-1d and buffer_size)",
+                ", ".join(repr(name) for name in names),
+            )
+
+
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(value, dict):
         return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
@@ -562,6 +576,7 @@ def _train(settings: TrainSAESettings | TrainCrossCoderSettings, kind: str | Non
     if data_parallel is not None:
         data_parallel.barrier()  # every rank has looked before rank 0 starts rewriting the directory
     _check_schedules(settings, [settings.trainer])
+    warn_if_unshuffled(settings)
     cfg, preloaded = _dictionary_config(settings.sae)
     _require_kind(cfg, kind)
     if isinstance(settings, TrainSAESettings):
@@ -647,6 +662,7 @@ def sweep_sae(settings: SweepSAESettings) -> list[TrainResult]:
         except ConfigError as exc:
             raise ConfigError(f"items[{index}] ({item.sae_name!r}): {exc}") from None
     _check_schedules(settings, [settings.items[index].trainer for index in pending])
+    warn_if_unshuffled(settings)
     loaded = {index: _dictionary_config(settings.items[index].sae) for index in pending}
     for index, (cfg, preloaded) in loaded.items():
         try:
