@@ -13,13 +13,18 @@ and thresholds as our SAE, so both run at the same density; the "active" column 
 timed steps. "dense codec" rows force our fused node's dense path (`sparse_kernels = False`), the others let it pick
 its path by density (`kernels.codec_is_sparse`).
 
-    python benchmarks/sae_training.py [--steps 10] [--repeats 5] [--batch 4096] [--density 0.02]
+Every contender's steps run with the memory one step frees kept for the next, as `Trainer.fit` runs them
+(`freed_memory_kept`); `--default-allocator` times them under glibc's defaults instead, where every large tensor is
+mapped and faulted in afresh on CPU (slower for all, and most for the step that allocates most).
+
+    python benchmarks/sae_training.py [--steps 10] [--repeats 5] [--batch 4096] [--density 0.02] [--default-allocator]
     python benchmarks/sae_training.py --device cuda --d-model 2048 --d-sae 65536 --k 64   # a GPU-sized run
 
 sparsify comes from the `bench` extra (`pip install -e .[bench]`); without it its row is skipped.
 """
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lm_saes_core.models import LossConfig, SAEConfig, SparseAutoEncoder
+from lm_saes_core.training.trainer import freed_memory_kept
 
 D_MODEL, D_SAE, K = 576, 4608, 32  # defaults; --d-model/--d-sae/--k override them
 DEVICE = "cpu"
@@ -246,6 +252,9 @@ def main() -> None:
         "--act-fns", type=lambda v: v.split(","), default=["topk", "batchtopk", "relu", "jumprelu"], help="which to run"
     )
     parser.add_argument(
+        "--default-allocator", action="store_true", help="glibc's defaults, not the memory kept as Trainer.fit keeps it"
+    )
+    parser.add_argument(
         "--profile", nargs="?", const="topk", default=None, metavar="ACT_FN",
         help="print where our step (TopK unless named; from initialisation) spends its time, then exit",
     )  # fmt: skip
@@ -283,7 +292,8 @@ def main() -> None:
         if step is None:
             print(f"skipping {name}: not installed (pip install -e .[bench])")
     timed = [contender for contender in contenders if contender.step is not None]
-    rates = time_steps([contender.step for contender in timed], batches, args.repeats)
+    with contextlib.nullcontext() if args.default_allocator else freed_memory_kept():
+        rates = time_steps([contender.step for contender in timed], batches, args.repeats)
     medians = {contender.name: statistics.median(r) for contender, r in zip(timed, rates, strict=True)}
 
     trained = (
@@ -296,7 +306,8 @@ def main() -> None:
         title=f"SAE training step, d_model {D_MODEL}, d_sae {D_SAE}, k {K}, batch {args.batch}, "
         f"{'bf16 autocast' if AMP else 'fp32'} (sparsify: bf16 autocast on CUDA), {threads_or_gpu()}; {source}; "
         f"median of {args.repeats} x {args.steps} steps, contenders interleaved; ReLU/JumpReLU from the fresh "
-        f"initialisation (@ init){trained}; 'active': measured after the timed steps"
+        f"initialisation (@ init){trained}; 'active': measured after the timed steps; "
+        + ("glibc's default allocator" if args.default_allocator else "freed memory kept, as Trainer.fit keeps it")
     )
     for column in ("contender", "active", "tokens/s", "vs dense reference", "vs sparsify"):
         table.add_column(column, justify="left" if column == "contender" else "right")
