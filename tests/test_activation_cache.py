@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lm_saes_core.activation.cache_format import ActivationCacheError
 from lm_saes_core.activation.config import ActivationFactoryConfig
@@ -65,6 +66,16 @@ def test_total_tokens_is_exact_and_chunks_regroup_rows(tmp_path):
     tokens = torch.cat([item["tokens"] for item in cache.iterate(num_workers=0)])
     expected = torch.cat([item["tokens"] for item in synthetic_stream()])[:7]
     assert torch.equal(tokens, expected)
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_a_chunk_smaller_than_an_item_stores_only_its_own_rows(tmp_path, fmt):
+    """Chunks cut from an item are views of it; a chunk file holds its rows, not the item's whole storage."""
+    write(tmp_path, format=fmt, n_samples_per_chunk=1)
+    for path in sorted((tmp_path / "cache" / HOOKS[0]).glob(f"*.{fmt}")):
+        stored = torch.load(path, weights_only=True) if fmt == "pt" else load_file(path)
+        for value in stored.values():
+            assert value.shape[0] == 1 and value.untyped_storage().nbytes() == value.numel() * value.element_size()
 
 
 def test_total_tokens_must_be_whole_rows(tmp_path):

@@ -206,7 +206,7 @@ class ActivationWriter:
         sidecar_lists = {key: extras[key].tolist() for key in ("tokens", "doc_index", "doc_position") if key in extras}
         for hook in self.cfg.hook_points:
             tensors = {"activation": item[hook], **extras}
-            tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
+            tensors = {key: _compact(value.detach().to("cpu")) for key, value in tensors.items()}
             directory = hook_dir(self.root, hook)
             path = directory / f"{name}.{self.cfg.format}"
             try:
@@ -232,3 +232,11 @@ class ActivationWriter:
                     f"writing {path} failed ({reason}); the cache is not marked complete "
                     "(no manifest) and the next run into this directory starts it over",
                 ) from exc
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` in memory of its own: a batch can be a view of a larger item, and `torch.save` writes a view's whole
+    storage."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
