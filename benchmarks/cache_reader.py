@@ -39,7 +39,7 @@ from rich.table import Table
 from lm_saes_core.activation.config import ActivationFactoryConfig
 from lm_saes_core.activation.factory import ActivationFactory
 from lm_saes_core.activation.reader import CachedActivations
-from lm_saes_core.training.trainer import freed_memory_kept
+from lm_saes_core.training.memory import freed_memory_kept
 
 
 def chunk_files(cache: CachedActivations) -> list[Path]:

@@ -36,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from lm_saes_core.models import LossConfig, SAEConfig, SparseAutoEncoder
-from lm_saes_core.training.trainer import freed_memory_kept
+from lm_saes_core.training.memory import freed_memory_kept
 
 D_MODEL, D_SAE, K = 576, 4608, 32  # defaults; --d-model/--d-sae/--k override them
 DEVICE = "cpu"

@@ -56,8 +56,9 @@ from lm_saes_core.models.config import SparseDictionaryConfig
 from lm_saes_core.models.losses import LossConfig
 from lm_saes_core.training.batches import count_tokens
 from lm_saes_core.training.config import TrainerConfig
+from lm_saes_core.training.memory import freed_memory_kept
 from lm_saes_core.training.metrics import DeadLatentStatistics, FeatureActivity
-from lm_saes_core.training.trainer import Trainer, freed_memory_kept
+from lm_saes_core.training.trainer import Trainer
 
 QUICKSTART_CACHE = Path(".lm_saes/quickstart/activations")
 CIRCUITS_CACHE = Path(".lm_saes/quality/circuits/activations")

@@ -28,9 +28,9 @@ from lm_saes_core.models import CLTConfig, CrossCoderConfig, LossConfig, SAEConf
 from lm_saes_core.models.losses import LossOutput
 from lm_saes_core.training import Trainer, TrainerConfig
 from lm_saes_core.training.batches import Prefetched
+from lm_saes_core.training.memory import _glibc, freed_memory_kept
 from lm_saes_core.training.metrics import FeatureActivity, MetricWindow
 from lm_saes_core.training.optim import GradShards, rms_grad_norm, square_sum
-from lm_saes_core.training.trainer import _glibc, freed_memory_kept
 
 HOOK = "blocks.1.hook_resid_post"
 D = 16

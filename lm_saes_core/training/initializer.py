@@ -29,6 +29,7 @@ from lm_saes_core.models.capabilities import (
     NormConstrainable,
 )
 from lm_saes_core.training.batches import Batch, to_device, valid_rows
+from lm_saes_core.training.memory import freed_memory_kept
 
 if TYPE_CHECKING:
     from lm_saes_core.backend.attention import HostAttention
@@ -198,7 +199,8 @@ class Initializer:
         if steps.initialize_W_D_with_active_subspace:
             model.init_ov_with_active_subspace(to_device(peeked[0], cfg.device), self._checked_host(host, cfg))
         if steps.needs_batch:
-            self._initialize_from_batch(model, to_device(peeked[0], cfg.device), steps)
+            with freed_memory_kept():  # the grid search's ~70 forward passes reuse one another's memory
+                self._initialize_from_batch(model, to_device(peeked[0], cfg.device), steps)
         else:
             self._reinit_encoder(model, None, steps)
         return model, itertools.chain(peeked, batches)

@@ -8,12 +8,9 @@ deterministic, seeded stream); a shorter stream is an error. Resumed runs reprod
 """
 
 import contextlib
-import ctypes
 import itertools
 import logging
 import math
-import os
-import threading
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -49,6 +46,7 @@ from lm_saes_core.training.checkpoint import (
 )
 from lm_saes_core.training.config import TrainerConfig
 from lm_saes_core.training.data_parallel import DataParallel
+from lm_saes_core.training.memory import freed_memory_kept
 from lm_saes_core.training.metrics import DeadLatentStatistics, FeatureActivity, MetricWindow
 from lm_saes_core.training.optim import GradShards, build_optimizer, build_scheduler, clip_rms_grad_norm_
 from lm_saes_core.training.schedules import annealed_k, checkpoint_steps, resolve_steps, warmup_factor
@@ -522,45 +520,6 @@ def _restore(model: SparseDictionary, state: dict[str, torch.Tensor]) -> None:
     """Give `model`'s released tensors the values of `state` (a whole state dict of the same dictionary)."""
     for name, tensor in model.state_dict(keep_vars=True).items():
         tensor.data = state[name].to(tensor.device, tensor.dtype)
-
-
-_kept = {"depth": 0, "lock": threading.Lock()}
-
-
-@contextlib.contextmanager
-def freed_memory_kept() -> Iterator[None]:
-    """Keep the memory one step frees for the next (glibc): by default every allocation past 32 MiB is mapped
-    afresh and freed memory goes back to the system, so each step faults the same large tensors in again (on CPU a
-    third of a quickstart SAE step). Afterwards (the last of concurrent fits) the kept memory is returned and glibc
-    is left at the ceiling of its own adaptive settings: mapped past 32 MiB, trimmed past 64 MiB."""
-    libc = _glibc()
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
-    with _kept["lock"]:
-        _kept["depth"] += 1
-        if libc is not None and _kept["depth"] == 1:
-            libc.mallopt(M_MMAP_MAX, 0)
-            libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
-    try:
-        yield
-    finally:
-        with _kept["lock"]:
-            _kept["depth"] -= 1
-            if libc is not None and _kept["depth"] == 0:
-                libc.mallopt(M_MMAP_MAX, 65536)
-                libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-                libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
-                libc.malloc_trim(0)
-
-
-def _glibc():
-    """The C library when it is glibc (whose `mallopt` settings `freed_memory_kept` knows), else None."""
-    try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
-            return None
-    except (AttributeError, ValueError, OSError):  # not a GNU system
-        return None
-    libc = ctypes.CDLL(None)
-    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def _skip(batches: Iterator[Batch], n: int) -> Iterator[Batch]:
