@@ -202,11 +202,11 @@ class ActivationWriter:
         }
 
     def _write_chunk(self, name: str, item: Item) -> None:
+        item = {key: _compact(value.detach().to("cpu")) for key, value in item.items()}  # once for every hook's file
         extras = {key: value for key, value in item.items() if key not in self.cfg.hook_points}
         sidecar_lists = {key: extras[key].tolist() for key in ("tokens", "doc_index", "doc_position") if key in extras}
         for hook in self.cfg.hook_points:
             tensors = {"activation": item[hook], **extras}
-            tensors = {key: _compact(value.detach().to("cpu")) for key, value in tensors.items()}
             directory = hook_dir(self.root, hook)
             path = directory / f"{name}.{self.cfg.format}"
             try:
