@@ -100,10 +100,13 @@ def test_training_without_a_buffer_is_in_document_order_unless_the_cache_was_wri
     assert not CachedActivations(ordered).written_shuffled and CachedActivations(shuffled).written_shuffled
     sources = [{"type": "activations", "name": name, "path": str(tmp_path / name)} for name in ("ordered", "shuffled")]
     sources += [{"type": "dataset", "name": "corpus"}, {"type": "activations", "name": "gone", "path": "/nowhere"}]
-    factory = {"sources": sources, "target": "activations-1d", "hook_points": HOOKS, "batch_size": 8}
+    factory = {"sources": sources, "target": "activations-2d", "hook_points": HOOKS, "batch_size": 8}
     # a cache that cannot be opened is left to the error reading it gives
     assert unshuffled_sources(ActivationFactoryConfig(**factory)) == ["ordered", "corpus"]
     assert unshuffled_sources(ActivationFactoryConfig(**factory, buffer_size=64)) == []
+    # these caches are 2-D: read as tokens, each shuffled context still yields its tokens in order
+    as_tokens = ActivationFactoryConfig(**{**factory, "target": "activations-1d"})
+    assert unshuffled_sources(as_tokens) == ["ordered", "shuffled", "corpus"]
 
 
 def test_hook_subset_and_explicit_hook_directories(tmp_path):

@@ -33,16 +33,19 @@ DatasetInput = Any  # a datasets.Dataset, or (Dataset, {"text_field": ..., "doc_
 
 def unshuffled_sources(cfg: ActivationFactoryConfig) -> list[str]:
     """The sources whose rows this factory would yield in document order: without a shuffle buffer, a dataset's and
-    a cache's not written shuffled (a cache that cannot be opened is left to the error that reading it gives)."""
+    a cache's not written shuffled in the rows read (contexts shuffled still hold their tokens in order, so a 2-D
+    cache read as tokens counts as unshuffled; a cache that cannot be opened is left to the error reading it gives)."""
     if cfg.buffer_size is not None:
         return []
     names = []
     for source in cfg.sources:
         if isinstance(source, ActivationFactoryActivationsSource):
             try:
-                if CachedActivations(source.path).written_shuffled:
-                    continue
+                cache = CachedActivations(source.path)
             except ActivationCacheError:
+                continue
+            as_written = cache.layout == "1d" or cfg.target != ActivationFactoryTarget.ACTIVATIONS_1D
+            if cache.written_shuffled and as_written:
                 continue
         names.append(source.name)
     return names
