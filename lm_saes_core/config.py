@@ -165,28 +165,26 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = override.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {override!r} must look like key.sub_key=value")
-        target: Any = data
         parts = key.split(".")
-        for depth, part in enumerate(parts):
-            last = depth == len(parts) - 1
-            if isinstance(target, list):
-                if not part.lstrip("-").isdigit() or not -len(target) <= int(part) < len(target):
-                    raise ConfigError(
-                        f"override {override!r}: '{'.'.join(parts[:depth])}' is a list of {len(target)}; "
-                        f"'{part}' is not one of its indices"
-                    )
-                if last:
-                    target[int(part)] = yaml.safe_load(raw)
-                else:
-                    target = target[int(part)]
-            elif isinstance(target, dict):
-                if last:
-                    target[part] = yaml.safe_load(raw)
-                else:
-                    target = target.setdefault(part, {})
-            else:
-                raise ConfigError(f"override {override!r}: '{parts[depth - 1]}' is not a mapping or a list")
+        target: Any = data
+        for depth, part in enumerate(parts[:-1]):
+            index = _override_index(target, part, override, parts[:depth])
+            target = target.setdefault(index, {}) if isinstance(target, dict) else target[index]
+        target[_override_index(target, parts[-1], override, parts[:-1])] = yaml.safe_load(raw)
     return data
+
+
+def _override_index(target: Any, part: str, override: str, path: list[str]) -> str | int:
+    """`part` as a key of the mapping or an index of the list `target` (reached by `path`), or the error naming it."""
+    if isinstance(target, dict):
+        return part
+    if not isinstance(target, list):
+        raise ConfigError(f"override {override!r}: '{path[-1]}' is not a mapping or a list")
+    if not part.lstrip("-").isdigit() or not -len(target) <= int(part) < len(target):
+        raise ConfigError(
+            f"override {override!r}: '{'.'.join(path)}' is a list of {len(target)}; '{part}' is not one of its indices"
+        )
+    return int(part)
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
