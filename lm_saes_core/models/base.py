@@ -471,10 +471,12 @@ class SparseDictionary(nn.Module):
             self.current_k = c.k
         rows = self.token_rows(batch)
         x, y, _, _ = self.prepare(rows)
-        f, h, y_hat = self.encode_and_reconstruct(x)
-        if self.granularity == "contexts" and "mask" in rows:  # whole contexts in, the valid tokens' terms out
+        if self.granularity == "contexts" and "mask" in rows:  # whole contexts in, only the valid tokens activated
             valid = rows["mask"].to(torch.bool)
+            f, h, y_hat = self.encode_and_reconstruct(x, valid)
             f, h, y_hat, y = f[valid], h[valid], y_hat[valid], y[valid]
+        else:
+            f, h, y_hat = self.encode_and_reconstruct(x)
         if y.shape[0] == 0:
             raise ValueError("the batch has no tokens to train on (its mask is all False)")
         terms = {"mse_loss": (y_hat - y).pow(2).sum(-1).mean()}

@@ -479,13 +479,26 @@ class LowRankSparseAttention(SparseDictionary):
             return False
         return self.sparse_kernels if self.sparse_kernels is not None else self.current_k * 8 <= self.cfg.d_sae
 
-    def encode_and_reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The training forward pass; the TopK family decodes only the selected heads of each position."""
+    def encode_and_reconstruct(self, x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The training forward pass; the TopK family decodes only the selected heads of each position. `valid`
+        (B, S): the positions the loss reads. Only they are activated and decoded (the others get no features and
+        the decoder bias), so a batch-wise activation's budget is k per valid token: BatchTopK ranking BOS and
+        padding too would hand their share to the real tokens (k 32 became 33.2 on held-out tokens)."""
         h, _ = self.attend(x)
+        if valid is None:
+            f, y = self._activate_and_decode(h.reshape(-1, self.cfg.d_sae))
+            return f.reshape(h.shape), h, y.reshape(*h.shape[:-1], -1)
+        f_valid, y_valid = self._activate_and_decode(h[valid])
+        f = h.new_zeros(h.shape).index_put((valid,), f_valid)
+        y = y_valid.new_zeros(*h.shape[:-1], y_valid.shape[-1])
+        y = y.index_put((valid,), y_valid) if self.b_D is None else (y + self.b_D).index_put((valid,), y_valid)
+        return f, h, y
+
+    def _activate_and_decode(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """(f, reconstruction) of pre-activation rows (N, d_sae), one row per position."""
         if not self._use_sparse_decode():
-            f = self._activate(h)
-            return f, h, self.decode(f)
-        flat = h.reshape(-1, self.cfg.d_sae)
+            f = self.activation_function(flat, self.gating_norm(), self.current_k)
+            return f, self.decode(f)
         with torch.no_grad():
             norm = self.gating_norm()
             scores = flat.detach() * norm if norm is not None else flat.detach()
@@ -502,8 +515,7 @@ class LowRankSparseAttention(SparseDictionary):
         y = self.reduce_features(kernels.sparse_decode(selection, values, self.W_O))
         if self.b_D is not None:
             y = y + self.b_D
-        f = kernels.densify(selection, values, flat.shape[0], self.cfg.d_sae)
-        return f.reshape(h.shape), h, y.reshape(*h.shape[:-1], -1)
+        return kernels.densify(selection, values, flat.shape[0], self.cfg.d_sae), y
 
     def aux_loss(self, x: Tensor, hidden_pre: Tensor, residual: Tensor, dead_latents: Tensor, k_aux: int) -> Tensor:
         """Aux-K: how well the top k_aux dead heads (by the model's own activation) reconstruct the residual."""

@@ -25,6 +25,8 @@
 # (0.01) because its objective has no interior optimum: a random MOLT's reconstruction only adds error, so the initial
 # l_rec is flat below 0.01 (622.66 at 1e-4 to 1e-2) and rises above (622.71 at 0.1, 889 at 1, 22,028 at 3); a wider
 # range ends at its lower edge too.
+# 2026-12-07: where the Lorsa's 0.03 goes: an SAE trained on the Lorsa's whole-context batches (sae-contexts.yaml, not
+# run here) reaches 0.815, so ~0.018 is the batches, ~0.012 the architecture; the experiments since are in lorsa.yaml.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
