@@ -485,7 +485,7 @@ class LowRankSparseAttention(SparseDictionary):
         the decoder bias), so a batch-wise activation's budget is k per valid token: BatchTopK ranking BOS and
         padding too would hand their share to the real tokens (k 32 became 33.2 on held-out tokens)."""
         h, _ = self.attend(x)
-        if valid is None:
+        if valid is None or bool(valid.all()):  # no BOS or padding in the batch: no rows to pick
             f, y = self._activate_and_decode(h.reshape(-1, self.cfg.d_sae))
             return f.reshape(h.shape), h, y.reshape(*h.shape[:-1], -1)
         f_valid, y_valid = self._activate_and_decode(h[valid])
