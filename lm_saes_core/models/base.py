@@ -436,6 +436,12 @@ class SparseDictionary(nn.Module):
         f, h = self.encode(x, return_hidden_pre=True)
         return f, h, self.decode(f)
 
+    def encode_and_reconstruct_valid(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(f, h, reconstruction) of the `valid` positions (B, S) of whole contexts x (B, S, ...), as rows (N, ...).
+        A kind whose activation ranks across positions activates only them (Lorsa)."""
+        f, h, y_hat = self.encode_and_reconstruct(x)
+        return f[valid], h[valid], y_hat[valid]
+
     def forward(self, x: Tensor) -> Tensor:
         """Normalised reconstruction of normalised input x."""
         return self.encode_and_reconstruct(x)[2]
@@ -471,10 +477,9 @@ class SparseDictionary(nn.Module):
             self.current_k = c.k
         rows = self.token_rows(batch)
         x, y, _, _ = self.prepare(rows)
-        if self.granularity == "contexts" and "mask" in rows:  # whole contexts in, only the valid tokens activated
+        if self.granularity == "contexts" and "mask" in rows:  # whole contexts in, the valid tokens' terms out
             valid = rows["mask"].to(torch.bool)
-            f, h, y_hat = self.encode_and_reconstruct(x, valid)
-            f, h, y_hat, y = f[valid], h[valid], y_hat[valid], y[valid]
+            (f, h, y_hat), y = self.encode_and_reconstruct_valid(x, valid), y[valid]
         else:
             f, h, y_hat = self.encode_and_reconstruct(x)
         if y.shape[0] == 0:

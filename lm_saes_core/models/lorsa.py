@@ -479,25 +479,24 @@ class LowRankSparseAttention(SparseDictionary):
             return False
         return self.sparse_kernels if self.sparse_kernels is not None else self.current_k * 8 <= self.cfg.d_sae
 
-    def encode_and_reconstruct(self, x: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """The training forward pass; the TopK family decodes only the selected heads of each position. `valid`
-        (B, S): the positions the loss reads. Only they are activated and decoded (the others get no features and
-        the decoder bias), so a batch-wise activation's budget is k per valid token: BatchTopK ranking BOS and
-        padding too would hand their share to the real tokens (k 32 became 33.2 on held-out tokens)."""
+    def encode_and_reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The training forward pass; the TopK family decodes only the selected heads of each position."""
         h, _ = self.attend(x)
-        if valid is None or bool(valid.all()):  # no BOS or padding in the batch: no rows to pick
-            f, y = self._activate_and_decode(h.reshape(-1, self.cfg.d_sae))
-            return f.reshape(h.shape), h, y.reshape(*h.shape[:-1], -1)
-        f_valid, y_valid = self._activate_and_decode(h[valid])
-        f = h.new_zeros(h.shape).index_put((valid,), f_valid)
-        y = y_valid.new_zeros(*h.shape[:-1], y_valid.shape[-1])
-        y = y.index_put((valid,), y_valid) if self.b_D is None else (y + self.b_D).index_put((valid,), y_valid)
+        f, y = self._activate_and_decode(h.reshape(-1, self.cfg.d_sae))
+        return f.reshape(h.shape), h, y.reshape(*h.shape[:-1], -1)
+
+    def encode_and_reconstruct_valid(self, x: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Attend over the whole contexts, then activate and decode only the `valid` positions (B, S): a batch-wise
+        activation's budget is k per valid token (BatchTopK ranking BOS and padding too handed their share to the
+        real tokens: k 32 became 33.2 on held-out tokens)."""
+        h = self.attend(x)[0][valid]
+        f, y = self._activate_and_decode(h)
         return f, h, y
 
     def _activate_and_decode(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """(f, reconstruction) of pre-activation rows (N, d_sae), one row per position."""
         if not self._use_sparse_decode():
-            f = self.activation_function(flat, self.gating_norm(), self.current_k)
+            f = self._activate(flat)
             return f, self.decode(f)
         with torch.no_grad():
             norm = self.gating_norm()
