@@ -12,6 +12,7 @@ import ast
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import sys
@@ -23,7 +24,6 @@ from collections.abc import Callable, Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
-import datasets
 from filelock import FileLock
 
 from lm_saes_core.config import lm_saes_cache
@@ -52,15 +52,22 @@ def stdlib_dir() -> Path:
 
 
 def stdlib_files(root: Path, keep: Callable[[Path], bool]) -> list[Path]:
-    """Paths relative to `root` of the files that `keep` accepts, outside the skipped directories, sorted."""
+    """Paths relative to `root` of the files that `keep` accepts, outside the skipped directories, sorted.
+
+    The skipped directories are pruned from the walk, not filtered after it: the stdlib's site-packages (torch and
+    every other installed package) holds ~100x the stdlib's files."""
     files = []
-    for path in root.rglob("*"):
-        relative = path.relative_to(root)
-        if any(part in SKIPPED_DIRS or part.startswith("config-") for part in relative.parts[:-1]):
-            continue
-        if path.is_file() and keep(path):
-            files.append(relative)
+    for directory, subdirectories, names in os.walk(root, followlinks=True):
+        subdirectories[:] = [name for name in subdirectories if not skipped_dir(name)]
+        for name in names:
+            path = Path(directory, name)
+            if path.is_file() and keep(path):
+                files.append(path.relative_to(root))
     return sorted(files, key=lambda p: p.parts)
+
+
+def skipped_dir(name: str) -> bool:
+    return name in SKIPPED_DIRS or name.startswith("config-")
 
 
 def iter_stdlib_sources(root: Path) -> Iterator[tuple[str, Path]]:
@@ -272,6 +279,8 @@ def is_complete(path: Path) -> bool:
 
 
 def write_corpus(path: Path) -> None:
+    import datasets  # here, not at module level: ~1 s of start-up that most processes never need
+
     records = python_docs_records()
     texts = [record["text"] for record in records]
     fingerprint = texts_fingerprint(texts)

@@ -12,13 +12,15 @@ documents, so the two halves of a percentage split are disjoint held-out sets of
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import datasets
 from pydantic import field_validator
 
 from lm_saes_core.config import BaseConfig
 from lm_saes_core.corpus import BUNDLED_DATASETS, read_corpus_meta
+
+if TYPE_CHECKING:  # `datasets` is imported where a dataset is loaded: it costs ~1 s of every process's start-up
+    import datasets
 
 # File suffix -> the `datasets` packaged builder that reads it.
 FILE_BUILDERS = {
@@ -76,11 +78,13 @@ def looks_like_path(name: str) -> bool:
     )
 
 
-def select_split(dataset: datasets.Dataset | datasets.DatasetDict, split: str, source: str) -> datasets.Dataset:
+def select_split(dataset: "datasets.Dataset | datasets.DatasetDict", split: str, source: str) -> "datasets.Dataset":
     """Apply HF split syntax (`train[:90%]+train[-10:]`) to a loaded dataset, row by row and deterministically.
 
     A single saved `Dataset` is its own only split: it answers to `train` and to the split name it was saved with.
     """
+    import datasets
+
     if isinstance(dataset, datasets.DatasetDict):
         parts = dict(dataset)
     else:
@@ -118,7 +122,9 @@ def data_files_in(directory: Path) -> tuple[str, list[str]]:
     return builders.pop(), [str(path) for path in files]
 
 
-def load_local_files(path: Path, cfg: DatasetConfig) -> datasets.Dataset:
+def load_local_files(path: Path, cfg: DatasetConfig) -> "datasets.Dataset":
+    import datasets
+
     if path.is_dir():
         builder, files = data_files_in(path)
     elif path.suffix.lower() in FILE_BUILDERS:
@@ -131,11 +137,15 @@ def load_local_files(path: Path, cfg: DatasetConfig) -> datasets.Dataset:
 
 def offline_requested() -> bool:
     """`datasets` reads the offline switches once at import; a switch set later in the process counts too."""
+    import datasets
+
     env = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("HF_DATASETS_OFFLINE", ""))
     return datasets.config.HF_HUB_OFFLINE or any(value.upper() in TRUE_VALUES for value in env)
 
 
-def load_from_hub(cfg: DatasetConfig) -> datasets.Dataset:
+def load_from_hub(cfg: DatasetConfig) -> "datasets.Dataset":
+    import datasets
+
     name = cfg.dataset_name_or_path
     offline = offline_requested()
     was_offline = datasets.config.HF_HUB_OFFLINE
@@ -161,7 +171,9 @@ def bundled_dir(cfg: DatasetConfig) -> Path:
     return build(cfg.cache_dir) if cfg.cache_dir is not None else build()
 
 
-def load_unsharded(cfg: DatasetConfig) -> datasets.Dataset:
+def load_unsharded(cfg: DatasetConfig) -> "datasets.Dataset":
+    import datasets
+
     name = cfg.dataset_name_or_path
     if name in BUNDLED_DATASETS:
         return select_split(datasets.load_from_disk(str(bundled_dir(cfg))), cfg.split, f"bundled dataset {name!r}")
@@ -188,7 +200,7 @@ def check_shard(shard_idx: int | None, n_shards: int | None) -> None:
         raise ValueError(f"shard_idx must be in [0, {n_shards}) for n_shards={n_shards}, got {shard_idx}")
 
 
-def load_dataset(cfg: DatasetConfig, shard_idx: int | None = None, n_shards: int | None = None) -> datasets.Dataset:
+def load_dataset(cfg: DatasetConfig, shard_idx: int | None = None, n_shards: int | None = None) -> "datasets.Dataset":
     """The documents of `cfg` (after `split`), or the contiguous shard `shard_idx` of `n_shards` of them."""
     check_shard(shard_idx, n_shards)
     dataset = load_unsharded(cfg)

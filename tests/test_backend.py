@@ -6,6 +6,7 @@ values agree to atol 1e-4 + rtol 1e-5: residual entries reach ~750 at the BOS po
 the two kernels differs by ~6e-5. Reduced precision is compared per position to float32 by relative L2 error.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from lm_saes_core.backend import (
     ModelNotAvailableError,
     TransformerLensLanguageModel,
     UnknownHookPointError,
+    json_model_config,
     load_model,
     read_model_shape,
     registry,
@@ -340,6 +342,26 @@ def test_the_config_alone_tells_the_huggingface_backends_hooks_widths_and_contex
     GPTNeoXConfig().save_pretrained(tmp_path / "neox")
     assert read_model_shape(LanguageModelConfig(model_name=str(tmp_path / "neox"))) is None
     assert read_model_shape(smollm2_config.model_copy(update={"backend": "transformer_lens"})) is None
+
+
+def test_the_config_is_read_as_json_unless_a_field_is_left_to_transformers_defaults(tmp_path):
+    """The checks before a run read config.json without importing transformers' config classes; a file that leaves
+    a field to transformers' default is read by AutoConfig, which knows the default."""
+    from transformers import AutoConfig, LlamaConfig
+
+    LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=96).save_pretrained(
+        tmp_path / "full"
+    )
+    light, auto = json_model_config(tmp_path / "full" / "config.json"), AutoConfig.from_pretrained(tmp_path / "full")
+    read = ("model_type", "num_hidden_layers", "hidden_size", "max_position_embeddings")
+    assert [getattr(light, name) for name in read] == [getattr(auto, name) for name in read] == ["llama", 3, 64, 96]
+    fields = json.loads((tmp_path / "full" / "config.json").read_text())
+    del fields["max_position_embeddings"]
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "config.json").write_text(json.dumps(fields))
+    assert json_model_config(tmp_path / "partial" / "config.json") is None
+    shape = read_model_shape(LanguageModelConfig(model_name=str(tmp_path / "partial")))
+    assert (shape.d_model, shape.max_context) == (64, LlamaConfig().max_position_embeddings)
 
 
 def test_gpt2_layout_matches_hidden_states_and_the_bridge(smollm2_dir, tmp_path):

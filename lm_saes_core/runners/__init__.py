@@ -1,73 +1,61 @@
-"""The runners: each composes the library's pieces into one job driven by one settings object."""
+"""The runners: each composes the library's pieces into one job driven by one settings object.
 
-from lm_saes_core.runners.analyze import AnalyzeCrossCoderSettings, AnalyzeSAESettings, analyze_crosscoder, analyze_sae
-from lm_saes_core.runners.autointerp import AutoInterpResult, AutoInterpSettings, auto_interp
-from lm_saes_core.runners.consistency import (
-    CheckActivationConsistencySettings,
-    ConsistencyReport,
-    check_activation_consistency,
-)
-from lm_saes_core.runners.convert import ConversionResult, ConvertTopKToJumpReLUSettings, convert_topk_to_jumprelu
-from lm_saes_core.runners.dla import DirectLogitAttributeSettings, direct_logit_attribute
-from lm_saes_core.runners.evaluate import (
-    EvaluateCrossCoderSettings,
-    EvaluateSAESettings,
-    evaluate_crosscoder,
-    evaluate_sae,
-)
-from lm_saes_core.runners.generate import GenerateActivationsSettings, GenerationResult, generate_activations
-from lm_saes_core.runners.head_groups import HeadGroupFactory
-from lm_saes_core.runners.train import (
-    SweepingItem,
-    SweepSAESettings,
-    TrainCLTSettings,
-    TrainCrossCoderSettings,
-    TrainLorsaSettings,
-    TrainMOLTSettings,
-    TrainSAESettings,
-    sweep_sae,
-    train_clt,
-    train_crosscoder,
-    train_lorsa,
-    train_molt,
-    train_sae,
-)
+The names below are imported on first use (PEP 562), so importing one runner's module (the Pipes entry point, the
+CLI) does not load every other runner and its libraries first."""
 
-__all__ = [
-    "AnalyzeCrossCoderSettings",
-    "analyze_crosscoder",
-    "EvaluateCrossCoderSettings",
-    "evaluate_crosscoder",
-    "HeadGroupFactory",
-    "TrainCLTSettings",
-    "TrainCrossCoderSettings",
-    "TrainLorsaSettings",
-    "TrainMOLTSettings",
-    "train_clt",
-    "train_crosscoder",
-    "train_lorsa",
-    "train_molt",
-    "AnalyzeSAESettings",
-    "AutoInterpResult",
-    "AutoInterpSettings",
-    "DirectLogitAttributeSettings",
-    "analyze_sae",
-    "auto_interp",
-    "direct_logit_attribute",
-    "CheckActivationConsistencySettings",
-    "ConsistencyReport",
-    "ConversionResult",
-    "ConvertTopKToJumpReLUSettings",
-    "convert_topk_to_jumprelu",
-    "EvaluateSAESettings",
-    "GenerateActivationsSettings",
-    "GenerationResult",
-    "SweepSAESettings",
-    "SweepingItem",
-    "TrainSAESettings",
-    "check_activation_consistency",
-    "evaluate_sae",
-    "generate_activations",
-    "sweep_sae",
-    "train_sae",
-]
+import importlib
+from typing import Any
+
+_EXPORTS: dict[str, str] = {
+    "AnalyzeCrossCoderSettings": "lm_saes_core.runners.analyze",
+    "AnalyzeSAESettings": "lm_saes_core.runners.analyze",
+    "analyze_crosscoder": "lm_saes_core.runners.analyze",
+    "analyze_sae": "lm_saes_core.runners.analyze",
+    "AutoInterpResult": "lm_saes_core.runners.autointerp",
+    "AutoInterpSettings": "lm_saes_core.runners.autointerp",
+    "auto_interp": "lm_saes_core.runners.autointerp",
+    "CheckActivationConsistencySettings": "lm_saes_core.runners.consistency",
+    "ConsistencyReport": "lm_saes_core.runners.consistency",
+    "check_activation_consistency": "lm_saes_core.runners.consistency",
+    "ConversionResult": "lm_saes_core.runners.convert",
+    "ConvertTopKToJumpReLUSettings": "lm_saes_core.runners.convert",
+    "convert_topk_to_jumprelu": "lm_saes_core.runners.convert",
+    "DirectLogitAttributeSettings": "lm_saes_core.runners.dla",
+    "direct_logit_attribute": "lm_saes_core.runners.dla",
+    "EvaluateCrossCoderSettings": "lm_saes_core.runners.evaluate",
+    "EvaluateSAESettings": "lm_saes_core.runners.evaluate",
+    "evaluate_crosscoder": "lm_saes_core.runners.evaluate",
+    "evaluate_sae": "lm_saes_core.runners.evaluate",
+    "GenerateActivationsSettings": "lm_saes_core.runners.generate",
+    "GenerationResult": "lm_saes_core.runners.generate",
+    "generate_activations": "lm_saes_core.runners.generate",
+    "HeadGroupFactory": "lm_saes_core.runners.head_groups",
+    "SweepSAESettings": "lm_saes_core.runners.train",
+    "SweepingItem": "lm_saes_core.runners.train",
+    "TrainCLTSettings": "lm_saes_core.runners.train",
+    "TrainCrossCoderSettings": "lm_saes_core.runners.train",
+    "TrainLorsaSettings": "lm_saes_core.runners.train",
+    "TrainMOLTSettings": "lm_saes_core.runners.train",
+    "TrainSAESettings": "lm_saes_core.runners.train",
+    "sweep_sae": "lm_saes_core.runners.train",
+    "train_clt": "lm_saes_core.runners.train",
+    "train_crosscoder": "lm_saes_core.runners.train",
+    "train_lorsa": "lm_saes_core.runners.train",
+    "train_molt": "lm_saes_core.runners.train",
+    "train_sae": "lm_saes_core.runners.train",
+}
+"""Public name -> the module that defines it."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -20,14 +20,25 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lm_saes_core.models.base import SHARDED_DIR
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
+
+def _dcp():
+    """torch.distributed.checkpoint, imported when a sharded checkpoint is read or written: with DTensor it costs
+    ~1.3 s of start-up, which every other process (a CLI call, each Pipes step) would pay for nothing."""
+    import torch.distributed.checkpoint as dcp
+
+    return dcp
+
 
 _BLOCK = re.compile(r"^(.*)/block(\d+)$")
 
@@ -52,7 +63,7 @@ def sharded_problem(path: str | Path) -> str | None:
     """Why the DCP directory of checkpoint `path` is not whole (a part file missing or cut short), or None."""
     directory = Path(path) / SHARDED_DIR
     try:
-        metadata = dcp.FileSystemReader(directory).read_metadata()
+        metadata = _dcp().FileSystemReader(directory).read_metadata()
     except Exception as error:  # a .metadata cut short or not DCP's: whatever unpickling it raised
         return f"{SHARDED_DIR}/.metadata is unreadable ({type(error).__name__})"
     ends: dict[str, int] = {}
@@ -74,7 +85,7 @@ def write_tensors(directory: Path, tensors: dict[str, Tensor], split_of: Callabl
         split = split_of(key)
         for name, piece in _pieces(key, tensor, split):
             flat[name] = _distributed(piece.contiguous(), split, mesh)
-    dcp.save(flat, checkpoint_id=directory)
+    _dcp().save(flat, checkpoint_id=directory)
 
 
 def read_tensors(
@@ -82,6 +93,7 @@ def read_tensors(
 ) -> dict[str, Tensor]:
     """This process's part of every tensor in `directory` whose key starts with `prefix` (its slices under `mesh`;
     the whole tensors without one), its blocks joined as a part holds them."""
+    dcp = _dcp()
     metadata = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     targets: dict[str, Tensor] = {}
     for name, entry in metadata.items():
@@ -96,7 +108,7 @@ def read_tensors(
     pieces: dict[str, list[tuple[int, Tensor]]] = {}
     for name, target in targets.items():
         match = _BLOCK.match(name)
-        local = target.to_local() if isinstance(target, DTensor) else target
+        local = target if mesh is None else target.to_local()
         pieces.setdefault(_key(name), []).append((int(match.group(2)) if match else 0, local))
     return {key: _joined(parts, split_of(key)) for key, parts in pieces.items()}
 
@@ -181,13 +193,17 @@ def _key(name: str) -> str:
     return match.group(1) if match else name
 
 
-def _distributed(local: Tensor, split: Split, mesh) -> DTensor:
+def _distributed(local: Tensor, split: Split, mesh) -> "DTensor":
+    from torch.distributed.tensor import DTensor
+
     return DTensor.from_local(local, mesh, _placements(split, mesh), run_check=False)
 
 
 def _placements(split: Split, mesh) -> list:
     """Replicated over `data`; sharded over `head` and `model` on the axes the tensor has (a mesh axis of one rank
     holds the whole)."""
+    from torch.distributed.tensor import Replicate, Shard
+
     head, model = mesh.size(1), mesh.size(2)
     return [
         Replicate(),
