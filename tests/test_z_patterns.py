@@ -23,6 +23,7 @@ from lm_saes_core.browser import create_app
 from lm_saes_core.cli import app
 from lm_saes_core.models import LowRankSparseAttention, SAEConfig, SparseAutoEncoder
 from lm_saes_core.store import DictionaryRecord, FeatureAnalysis, RecordStoreConfig, codec, open_store
+from lm_saes_core.store.export import read_analysis_export, write_analysis_export
 from lm_saes_core.store.mongo import MongoRecordStore
 from lm_saes_core.store.sqlite import SQLiteRecordStore
 
@@ -227,6 +228,26 @@ def test_layer3_z_patterns_round_trip_through_the_store(store, layer3_analysis):
             for field in ("peaks", "sources", "contributions"):
                 got, expected = getattr(pool.z_patterns, field), getattr(want, field)
                 assert got.dtype == expected.dtype and np.array_equal(got, expected), field
+
+
+def test_layer3_z_patterns_round_trip_through_the_analysis_export(tmp_path, layer3_analysis):
+    """The .npz export (analysis without a record store) keeps them too, dtypes and values exact; the pools without
+    any come back with None."""
+    _, _, analyses = layer3_analysis
+    chosen = [analyses[i] for i in (0, 5, 300, 575)]
+    path = write_analysis_export(tmp_path, "lorsa3", "default", "default", chosen)
+    n_patterns = 0
+    for got, want in zip(read_analysis_export(path), chosen, strict=True):
+        for pool, expected_pool in zip(got.samples, want.samples, strict=True):
+            want_z = expected_pool.z_patterns
+            if want_z is None:
+                assert pool.z_patterns is None
+                continue
+            n_patterns += 1
+            for field in ("peaks", "sources", "contributions"):
+                got_field, expected = getattr(pool.z_patterns, field), getattr(want_z, field)
+                assert got_field.dtype == expected.dtype and np.array_equal(got_field, expected), field
+    assert n_patterns == len(chosen)
 
 
 def invoke(*args: str):

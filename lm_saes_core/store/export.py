@@ -9,6 +9,8 @@ The file is an `.npz` (a zip of `.npy` arrays) that `np.load(path, allow_pickle=
   doc_position), all items of all features back to back: `K.data` (uint8, each item's C-order bytes), `K.ndim`
   (int64 per item), `K.shape` (int64, the items' shapes concatenated) and `K.dtype` (int64 per item, an index into
   `meta["dtypes"][K]`), so any dtype and shape comes back exactly, in a handful of zip entries however many features.
+- a Lorsa's z-patterns: `z_patterns.peaks`, `.sources` and `.contributions` packed the same way, one item per pool
+  whose meta entry says `"z_patterns": true` (in pool order); absent in files written before they were exported.
 """
 
 import json
@@ -20,12 +22,13 @@ import numpy as np
 
 from lm_saes_core.io import atomic_path
 from lm_saes_core.store.codec import decoder_from_doc, decoder_to_doc
-from lm_saes_core.store.records import FeatureAnalysis, FeatureSamples
+from lm_saes_core.store.records import FeatureAnalysis, FeatureSamples, ZPatterns
 
 FORMAT = "lm-saes-analysis-export"
 VERSION = 1
 _FEATURE_ARRAYS = ("histogram_edges", "histogram_counts")
 _POOL_ARRAYS = ("tokens", "activations", "lengths", "doc_index", "doc_position")
+_Z_PATTERN_ARRAYS = ("peaks", "sources", "contributions")
 
 
 def analysis_export_path(output_dir: str | Path, dictionary: str, series: str, analysis_name: str, n: int) -> Path:
@@ -86,7 +89,9 @@ def _encode(
                 "max_feature_acts": float(analysis.max_feature_acts),
                 "mean_feature_acts": float(analysis.mean_feature_acts),
                 "pools": [
-                    {"name": pool.name, "dataset": [str(name) for name in pool.dataset]} for pool in analysis.samples
+                    {"name": pool.name, "dataset": [str(name) for name in pool.dataset]}
+                    | ({"z_patterns": True} if pool.z_patterns is not None else {})
+                    for pool in analysis.samples
                 ],
             }
             | ({"decoder": decoder} if decoder is not None else {})
@@ -97,6 +102,10 @@ def _encode(
         arrays |= _pack_ragged(key, [getattr(analysis, key) for analysis in analyses], dtypes)
     for key in _POOL_ARRAYS:
         arrays |= _pack_ragged(key, [getattr(pool, key) for analysis in analyses for pool in analysis.samples], dtypes)
+    z_patterns = [pool.z_patterns for analysis in analyses for pool in analysis.samples if pool.z_patterns is not None]
+    if z_patterns:
+        for key in _Z_PATTERN_ARRAYS:
+            arrays |= _pack_ragged(f"z_patterns.{key}", [getattr(z, key) for z in z_patterns], dtypes)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -151,11 +160,21 @@ def read_analysis_export(path: str | Path) -> list[FeatureAnalysis]:
         dtypes = meta["dtypes"]
         feature_arrays = {key: _unpack_ragged(key, archive, dtypes) for key in _FEATURE_ARRAYS}
         pool_arrays = {key: iter(_unpack_ragged(key, archive, dtypes)) for key in _POOL_ARRAYS}
+        z_arrays = {
+            key: iter(_unpack_ragged(f"z_patterns.{key}", archive, dtypes))
+            for key in _Z_PATTERN_ARRAYS
+            if f"z_patterns.{key}.data" in archive.files
+        }
     analyses = []
     for position, feature in enumerate(meta["features"]):
         samples = [
             FeatureSamples(
-                name=pool["name"], dataset=pool["dataset"], **{key: next(pool_arrays[key]) for key in _POOL_ARRAYS}
+                name=pool["name"],
+                dataset=pool["dataset"],
+                z_patterns=ZPatterns(**{key: next(z_arrays[key]) for key in _Z_PATTERN_ARRAYS})
+                if pool.get("z_patterns")
+                else None,
+                **{key: next(pool_arrays[key]) for key in _POOL_ARRAYS},
             )
             for pool in feature["pools"]
         ]
