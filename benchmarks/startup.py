@@ -1,9 +1,10 @@
 """Start-up cost of a step's process: what `python -m lm_saes_core.pipes_entry RUNNER` (every Dagster step, every
 torchrun rank) and `lm-saes COMMAND` pay before any work, each row a fresh interpreter, best of --repeats.
 
-Rows: torch alone (the floor), one runner's settings class as the Pipes entry point imports it, every runner at once
-(what each step paid while the runners package imported all of them), and the model's shape read before a run
-(config.json as JSON vs transformers' AutoConfig, which a run from cached activations otherwise imports only for it).
+Each row runs what a process does now beside what it did before, in the same run: a runner's settings class as the
+Pipes entry point imports it, against every runner plus `datasets` and torch's distributed checkpoint/DTensor (which
+the runners package and `training` imported eagerly); the model's shape read before a run, config.json as JSON
+against transformers' AutoConfig (which a run from cached activations otherwise imports only for it).
 
     .venv/bin/python benchmarks/startup.py [--repeats 5]
 """
@@ -14,26 +15,24 @@ import sys
 import time
 
 RUNNERS = ("train", "analyze", "evaluate", "dla", "generate")
-ROWS: dict[str, str] = {
-    "import torch (floor)": "import torch",
-    **{
-        f"pipes_entry + the {name} runner": (
-            f"from lm_saes_core.pipes_entry import RUNNERS; RUNNERS[{name!r}].settings_class()"
-        )
-        for name in RUNNERS
-    },
-    "pipes_entry + every runner (before)": (
-        "from lm_saes_core.pipes_entry import RUNNERS\nfor runner in RUNNERS.values(): runner.settings_class()"
-    ),
-    "model shape from config.json (JSON)": (
-        "from lm_saes_core.backend import LanguageModelConfig, read_model_shape\n"
-        "read_model_shape(LanguageModelConfig(model_name='smollm2-135m'))"
-    ),
-    "model shape from config.json (AutoConfig)": (
-        "from lm_saes_core.backend import LanguageModelConfig, _auto_config, resolve_model_dir\n"
-        "_auto_config(resolve_model_dir(LanguageModelConfig(model_name='smollm2-135m')))"
+EAGER = "import datasets, torch.distributed.checkpoint, torch.distributed.tensor\n"
+"""What every step's process imported before it needed them (each now loads where it is used)."""
+EVERY_RUNNER = "for runner in RUNNERS.values(): runner.settings_class()\n"
+SHAPE = "from lm_saes_core.backend import LanguageModelConfig, _auto_config, read_model_shape, resolve_model_dir\n"
+SMOLLM2 = "LanguageModelConfig(model_name='smollm2-135m')"
+ROWS: dict[str, tuple[str, str]] = {
+    f"pipes_entry + the {name} runner": (
+        f"from lm_saes_core.pipes_entry import RUNNERS; RUNNERS[{name!r}].settings_class()",
+        f"from lm_saes_core.pipes_entry import RUNNERS\n{EAGER}{EVERY_RUNNER}",
+    )
+    for name in RUNNERS
+} | {
+    "model shape before a run": (
+        f"{SHAPE}read_model_shape({SMOLLM2})",
+        f"{SHAPE}_auto_config(resolve_model_dir({SMOLLM2}))",
     ),
 }
+"""row -> (what the process runs now, what it ran before: every runner and the eager imports; AutoConfig)."""
 
 
 def seconds(code: str, repeats: int) -> float:
@@ -49,14 +48,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    times = {row: seconds(code, args.repeats) for row, code in ROWS.items()}
-    before = times["pipes_entry + every runner (before)"]
-    auto = times["model shape from config.json (AutoConfig)"]
-    print(f"{'process':<44} {'seconds':>8} {'speed-up':>9}")
-    for row, value in times.items():
-        baseline = auto if row.startswith("model shape") else before
-        print(f"{row:<44} {value:8.2f} {baseline / value:8.2f}x")
-    print("speed-up: against every runner imported (runner rows) or AutoConfig (shape rows), measured in this run")
+    floor = seconds("import torch", args.repeats)
+    header = f"process (fresh interpreter, best of {args.repeats})"
+    print(f"{header:<40} {'now s':>7} {'before s':>9} {'speed-up':>9}")
+    print(f"{'import torch (the floor)':<40} {floor:7.2f}")
+    for row, (now, before) in ROWS.items():
+        now_s, before_s = seconds(now, args.repeats), seconds(before, args.repeats)
+        print(f"{row:<40} {now_s:7.2f} {before_s:9.2f} {before_s / now_s:8.2f}x")
 
 
 if __name__ == "__main__":
