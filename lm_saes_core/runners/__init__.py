@@ -3,8 +3,7 @@
 The names below are imported on first use (PEP 562), so importing one runner's module (the Pipes entry point, the
 CLI) does not load every other runner and its libraries first."""
 
-import importlib
-from typing import Any
+from lm_saes_core.lazy import lazy_exports
 
 _EXPORTS: dict[str, str] = {
     "AnalyzeCrossCoderSettings": "lm_saes_core.runners.analyze",
@@ -49,13 +48,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
